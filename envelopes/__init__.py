@@ -1,0 +1,30 @@
+"""Loss Attenuation Envelopes: detached, monotone per-element loss weights.
+
+Depends on torch alone; copy this folder into a project and write::
+
+    from envelopes import Envelope
+    envelope = Envelope("sigmoid", quantile=0.9, width=0.1, step_size=0.1)
+    loss = envelope(per_sample_loss).mean()
+"""
+
+from .envelope import Envelope
+from .functional import (
+    SHAPES,
+    SHAPES_WITH_WIDTH,
+    bias_corrected_ema_,
+    envelope_weight,
+    quantile_levels,
+    quantiles,
+    shaped_loss,
+)
+
+__all__ = [
+    "Envelope",
+    "SHAPES",
+    "SHAPES_WITH_WIDTH",
+    "bias_corrected_ema_",
+    "envelope_weight",
+    "quantile_levels",
+    "quantiles",
+    "shaped_loss",
+]

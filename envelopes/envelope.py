@@ -1,0 +1,168 @@
+"""The ``Envelope`` module: a shape with static or adaptive parameters."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .functional import (
+    ATTENUATION_CUTOFF,
+    SHAPES_WITH_WIDTH,
+    bias_corrected_ema_,
+    check_finite,
+    check_positive,
+    check_probability,
+    check_shape,
+    check_step_size,
+    envelope_weight,
+    quantile_levels,
+    quantiles,
+)
+
+
+class Envelope(nn.Module):
+    r"""Loss Attenuation Envelope: ``forward(l) = w(l) * l`` with ``w`` detached.
+
+    The threshold ``T`` is either static (``threshold``, a loss value) or
+    adaptive (``quantile``: ``T`` is that quantile of the batch's losses).
+    The transition width ``s`` of the linear and sigmoid shapes is either
+    static (``inverse_slope``) or adaptive (``width``: ``s`` is the loss span
+    between the quantiles ``quantile ± width/2``, clipped to [0, 1]).
+    Adaptive values are smoothed by a bias-corrected EMA with ``step_size``
+    in (0, 1] (1 means no smoothing). Quantiles are over every element of the
+    loss tensor, so a per-sample-per-dimension loss works as is.
+
+    Example::
+
+        envelope = Envelope("sigmoid", quantile=0.9, width=0.1, step_size=0.1)
+        loss = envelope(per_sample_loss).mean()
+
+    "Low loss" is in the signed sense: for losses that can be negative (the
+    PPO policy loss), the most negative values are the most attenuated.
+
+    State (the EMA estimates and trace) lives in buffers, so it follows
+    ``.to(device or dtype)`` and round-trips through ``state_dict()``. A call
+    never reads a value back to the host.
+
+    After each call, :attr:`weight`, :attr:`threshold` and
+    :attr:`inverse_slope` hold the values just used, and :meth:`statistics`
+    summarises them for logging.
+    """
+
+    def __init__(
+        self,
+        shape: str = "identity",
+        threshold: float | None = None,
+        quantile: float | None = None,
+        inverse_slope: float | None = None,
+        width: float | None = None,
+        step_size: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.shape = check_shape(shape)
+        uses_threshold = shape != "identity"
+        uses_width = shape in SHAPES_WITH_WIDTH
+        if uses_threshold and (threshold is None) == (quantile is None):
+            raise ValueError(
+                f"shape {shape!r} needs exactly one of threshold (static) or quantile (adaptive), "
+                f"got threshold={threshold!r}, quantile={quantile!r}"
+            )
+        if uses_width and (inverse_slope is None) == (width is None):
+            raise ValueError(
+                f"shape {shape!r} needs exactly one of inverse_slope (static) or width (adaptive), "
+                f"got inverse_slope={inverse_slope!r}, width={width!r}"
+            )
+        # Parameters a shape ignores are dropped, so equal envelopes compare equal.
+        self.threshold_value = check_finite(threshold, "threshold") if uses_threshold and threshold is not None else None
+        self.quantile = check_probability(quantile, "quantile") if uses_threshold and quantile is not None else None
+        self.inverse_slope_value = (
+            check_positive(inverse_slope, "inverse_slope") if uses_width and inverse_slope is not None else None
+        )
+        self.width = check_positive(width, "width") if uses_width and width is not None else None
+        if self.width is not None and self.width > 1.0:
+            raise ValueError(f"width must lie in (0, 1], got {width!r}")
+        self.step_size = check_step_size(step_size)
+
+        self._levels = quantile_levels(self.quantile, self.width)
+        self.adaptive = bool(self._levels)
+        self.smoothed = self.adaptive and self.step_size < 1.0
+        if self.smoothed:
+            n_estimates = int(self.quantile is not None) + int(self.width is not None)
+            self.register_buffer("estimate", torch.zeros(n_estimates))
+            self.register_buffer("trace", torch.zeros(()))
+
+        self.weight: Tensor | None = None
+        self.threshold: Tensor | float | None = self.threshold_value
+        self.inverse_slope: Tensor | float | None = self.inverse_slope_value
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Envelope":
+        """Build from a mapping with the constructor's keyword arguments."""
+        return cls(**dict(config))
+
+    def config(self) -> dict[str, Any]:
+        """The effective parameters: only those the shape uses, smoothing only if adaptive."""
+        out: dict[str, Any] = {"shape": self.shape}
+        for key in ("threshold_value", "quantile", "inverse_slope_value", "width"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key.removesuffix("_value")] = value
+        if self.adaptive:
+            out["step_size"] = self.step_size
+        return out
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+    def _adaptive_parameters(self, loss: Tensor) -> Tensor:
+        """Threshold and/or span from this batch, smoothed if configured."""
+        values = quantiles(loss, self._levels)
+        if self.width is not None:
+            span = values[-1] - values[-2]
+            values = span.unsqueeze(0) if self.quantile is None else torch.stack((values[0], span))
+        if self.smoothed:
+            values = bias_corrected_ema_(self.estimate, self.trace, values, self.step_size).to(loss.dtype)
+        return values
+
+    def compute_weight(self, loss: Tensor) -> Tensor:
+        """The detached weight ``w(loss)``, updating adaptive state."""
+        if self.shape == "identity":
+            self.weight = None
+            return torch.ones_like(loss.detach())
+        threshold, inverse_slope = self.threshold_value, self.inverse_slope_value
+        if self.adaptive:
+            values = self._adaptive_parameters(loss.detach())
+            if self.quantile is not None:
+                threshold = values[0]
+            if self.width is not None:
+                inverse_slope = values[-1]
+        self.threshold, self.inverse_slope = threshold, inverse_slope
+        self.weight = envelope_weight(loss, self.shape, threshold, 1.0 if inverse_slope is None else inverse_slope)
+        return self.weight
+
+    def forward(self, loss: Tensor) -> Tensor:
+        if self.shape == "identity":
+            self.weight = None
+            return loss
+        return loss * self.compute_weight(loss)
+
+    def statistics(self) -> dict[str, Tensor]:
+        """Mean weight, fraction attenuated and current parameters of the last call.
+
+        All values are 0-d tensors on the loss's device (no host transfer); an
+        identity envelope reports weight 1 and nothing attenuated.
+        """
+        if self.weight is None:
+            one = torch.ones(())
+            return {"mean_weight": one, "fraction_attenuated": torch.zeros(())}
+        stats = {
+            "mean_weight": self.weight.mean(),
+            "fraction_attenuated": (self.weight <= ATTENUATION_CUTOFF[self.shape]).to(self.weight.dtype).mean(),
+        }
+        for name in ("threshold", "inverse_slope"):
+            value = getattr(self, name)
+            if value is not None:
+                stats[name] = torch.as_tensor(value, dtype=self.weight.dtype, device=self.weight.device)
+        return stats
