@@ -148,21 +148,21 @@ class Envelope(nn.Module):
             return loss
         return loss * self.compute_weight(loss)
 
-    def statistics(self) -> dict[str, Tensor]:
+    def statistics(self) -> dict[str, Tensor | float]:
         """Mean weight, fraction attenuated and current parameters of the last call.
 
-        All values are 0-d tensors on the loss's device (no host transfer); an
-        identity envelope reports weight 1 and nothing attenuated.
+        Values computed from the batch are 0-d tensors on the loss's device
+        (no host transfer); static values are Python floats. An identity
+        envelope reports weight 1 and nothing attenuated.
         """
         if self.weight is None:
-            one = torch.ones(())
-            return {"mean_weight": one, "fraction_attenuated": torch.zeros(())}
-        stats = {
+            return {"mean_weight": 1.0, "fraction_attenuated": 0.0}
+        stats: dict[str, Tensor | float] = {
             "mean_weight": self.weight.mean(),
             "fraction_attenuated": (self.weight <= ATTENUATION_CUTOFF[self.shape]).to(self.weight.dtype).mean(),
         }
         for name in ("threshold", "inverse_slope"):
             value = getattr(self, name)
             if value is not None:
-                stats[name] = torch.as_tensor(value, dtype=self.weight.dtype, device=self.weight.device)
+                stats[name] = value
         return stats

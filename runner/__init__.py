@@ -1,0 +1,1 @@
+"""The ablation runner: config schemas, validation, one job's life cycle, sweep callbacks."""

@@ -1,0 +1,83 @@
+"""Hydra callbacks: check a whole sweep before it starts, summarise it when it ends."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from runner.config import ConfigError, config_id, effective_config, validate
+
+log = logging.getLogger(__name__)
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def expand_sweep(config: DictConfig) -> list[list[str]]:
+    """The override list of every job the basic sweeper will launch, in its order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    params += list(config.hydra.overrides.task)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(params), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def check_sweep(config: DictConfig) -> tuple[int, int]:
+    """Validate every job's config; return (jobs, distinct runs). Raises ConfigError listing failures.
+
+    Jobs that differ only in their seed share a validation (a seed cannot
+    make a config invalid); their run ids differ by the seed alone.
+    """
+    loader = GlobalHydra.instance().config_loader()
+    errors: list[str] = []
+    run_ids: set[str] = set()
+    checked: dict[tuple[str, ...], dict | None] = {}
+    jobs = expand_sweep(config)
+    for overrides in jobs:
+        seedless = tuple(o for o in overrides if o.split("=", 1)[0] != "seed")
+        if seedless not in checked:
+            job_cfg = loader.load_sweep_config(config, overrides)
+            try:
+                checked[seedless] = effective_config(job_cfg, validate(job_cfg))
+            except ConfigError as error:
+                checked[seedless] = None
+                errors.append(f"  {' '.join(overrides)}\n    {error}")
+        effective = checked[seedless]
+        if effective is not None:
+            seed = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), effective["seed"])
+            run_ids.add(config_id({**effective, "seed": int(seed)}, with_seed=True))
+    if errors:
+        shown = "\n".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
+        raise ConfigError(f"{len(errors)} of {len(jobs)} jobs have an invalid config; nothing was run:\n{shown}")
+    return len(jobs), len(run_ids)
+
+
+class SweepCallback(Callback):
+    """Validates every job before the first one trains; prints a summary at the end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+            return  # other sweepers choose jobs as they go; each job still validates itself
+        try:
+            jobs, distinct = check_sweep(config)
+        except ConfigError as error:
+            # Hydra turns a callback's exception into a warning and goes on; stop here instead.
+            print(f"Error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        message = f"Sweep: {jobs} jobs, all configs valid"
+        if distinct < jobs and config.get("deduplicate", True):
+            message += f"; {jobs - distinct} repeat an effective config already in the sweep and will be skipped"
+        log.info(message)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from analysis.summary import print_sweep_summary
+
+        print_sweep_summary(Path(config.hydra.sweep.dir))

@@ -1,0 +1,136 @@
+"""Typed config schemas, their registration, validation and canonical ids.
+
+The YAML files under ``conf/`` extend the dataclasses registered here, so a
+misspelt key or a wrong type fails when Hydra composes the config. What a
+type cannot say (ranges, which loss names a task has, which parameters a
+shape needs) is checked by :func:`validate`, before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from envelopes import Envelope
+from tasks import TASKS, task_module
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class EnvelopeConfig:
+    """One loss's envelope. Static: ``threshold``/``inverse_slope`` (loss units).
+    Adaptive: ``quantile``/``width`` (quantile levels of the batch losses)."""
+
+    shape: str = "identity"
+    threshold: Optional[float] = None
+    quantile: Optional[float] = None
+    inverse_slope: Optional[float] = None
+    width: Optional[float] = None
+    step_size: float = 1.0
+
+
+@dataclass
+class Config:
+    task: Any = MISSING
+    envelopes: Dict[str, EnvelopeConfig] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    data_root: str = "data"
+    tensorboard: bool = True
+    progress: Optional[bool] = None
+    deduplicate: bool = True
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    if not OmegaConf.has_resolver("or_else"):
+        # ${or_else:x,default}: x, or the default where x is null (a group left unchosen).
+        OmegaConf.register_new_resolver("or_else", lambda value, default: default if value is None else value)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    store.store(group="schema", name="envelope", node=EnvelopeConfig)
+    for name in TASKS:
+        store.store(group="schema/task", name=name, node=task_module(name).Config)
+
+
+def build_envelopes(cfg: DictConfig) -> dict[str, Envelope]:
+    """One :class:`Envelope` per loss name of the task, validated."""
+    task_name = cfg.task.name
+    loss_names = tuple(task_module(task_name).loss_names(cfg.task))
+    given = tuple(cfg.envelopes.keys())
+    unknown = [name for name in given if name not in loss_names]
+    missing = [name for name in loss_names if name not in given]
+    if unknown:
+        raise ConfigError(
+            f"envelopes: task {task_name!r} has no loss named {unknown[0]!r}; its losses are {list(loss_names)}"
+        )
+    if missing:
+        raise ConfigError(
+            f"envelopes: task {task_name!r} needs an envelope for each of its losses {list(loss_names)}; "
+            f"missing {missing} (add envelope@envelopes.{missing[0]}=identity)"
+        )
+    out = {}
+    for name in loss_names:
+        try:
+            out[name] = Envelope.from_config(OmegaConf.to_container(cfg.envelopes[name]))
+        except ValueError as error:
+            raise ConfigError(f"envelopes.{name}: {error}") from None
+    return out
+
+
+def validate(cfg: DictConfig) -> dict[str, Envelope]:
+    """Check everything a type cannot; return the envelopes. Raises :class:`ConfigError`."""
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name must be one of {list(TASKS)}, got {cfg.task.name!r}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
+    try:
+        task_module(cfg.task.name).validate(cfg.task)
+    except ValueError as error:
+        raise ConfigError(f"task.{error}") from None
+    return build_envelopes(cfg)
+
+
+# Keys that change how a run is watched, not what it computes.
+_NOT_EFFECTIVE = {"device", "threads", "data_root", "tensorboard", "progress", "deduplicate"}
+_TASK_NOT_EFFECTIVE = {"data_dir", "download"}
+
+
+def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope]) -> dict[str, Any]:
+    """The parameters that determine a run's results, in canonical form.
+
+    Envelope parameters a shape ignores (identity's threshold, step's width,
+    a static envelope's step size) are dropped, so two configs that train
+    the same thing map to the same dict.
+    """
+    # Key by key: a job config composed by the sweeper still has a ``hydra`` node
+    # with values (the job number) that only exist once the job starts.
+    container: dict[str, Any] = {}
+    for key in cfg:
+        if key != "hydra":
+            node = cfg[key]
+            container[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    out = {key: value for key, value in container.items() if key not in _NOT_EFFECTIVE | {"envelopes"}}
+    out["task"] = {key: value for key, value in container["task"].items() if key not in _TASK_NOT_EFFECTIVE}
+    out["envelopes"] = {name: envelope.config() for name, envelope in sorted(envelopes.items())}
+    return out
+
+
+def config_id(effective: dict[str, Any], with_seed: bool = False) -> str:
+    """A short stable hash of an effective config (the seed left out unless asked)."""
+    payload = dict(effective) if with_seed else {k: v for k, v in effective.items() if k != "seed"}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

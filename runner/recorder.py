@@ -1,0 +1,138 @@
+"""A job's results on disk: metrics table, TensorBoard events, atomic result file.
+
+Layout of a job directory::
+
+    config.yaml      the resolved config
+    metrics.jsonl    one line per epoch (or logging step), flushed as written
+    tb/              TensorBoard events (train/, val/, envelope/<loss>/, hparams)
+    result.json      written last and atomically: its presence means the job ended
+
+Metric names are TensorBoard tags (``val/loss``); in the plain files the
+slashes become underscores (``val_loss``), so pandas and shells can use them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from tqdm import tqdm
+
+
+def file_key(tag: str) -> str:
+    return tag.replace("/", "_")
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(payload, out, indent=2, sort_keys=True, default=_json_default)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping to ``{"a.b.c": scalar}``; lists become strings."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = str(list(value))
+        else:
+            out[name] = value
+    return out
+
+
+class Recorder:
+    """Writes per-step metrics to ``metrics.jsonl`` and TensorBoard; tracks final and best.
+
+    Args:
+        job_dir: the job's output directory.
+        objective: ``(tag, "min" | "max")``; the best row is the one where it is best.
+        tensorboard: write TensorBoard events under ``job_dir/tb``.
+        progress: show a progress bar (None: only when stderr is a terminal).
+    """
+
+    def __init__(self, job_dir: str | Path, objective: tuple[str, str], tensorboard: bool = True, progress: bool | None = None):
+        self.job_dir = Path(job_dir)
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self.objective_tag, self.objective_mode = objective
+        self.final: dict[str, float] = {}
+        self.best: dict[str, float] = {}
+        self.progress_enabled = sys.stderr.isatty() if progress is None else progress
+        self._metrics_file = (self.job_dir / "metrics.jsonl").open("a")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.job_dir / "tb"))
+
+    def progress(self, iterable: Iterable, total: int, unit: str = "epoch") -> tqdm:
+        return tqdm(iterable, total=total, unit=unit, disable=not self.progress_enabled, dynamic_ncols=True, leave=False)
+
+    def log(self, step: int, metrics: Mapping[str, float], step_name: str = "epoch") -> None:
+        """Record one row: TensorBoard scalars at ``step`` and one JSON line."""
+        row = {step_name: step}
+        for tag, value in metrics.items():
+            value = float(value)
+            row[file_key(tag)] = _finite_or_none(value)
+            if self.writer is not None:
+                self.writer.add_scalar(tag, value, step)
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+        self.final = dict(row)
+        key = file_key(self.objective_tag)
+        if key in row and row[key] is not None:
+            best = self.best.get(key)
+            better = best is None or (row[key] < best if self.objective_mode == "min" else row[key] > best)
+            if better:
+                self.best = dict(row)
+
+    def objective_value(self) -> float:
+        value = self.final.get(file_key(self.objective_tag))
+        return float("nan") if value is None else float(value)
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """Log hyperparameters once, with the final metrics, for TensorBoard's HPARAMS tab."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(hparams).items()}
+        metric_tags = {f"hparams/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        experiment, start, end = hparams_summary(clean, metric_tags)
+        file_writer = self.writer._get_file_writer()
+        for summary in (experiment, start, end):
+            file_writer.add_summary(summary)
+        for tag, value in metric_tags.items():
+            self.writer.add_scalar(tag, value)
+
+    def close(self) -> None:
+        self._metrics_file.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,27 @@
+"""Tasks: one module per task, each owning its data, model, training loop and loss names.
+
+A task module provides:
+
+- ``Config``: the dataclass schema of its ``task`` config node;
+- ``loss_names(task_cfg)``: the names of the losses an envelope can shape;
+- ``OBJECTIVE``: ``(metric, "min" | "max")``, the value a sweep optimises;
+- ``validate(task_cfg)``: range checks, raising ``ValueError("key: ...")``;
+- ``run(cfg, context)``: trains and returns the final metrics.
+
+Modules are imported lazily, so a run pays only for the task it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+TASKS = {
+    "classification": "tasks.classification",
+}
+
+
+def task_module(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise ValueError(f"task.name must be one of {list(TASKS)}, got {name!r}")
+    return importlib.import_module(TASKS[name])

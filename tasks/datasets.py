@@ -1,0 +1,193 @@
+"""Data sets held as tensors: MNIST-format IDX files, scikit-learn's digits, splits.
+
+IDX files are read with numpy (no torchvision), from a directory in any of
+the usual layouts. Online users can download them; every download is
+checked against the official MD5 before it is used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# Official MD5s of the gzipped files, as published with each data set.
+IDX_SOURCES = {
+    "mnist": {
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/"],
+        "md5": {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        "layouts": ["", "raw", "MNIST/raw"],
+        "system_dirs": [],
+    },
+    "fashion_mnist": {
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "md5": {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        "layouts": ["", "raw", "FashionMNIST/raw"],
+        # Debian's dataset-fashion-mnist package.
+        "system_dirs": ["/usr/share/datasets/fashion-mnist"],
+    },
+}
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data file is missing; the message says where it was looked for and how to get it."""
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into a numpy array of its declared shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4]!r})")
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(f"{path}: IDX header declares shape {dims} ({expected} bytes) but holds {len(data) - header}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_verified(urls: list[str], target: Path, md5: str) -> Path:
+    """Download to ``target`` from the first mirror that answers with the right MD5."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in urls:
+        handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+        os.close(handle)
+        tmp = Path(tmp_name)
+        try:
+            log.info("downloading %s", url)
+            with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as out:
+                shutil.copyfileobj(response, out)
+            actual = md5sum(tmp)
+            if actual != md5:
+                raise ValueError(f"checksum mismatch: expected md5 {md5}, got {actual}")
+            os.replace(tmp, target)
+            return target
+        except Exception as error:  # try the next mirror, report all if none works
+            errors.append(f"{url}: {error}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise OSError(f"could not download {target.name}:\n  " + "\n  ".join(errors))
+
+
+def find_idx_file(dataset: str, data_dir: str | Path, stem: str, download: bool = False) -> Path:
+    """Locate ``stem`` (gzipped or not) under ``data_dir`` in a known layout, or download it."""
+    source = IDX_SOURCES[dataset]
+    roots = [Path(data_dir) / layout for layout in source["layouts"]] + [Path(d) for d in source["system_dirs"]]
+    candidates = [root / (stem + suffix) for root in roots for suffix in (".gz", "")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if download:
+        name = stem + ".gz"
+        return download_verified([m + name for m in source["mirrors"]], Path(data_dir) / name, source["md5"][name])
+    looked = "\n  ".join(str(c) for c in candidates)
+    raise DataNotFoundError(
+        f"{dataset}: {stem}(.gz) not found. Looked for:\n  {looked}\n"
+        f"Put the official IDX files in task.data_dir (now {data_dir}), "
+        f"or run with task.download=true to fetch them (MD5-checked)."
+    )
+
+
+def load_idx_dataset(dataset: str, data_dir: str | Path, subset: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, H, W) uint8 and labels (N,) int64 of one official subset."""
+    images_stem, labels_stem = IDX_FILES[subset]
+    images = read_idx(find_idx_file(dataset, data_dir, images_stem, download))
+    labels = read_idx(find_idx_file(dataset, data_dir, labels_stem, download)).astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{dataset} {subset}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+@dataclass
+class ArrayDataset:
+    """Features as float32 in [0, 1], flattened per example, and integer labels."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+
+def load_classification_pool(dataset: str, data_dir: str | Path, subsets: list[str], download: bool = False) -> ArrayDataset:
+    """Concatenate the given official subsets into one pool (in that order)."""
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        features = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)
+        return ArrayDataset(features, torch.from_numpy(bunch.target.astype(np.int64)), 10)
+    parts = [load_idx_dataset(dataset, data_dir, subset, download) for subset in subsets]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    features = torch.from_numpy(images.reshape(len(images), -1)).float().div_(255.0)
+    return ArrayDataset(features, torch.from_numpy(labels), int(labels.max()) + 1)
+
+
+def split_indices(pool_size: int, train_size: int, val_size: int, test_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Train/val drawn per seed; test fixed: the last ``test_size`` examples of the pool.
+
+    With the pool ``[train, test]`` of an IDX data set and ``test_size`` equal
+    to the official test split, the test split is exactly the official one.
+    """
+    available = pool_size - test_size
+    if train_size + val_size > available:
+        raise ValueError(
+            f"train_size + val_size = {train_size + val_size} exceeds the {available} examples left "
+            f"after test_size = {test_size} (pool of {pool_size})"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(available, generator=generator)
+    return {
+        "train": order[:train_size],
+        "val": order[train_size : train_size + val_size],
+        "test": torch.arange(available, pool_size),
+    }
+
+
+def symmetric_label_noise(labels: torch.Tensor, rate: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Each label, with probability ``rate``, replaced by a uniformly drawn *other* class."""
+    generator = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(labels), generator=generator) < rate
+    offset = torch.randint(1, num_classes, (len(labels),), generator=generator)
+    return torch.where(flip, (labels + offset) % num_classes, labels)
