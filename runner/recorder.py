@@ -85,9 +85,14 @@ class Recorder:
         self.final: dict[str, float] = {}
         self.best: dict[str, float] = {}
         self.progress_enabled = sys.stderr.isatty() if progress is None else progress
-        self._metrics_file = (self.job_dir / "metrics.jsonl").open("a")
+        self.tensorboard = tensorboard
+        # Files are opened at the first row, so a job that fails while loading data leaves none.
+        self._metrics_file = None
         self.writer = None
-        if tensorboard:
+
+    def _open(self) -> None:
+        self._metrics_file = (self.job_dir / "metrics.jsonl").open("a")
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.job_dir / "tb"))
@@ -97,6 +102,8 @@ class Recorder:
 
     def log(self, step: int, metrics: Mapping[str, float], step_name: str = "epoch") -> None:
         """Record one row: TensorBoard scalars at ``step`` and one JSON line."""
+        if self._metrics_file is None:
+            self._open()
         row = {step_name: step}
         for tag, value in metrics.items():
             value = float(value)
@@ -133,6 +140,7 @@ class Recorder:
             self.writer.add_scalar(tag, value)
 
     def close(self) -> None:
-        self._metrics_file.close()
+        if self._metrics_file is not None:
+            self._metrics_file.close()
         if self.writer is not None:
             self.writer.close()

@@ -24,7 +24,7 @@ OBJECTIVE = ("val/loss", "min")
 
 
 @dataclass
-class Config:
+class ClassificationConfig:
     name: str = "classification"
     dataset: str = "digits"
     data_dir: str = "${data_root}/mnist"
@@ -40,6 +40,8 @@ class Config:
     epochs: int = 20
     eval_batch_size: int = 10000
 
+
+Config = ClassificationConfig
 
 def loss_names(task_cfg) -> tuple[str, ...]:
     return ("classification",)

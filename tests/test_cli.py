@@ -1,0 +1,104 @@
+"""End to end: the real command line, tiny settings, every file a job writes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def tensorboard_tags(tb_dir: Path) -> tuple[set[str], set[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tb_dir))
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    return set(tags["scalars"]), set(accumulator.PluginTagToContent("hparams"))
+
+
+def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "envelope@envelopes.classification=identity,sigmoid",
+        "task.lr=0.001,1e30",
+        "task.epochs=2",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 4
+    statuses = {}
+    for job in jobs:
+        result = json.loads((job / "result.json").read_text())
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        statuses[" ".join(overrides)] = result["status"]
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        assert config["task"]["epochs"] == 2 and "${" not in (job / "config.yaml").read_text()
+        assert len(result["config_id"]) == 16 and len(result["run_id"]) == 16
+        assert result["wall_time_s"] > 0
+        if result["status"] == "failed":
+            assert result["error"] == "NonFiniteLossError: non-finite training loss at epoch 1"
+            continue
+        rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        for key in ("train_raw_loss_mean", "train_raw_loss_std", "train_shaped_loss_mean", "train_shaped_loss_std",
+                    "val_loss", "val_accuracy", "envelope_classification_mean_weight",
+                    "envelope_classification_fraction_attenuated"):
+            assert key in rows[-1], key
+        assert result["final"]["val_loss"] == rows[-1]["val_loss"]
+        assert result["best"]["val_loss"] == min(r["val_loss"] for r in rows)
+        assert result["objective"] == {"metric": "val_loss", "mode": "min", "value": rows[-1]["val_loss"]}
+        assert 0 < result["final"]["test_accuracy"] <= 1
+        scalars, hparams = tensorboard_tags(job / "tb")
+        assert {"train/raw_loss_mean", "val/loss", "val/accuracy", "envelope/classification/mean_weight"} <= scalars
+        if "sigmoid" in " ".join(overrides):
+            assert {"envelope/classification/threshold", "envelope/classification/inverse_slope"} <= scalars
+        assert "hparams/val_loss" in scalars and hparams
+    assert sorted(statuses.values()) == ["completed", "completed", "failed", "failed"]
+    # the end-of-sweep summary ran although jobs failed
+    assert (sweep / "summary.csv").exists() and (sweep / "jobs.csv").exists()
+    assert "2 failed" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_duplicate_effective_configs_train_once(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "envelope@envelopes.classification=identity", "envelopes.classification.quantile=0.1,0.5,0.9",
+                   "task.epochs=1", "tensorboard=false", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(3)]
+    assert [r["status"] for r in results] == ["completed", "duplicate", "duplicate"]
+    assert results[1]["duplicate_of"] == str(sweep / "0")
+    assert not (sweep / "1" / "metrics.jsonl").exists()
+    assert "2 repeat an effective config" in proc.stderr + proc.stdout
+
+
+def test_invalid_sweep_stops_before_any_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "envelope@envelopes.classification=step", "envelopes.classification.quantile=0.5,1.5",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2
+    assert "1 of 2 jobs have an invalid config; nothing was run" in proc.stderr
+    assert "envelopes.classification: quantile must lie in [0, 1], got 1.5" in proc.stderr
+    assert not (sweep / "0").exists()
+
+
+def test_single_run_failure_exits_non_zero(tmp_path):
+    proc = run_cli("task.lr=1e30", "task.epochs=1", "tensorboard=false", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "non-finite training loss" in proc.stderr
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+
+
+def test_bad_config_key_exits_with_hydra_message(tmp_path):
+    proc = run_cli("task.lrr=0.1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "Key 'lrr' not in 'ClassificationConfig'" in proc.stderr

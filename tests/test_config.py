@@ -1,0 +1,112 @@
+"""Config composition, schemas, validation messages and canonical ids."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from runner.config import ConfigError, config_id, effective_config, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", options("task"))
+@pytest.mark.parametrize("envelope", options("envelope"))
+def test_every_task_and_envelope_composes_and_validates(compose, task, envelope):
+    cfg = compose(f"task={task}")
+    loss_names = list(cfg.envelopes)
+    assert loss_names, task
+    cfg = compose(f"task={task}", *[f"envelope@envelopes.{name}={envelope}" for name in loss_names])
+    envelopes = validate(cfg)
+    assert set(envelopes) == set(loss_names)
+    assert all(e.shape == envelope for e in envelopes.values())
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_job_of_every_experiment_preset_validates(experiment):
+    from hydra import compose, initialize_config_dir
+    from hydra.types import RunMode
+
+    from runner.callbacks import check_sweep
+    from runner.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        from hydra.core.global_hydra import GlobalHydra
+
+        loader = GlobalHydra.instance().config_loader()
+        cfg = loader.load_configuration("config", [f"experiment={experiment}"], RunMode.MULTIRUN)
+        assert cfg.hydra.sweeper.params, f"experiment {experiment} sweeps nothing"
+        jobs, distinct = check_sweep(cfg)
+    assert jobs >= 2 and distinct == jobs
+
+
+def test_misspelt_key_fails_at_composition(compose):
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        compose("task.lrr=0.1")
+    with pytest.raises(ConfigCompositionException, match="quantle"):
+        compose("envelopes.classification.quantle=0.5")
+
+
+def test_wrong_type_fails_at_composition(compose):
+    with pytest.raises(ConfigCompositionException, match="epochs"):
+        compose("task.epochs=abc")
+
+
+def test_unknown_loss_name_is_an_error(compose):
+    cfg = compose("+envelope@envelopes.policy=step")
+    with pytest.raises(ConfigError, match=r"task 'classification' has no loss named 'policy'; its losses are \['classification'\]"):
+        validate(cfg)
+
+
+def test_missing_loss_name_is_an_error(compose):
+    cfg = compose("~envelope@envelopes.classification")
+    with pytest.raises(ConfigError, match=r"needs an envelope for each of its losses \['classification'\]; missing \['classification'\]"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("envelopes.classification.quantile=1.5", "envelopes.classification: quantile must lie in [0, 1], got 1.5"),
+        ("envelopes.classification.step_size=0", "envelopes.classification: step_size must lie in (0, 1], got 0.0"),
+        ("envelopes.classification.shape=cosine", "envelopes.classification: shape must be one of ['identity', 'step', 'linear', 'sigmoid'], got 'cosine'"),
+        ("device=gpu", "device must be one of ['auto', 'cpu', 'cuda'], got 'gpu'"),
+        ("threads=0", "threads must be a positive integer or null, got 0"),
+        ("task.label_noise=1.2", "task.label_noise must lie in [0, 1), got 1.2"),
+        ("task.dataset=cifar", "task.dataset must be one of ['mnist', 'fashion_mnist', 'digits'], got 'cifar'"),
+        ("task.subsets=[val]", "task.subsets must be a non-empty list drawn from ['train', 'test'], got ['val']"),
+        ("task.epochs=0", "task.epochs must be a positive integer, got 0"),
+        ("task.lr=-1", "task.lr must be > 0, got -1.0"),
+    ],
+)
+def test_range_errors_name_key_value_and_allowed(compose, override, message):
+    extra = ["envelope@envelopes.classification=sigmoid"]
+    with pytest.raises(ConfigError) as info:
+        validate(compose(*extra, override))
+    assert str(info.value) == message
+
+
+def test_ignored_parameters_do_not_change_the_config_id(compose):
+    def ids(*overrides):
+        cfg = compose(*overrides)
+        effective = effective_config(cfg, validate(cfg))
+        return config_id(effective), config_id(effective, with_seed=True)
+
+    identity = ids("envelope@envelopes.classification=identity")
+    assert ids("envelope@envelopes.classification=identity", "envelopes.classification.quantile=0.7", "envelopes.classification.step_size=0.5") == identity
+    step = ids("envelope@envelopes.classification=step")
+    assert step != identity
+    assert ids("envelope@envelopes.classification=step", "envelopes.classification.width=0.3") == step
+    static = ids("envelope@envelopes.classification=step", "envelopes.classification.quantile=null", "envelopes.classification.threshold=0.2")
+    assert ids("envelope@envelopes.classification=step", "envelopes.classification.quantile=null",
+               "envelopes.classification.threshold=0.2", "envelopes.classification.step_size=0.9") == static
+    # device and progress do not change what is computed; the seed changes only the run id
+    assert ids("device=cpu", "progress=false") == identity
+    seeded = ids("seed=3")
+    assert seeded[0] == identity[0] and seeded[1] != identity[1]
+    assert ids("task.lr=0.01")[0] != identity[0]
