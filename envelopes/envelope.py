@@ -17,8 +17,10 @@ from .functional import (
     check_shape,
     check_step_size,
     envelope_weight,
+    SelectionPlan,
     quantile_levels,
-    quantiles,
+    select_order_statistics,
+    selection_plan,
 )
 
 
@@ -85,7 +87,8 @@ class Envelope(nn.Module):
             raise ValueError(f"width must lie in (0, 1], got {width!r}")
         self.step_size = check_step_size(step_size)
 
-        self._levels = quantile_levels(self.quantile, self.width)
+        self._levels = tuple(quantile_levels(self.quantile, self.width))
+        self._coefficient_cache: dict = {}
         self.adaptive = bool(self._levels)
         self.smoothed = self.adaptive and self.step_size < 1.0
         if self.smoothed:
@@ -116,24 +119,47 @@ class Envelope(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
-    def _adaptive_parameters(self, loss: Tensor) -> Tensor:
-        """Threshold and/or span from this batch, smoothed if configured."""
-        values = quantiles(loss, self._levels)
+    def _coefficients(self, plan: SelectionPlan, like: Tensor) -> Tensor:
+        """Matrix mapping the selected order statistics to [threshold?, span?].
+
+        Built once per batch size, device and dtype: a per-call tensor built
+        from Python numbers would be a host-to-device copy on a GPU.
+        """
+        rows = []
+        if self.quantile is not None:
+            rows.append(plan.rows[0])
         if self.width is not None:
-            span = values[-1] - values[-2]
-            values = span.unsqueeze(0) if self.quantile is None else torch.stack((values[0], span))
+            rows.append(tuple(hi - lo for lo, hi in zip(plan.rows[-2], plan.rows[-1])))
+        if torch.compiler.is_compiling():
+            return torch.tensor(rows, dtype=like.dtype, device=like.device)
+        key = (like.numel(), like.dtype, like.get_device())  # get_device() is cheaper than .device
+        if key not in self._coefficient_cache:
+            self._coefficient_cache[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
+        return self._coefficient_cache[key]
+
+    def _adaptive_parameters(self, loss: Tensor) -> Tensor:
+        """[threshold?, span?] from this batch's quantiles, smoothed if configured."""
+        flat = loss.reshape(-1)
+        if torch.compiler.is_compiling():
+            plan = selection_plan.__wrapped__(flat.numel(), self._levels)  # traced, not cached
+        else:
+            plan = selection_plan(flat.numel(), self._levels)
+        values = self._coefficients(plan, flat) @ select_order_statistics(flat, plan)
         if self.smoothed:
-            values = bias_corrected_ema_(self.estimate, self.trace, values, self.step_size).to(loss.dtype)
+            values = bias_corrected_ema_(self.estimate, self.trace, values, self.step_size)
+            if values.dtype != loss.dtype:
+                values = values.to(loss.dtype)
         return values
 
     def compute_weight(self, loss: Tensor) -> Tensor:
         """The detached weight ``w(loss)``, updating adaptive state."""
+        loss = loss.detach()
         if self.shape == "identity":
             self.weight = None
-            return torch.ones_like(loss.detach())
+            return torch.ones_like(loss)
         threshold, inverse_slope = self.threshold_value, self.inverse_slope_value
         if self.adaptive:
-            values = self._adaptive_parameters(loss.detach())
+            values = self._adaptive_parameters(loss).unbind()
             if self.quantile is not None:
                 threshold = values[0]
             if self.width is not None:
@@ -159,7 +185,7 @@ class Envelope(nn.Module):
             return {"mean_weight": 1.0, "fraction_attenuated": 0.0}
         stats: dict[str, Tensor | float] = {
             "mean_weight": self.weight.mean(),
-            "fraction_attenuated": (self.weight <= ATTENUATION_CUTOFF[self.shape]).to(self.weight.dtype).mean(),
+            "fraction_attenuated": torch.mean(self.weight <= ATTENUATION_CUTOFF[self.shape], dtype=self.weight.dtype),
         }
         for name in ("threshold", "inverse_slope"):
             value = getattr(self, name)

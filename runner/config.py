@@ -50,6 +50,7 @@ class Config:
     tensorboard: bool = True
     progress: Optional[bool] = None
     deduplicate: bool = True
+    flush_denormal: bool = True
 
 
 def register_configs() -> None:
@@ -105,7 +106,7 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
 
 
 # Keys that change how a run is watched, not what it computes.
-_NOT_EFFECTIVE = {"device", "threads", "data_root", "tensorboard", "progress", "deduplicate"}
+_NOT_EFFECTIVE = {"device", "threads", "data_root", "tensorboard", "progress", "deduplicate", "flush_denormal"}
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
 

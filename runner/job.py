@@ -129,6 +129,7 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
         device = resolve_device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        torch.set_flush_denormal(cfg.flush_denormal)
         seed_everything(cfg.seed)
         envelopes = {name: envelope.to(device) for name, envelope in envelopes.items()}
         recorder = Recorder(job_dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress)

@@ -86,6 +86,18 @@ def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, bat
     return {"loss": totals[0] / len(features), "accuracy": totals[1] / len(features)}
 
 
+def train_step(model, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, meter: EnvelopeMeter) -> None:
+    """One optimiser step on a batch; statistics accumulate on the device."""
+    per_sample = F.cross_entropy(model(x), y, reduction="none")
+    shaped_loss = envelope(per_sample)
+    optimizer.zero_grad(set_to_none=True)
+    shaped_loss.mean().backward()
+    optimizer.step()
+    raw.add(per_sample)
+    shaped.add(shaped_loss)
+    meter.add()
+
+
 def load_splits(task_cfg, seed: int, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from tasks.datasets import load_classification_pool, split_indices, symmetric_label_noise
 
@@ -122,14 +134,7 @@ def run(cfg, context) -> dict[str, float]:
         order = torch.randperm(len(train_x), device=device, generator=generator)
         for start in range(0, len(order), task_cfg.batch_size):
             index = order[start : start + task_cfg.batch_size]
-            per_sample = F.cross_entropy(model(train_x[index]), train_y[index], reduction="none")
-            shaped_loss = envelope(per_sample)
-            optimizer.zero_grad(set_to_none=True)
-            shaped_loss.mean().backward()
-            optimizer.step()
-            raw.add(per_sample)
-            shaped.add(shaped_loss)
-            meter.add()
+            train_step(model, optimizer, envelope, train_x[index], train_y[index], raw, shaped, meter)
 
         metrics = {**raw.summary("train/raw_loss"), **shaped.summary("train/shaped_loss")}
         metrics.update(meter.summary("envelope/classification"))

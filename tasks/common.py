@@ -66,12 +66,15 @@ class EnvelopeMeter:
 
     def add(self) -> None:
         stats = self.envelope.statistics()
-        tensors = {k: v for k, v in stats.items() if isinstance(v, torch.Tensor)}
-        self.constants = {k: float(v) for k, v in stats.items() if k not in tensors}
-        if tensors:
-            self.names = list(tensors)
-            stacked = torch.stack([v.float() for v in tensors.values()])
-            self.total = stacked if self.total is None else self.total + stacked
+        if self.steps == 0:
+            self.names = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+            self.constants = {k: float(v) for k, v in stats.items() if k not in self.names}
+        if self.names:
+            stacked = torch.stack([stats[k] for k in self.names])
+            if self.total is None:
+                self.total = stacked.float()
+            else:
+                self.total += stacked
         self.steps += 1
 
     def summary(self, prefix: str) -> dict[str, float]:
