@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -91,7 +92,9 @@ class Recorder:
         self.writer = None
 
     def _open(self) -> None:
-        self._metrics_file = (self.job_dir / "metrics.jsonl").open("a")
+        # A job that trains starts from scratch: drop rows and events of an interrupted attempt.
+        self._metrics_file = (self.job_dir / "metrics.jsonl").open("w")
+        shutil.rmtree(self.job_dir / "tb", ignore_errors=True)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -102,3 +102,22 @@ def test_bad_config_key_exits_with_hydra_message(tmp_path):
     proc = run_cli("task.lrr=0.1", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert "Key 'lrr' not in 'ClassificationConfig'" in proc.stderr
+
+
+def test_rerunning_a_sweep_redoes_only_unfinished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("-m", "envelope@envelopes.classification=identity,step", "task.epochs=2", f"hydra.sweep.dir={sweep}")
+    assert run_cli(*args).returncode == 0
+    finished = json.loads((sweep / "0" / "result.json").read_text())
+    # job 1 was "interrupted": no result, a partial metrics file, stale events
+    (sweep / "1" / "result.json").unlink()
+    (sweep / "1" / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 99.0}\n')
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "already completed" in proc.stderr + proc.stdout
+    assert json.loads((sweep / "0" / "result.json").read_text()) == finished
+    redone = json.loads((sweep / "1" / "result.json").read_text())
+    assert redone["status"] == "completed"
+    rows = [json.loads(line) for line in (sweep / "1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["val_loss"] != 99.0
+    assert len(list((sweep / "1" / "tb").glob("events.*"))) == 1
