@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envelopes import Envelope  # noqa: E402
-from tasks.classification import build_mlp, train_step  # noqa: E402
+from tasks.classification import per_sample_cross_entropy  # noqa: E402
+from tasks.supervised import build_mlp, train_step  # noqa: E402
 from tasks.common import EnvelopeMeter, MeanStd  # noqa: E402
 from tasks.datasets import load_classification_pool  # noqa: E402
 
@@ -82,7 +83,8 @@ def main() -> None:
         start = time.perf_counter()
         for step in range(args.steps):
             begin = ((offset + step) * batch) % (len(x) - batch)
-            train_step(model, optimizer, envelope, x[begin : begin + batch], y[begin : begin + batch], raw, shaped, meter)
+            train_step(model, optimizer, envelope, x[begin : begin + batch], y[begin : begin + batch], raw, shaped, meter,
+                       per_sample_cross_entropy)
         raw.summary("raw")  # one host sync per epoch, as in the task
         sync(device)
         return (time.perf_counter() - start) / args.steps

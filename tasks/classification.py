@@ -14,9 +14,9 @@ from typing import List
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, check, resolve_path
+from tasks.common import check, resolve_path
+from tasks.supervised import build_mlp, fit
 
 DATASETS = ("mnist", "fashion_mnist", "digits")
 SUBSETS = ("train", "test")
@@ -61,19 +61,9 @@ def validate(task_cfg) -> None:
     check(all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden))
 
 
-def build_mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(in_features, width), nn.ReLU()]
-        in_features = width
-    layers.append(nn.Linear(in_features, out_features))
-    return nn.Sequential(*layers)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Mean cross-entropy and accuracy over a split (one host sync)."""
-    model.eval()
     loss_sum = torch.zeros((), device=features.device)
     correct = torch.zeros((), device=features.device, dtype=torch.long)
     for start in range(0, len(features), batch_size):
@@ -81,21 +71,8 @@ def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, bat
         target = labels[start : start + batch_size]
         loss_sum += F.cross_entropy(logits, target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
-    model.train()
     totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
     return {"loss": totals[0] / len(features), "accuracy": totals[1] / len(features)}
-
-
-def train_step(model, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, meter: EnvelopeMeter) -> None:
-    """One optimiser step on a batch; statistics accumulate on the device."""
-    per_sample = F.cross_entropy(model(x), y, reduction="none")
-    shaped_loss = envelope(per_sample)
-    optimizer.zero_grad(set_to_none=True)
-    shaped_loss.mean().backward()
-    optimizer.step()
-    raw.add(per_sample)
-    shaped.add(shaped_loss)
-    meter.add()
 
 
 def load_splits(task_cfg, seed: int, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -115,39 +92,24 @@ def load_splits(task_cfg, seed: int, device: torch.device) -> dict[str, tuple[to
     return splits
 
 
+def per_sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target, reduction="none")
+
+
 def run(cfg, context) -> dict[str, float]:
     task_cfg, device = cfg.task, context.device
     data = load_splits(task_cfg, cfg.seed, device)
-    train_x, train_y = data["train"]
-    val_x, val_y = data["val"]
-    envelope = context.envelopes["classification"]
-
+    train_x, _ = data["train"]
     model = build_mlp(train_x.shape[1], list(task_cfg.hidden), data["num_classes"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=task_cfg.lr)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    recorder = context.recorder
-    bar = recorder.progress(range(1, task_cfg.epochs + 1), total=task_cfg.epochs)
-    for epoch in bar:
-        raw, shaped = MeanStd(device), MeanStd(device)
-        meter = EnvelopeMeter(envelope, device)
-        order = torch.randperm(len(train_x), device=device, generator=generator)
-        for start in range(0, len(order), task_cfg.batch_size):
-            index = order[start : start + task_cfg.batch_size]
-            x, y = train_x.index_select(0, index), train_y.index_select(0, index)  # 5x faster than x[index]
-            train_step(model, optimizer, envelope, x, y, raw, shaped, meter)
+    def evaluate_val() -> dict[str, float]:
+        val = evaluate(model, *data["val"], task_cfg.eval_batch_size)
+        return {"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
 
-        metrics = {**raw.summary("train/raw_loss"), **shaped.summary("train/shaped_loss")}
-        metrics.update(meter.summary("envelope/classification"))
-        if not torch.isfinite(torch.tensor(metrics["train/raw_loss_mean"])):
-            raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}")
-        val = evaluate(model, val_x, val_y, task_cfg.eval_batch_size)
-        metrics.update({"val/loss": val["loss"], "val/accuracy": val["accuracy"]})
-        recorder.log(epoch, metrics)
-        bar.set_postfix(val_loss=f"{val['loss']:.4f}", val_acc=f"{val['accuracy']:.4f}")
-
-    final = {}
-    if task_cfg.test_size > 0:
-        test = evaluate(model, *data["test"], task_cfg.eval_batch_size)
-        final = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
-    return final
+    fit(model, optimizer, context.envelopes["classification"], "classification", data["train"],
+        per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder)
+    if task_cfg.test_size == 0:
+        return {}
+    test = evaluate(model, *data["test"], task_cfg.eval_batch_size)
+    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
