@@ -18,6 +18,7 @@ from types import ModuleType
 
 TASKS = {
     "classification": "tasks.classification",
+    "regression": "tasks.regression",
 }
 
 

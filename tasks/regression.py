@@ -1,0 +1,157 @@
+"""California Housing regression with an MLP: the paper's second supervised experiment.
+
+Eight features (median income, house age, average rooms and bedrooms per
+household, population, average occupancy, latitude, longitude) and the
+median house value in units of $100,000, both standardised with statistics
+of the training split only. The per-sample squared error is the ``mse``
+loss an envelope shapes.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import torch
+
+from tasks.common import check, resolve_path
+from tasks.supervised import build_mlp, fit
+
+OBJECTIVE = ("val/mse", "min")
+FEATURES = ("MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude")
+RAW_COLUMNS = ("longitude", "latitude", "housing_median_age", "total_rooms", "total_bedrooms", "population",
+               "households", "median_income", "median_house_value")
+CSV_NAME = "cal_housing.csv"
+# The held-out test rows do not depend on the run's seed.
+TEST_SPLIT_SEED = 20_640
+
+
+@dataclass
+class RegressionConfig:
+    name: str = "regression"
+    dataset: str = "california_housing"
+    data_dir: str = "${data_root}/california_housing"
+    download: bool = False
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    hidden: List[int] = field(default_factory=lambda: [64])
+    lr: float = 1e-3
+    batch_size: int = 129
+    epochs: int = 100
+
+
+Config = RegressionConfig
+
+
+def loss_names(task_cfg) -> tuple[str, ...]:
+    return ("mse",)
+
+
+def validate(task_cfg) -> None:
+    check(task_cfg.dataset == "california_housing", "dataset", "must be one of ['california_housing']", task_cfg.dataset)
+    check(0.0 < task_cfg.val_fraction < 1.0, "val_fraction", "must lie in (0, 1)", task_cfg.val_fraction)
+    check(0.0 <= task_cfg.test_fraction < 1.0, "test_fraction", "must lie in [0, 1)", task_cfg.test_fraction)
+    check(task_cfg.val_fraction + task_cfg.test_fraction < 1.0, "val_fraction",
+          "plus test_fraction must leave training data (sum < 1)", task_cfg.val_fraction + task_cfg.test_fraction)
+    for key in ("batch_size", "epochs"):
+        check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
+    check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
+    check(all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden))
+
+
+def features_from_raw(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's California Housing features and target from the raw census columns.
+
+    ``raw`` has the columns of :data:`RAW_COLUMNS`. Averages are per household;
+    the target is in units of $100,000.
+    """
+    col = {name: raw[:, i] for i, name in enumerate(RAW_COLUMNS)}
+    households = col["households"]
+    features = np.stack([
+        col["median_income"],
+        col["housing_median_age"],
+        col["total_rooms"] / households,
+        col["total_bedrooms"] / households,
+        col["population"],
+        col["population"] / households,
+        col["latitude"],
+        col["longitude"],
+    ], axis=1)
+    return features, col["median_house_value"] / 100_000.0
+
+
+def load_california_housing(data_dir: str | Path, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, 8) and target (N,) as float64, from the raw CSV or scikit-learn's fetcher."""
+    path = Path(data_dir) / CSV_NAME
+    if path.is_file():
+        with path.open() as handle:
+            header = next(csv.reader(handle))
+        if tuple(header) != RAW_COLUMNS:
+            raise ValueError(f"{path}: expected columns {list(RAW_COLUMNS)}, got {header}")
+        return features_from_raw(np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64))
+    if download:
+        from sklearn.datasets import fetch_california_housing
+
+        bunch = fetch_california_housing(data_home=str(data_dir), download_if_missing=True)
+        return bunch.data.astype(np.float64), bunch.target.astype(np.float64)
+    raise FileNotFoundError(
+        f"california_housing: {path} not found. Put the raw CSV there (columns {', '.join(RAW_COLUMNS)}), "
+        f"set task.data_dir, or run with task.download=true to use scikit-learn's fetcher."
+    )
+
+
+def split_and_standardise(features: np.ndarray, target: np.ndarray, val_fraction: float, test_fraction: float,
+                          seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """Test rows fixed across seeds; train/val shuffled per seed; statistics from train only.
+
+    Returns the standardised splits and the target's training std (to convert errors back to dollars).
+    """
+    n = len(target)
+    n_test = int(round(test_fraction * n))
+    fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(n)
+    test_index, rest = fixed[:n_test], fixed[n_test:]
+    rest = rest[np.random.default_rng(seed).permutation(len(rest))]
+    n_val = int(round(val_fraction * n))
+    index = {"train": rest[n_val:], "val": rest[:n_val], "test": test_index}
+    train_x, train_y = features[index["train"]], target[index["train"]]
+    x_mean, x_std = train_x.mean(0), train_x.std(0)
+    y_mean, y_std = train_y.mean(), train_y.std()
+    splits = {}
+    for name, idx in index.items():
+        x = torch.from_numpy(((features[idx] - x_mean) / x_std).astype(np.float32))
+        y = torch.from_numpy(((target[idx] - y_mean) / y_std).astype(np.float32))
+        splits[name] = (x, y)
+    return splits, float(y_std)
+
+
+def per_sample_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction.squeeze(-1) - target).square()
+
+
+def error_metrics(model, x: torch.Tensor, y: torch.Tensor, target_std: float, prefix: str) -> dict[str, float]:
+    """MSE and RMSE on the standardised target, RMSE in dollars (one host sync)."""
+    mse = per_sample_squared_error(model(x), y).mean().item()
+    rmse = mse**0.5
+    return {f"{prefix}/mse": mse, f"{prefix}/rmse": rmse, f"{prefix}/rmse_dollars": rmse * target_std * 100_000.0}
+
+
+def run(cfg, context) -> dict[str, float]:
+    task_cfg, device = cfg.task, context.device
+    features, target = load_california_housing(resolve_path(task_cfg.data_dir), task_cfg.download)
+    splits, target_std = split_and_standardise(features, target, task_cfg.val_fraction, task_cfg.test_fraction, cfg.seed)
+    data = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
+
+    model = build_mlp(len(FEATURES), list(task_cfg.hidden), 1).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=task_cfg.lr)
+    fit(model, optimizer, context.envelopes["mse"], "mse", data["train"], per_sample_squared_error,
+        lambda: error_metrics(model, *data["val"], target_std, "val"),
+        task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder)
+    if len(data["test"][1]) == 0:
+        return {}
+    model.eval()
+    with torch.no_grad():
+        test = error_metrics(model, *data["test"], target_std, "test")
+    return {key.replace("/", "_"): value for key, value in test.items()}

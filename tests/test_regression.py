@@ -1,0 +1,98 @@
+"""California Housing: features as scikit-learn defines them, splits without leakage, a real run."""
+
+import json
+
+import joblib
+import numpy as np
+import pytest
+
+from runner.job import run_job
+from tasks.regression import (
+    CSV_NAME,
+    FEATURES,
+    features_from_raw,
+    load_california_housing,
+    split_and_standardise,
+)
+from tests.conftest import SHARED_DATA
+
+DATA_DIR = SHARED_DATA / "california_housing"
+needs_california = pytest.mark.skipif(not (DATA_DIR / CSV_NAME).exists(), reason="California Housing CSV not in ../shared/data")
+
+
+@needs_california
+def test_features_match_scikit_learn_definitions(tmp_path):
+    """Feed scikit-learn's own fetcher the raw table (as its cache file) and compare."""
+    from sklearn.datasets import fetch_california_housing
+
+    raw = np.loadtxt(DATA_DIR / CSV_NAME, delimiter=",", skiprows=1)
+    # scikit-learn caches the raw columns reordered as [8, 7, 2, 3, 4, 5, 6, 1, 0] in this file
+    joblib.dump(raw[:, [8, 7, 2, 3, 4, 5, 6, 1, 0]], tmp_path / "cal_housing_py3.pkz", compress=6)
+    bunch = fetch_california_housing(data_home=str(tmp_path), download_if_missing=False)
+    assert tuple(bunch.feature_names) == FEATURES
+    features, target = load_california_housing(DATA_DIR)
+    assert features.shape == (20640, 8)
+    np.testing.assert_allclose(features, bunch.data, rtol=1e-12)
+    np.testing.assert_allclose(target, bunch.target, rtol=1e-12)
+    assert target.max() == pytest.approx(5.00001)  # units of $100,000
+
+
+def test_features_from_raw_known_row():
+    row = np.array([[-122.23, 37.88, 41.0, 880.0, 129.0, 322.0, 126.0, 8.3252, 452600.0]])
+    features, target = features_from_raw(row)
+    np.testing.assert_allclose(features[0], [8.3252, 41.0, 880 / 126, 129 / 126, 322.0, 322 / 126, 37.88, -122.23])
+    assert target[0] == pytest.approx(4.526)
+
+
+def test_missing_data_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / CSV_NAME} not found.*task.download=true"):
+        load_california_housing(tmp_path)
+
+
+def test_wrong_columns_are_rejected(tmp_path):
+    (tmp_path / CSV_NAME).write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected columns"):
+        load_california_housing(tmp_path)
+
+
+def test_splits_standardise_with_training_statistics_only():
+    rng = np.random.default_rng(0)
+    features = rng.normal(3.0, 2.0, size=(1000, 8))
+    target = rng.normal(1.0, 0.5, size=1000)
+    splits, target_std = split_and_standardise(features, target, 0.2, 0.1, seed=0)
+    train_x, train_y = splits["train"]
+    assert [len(splits[k][1]) for k in ("train", "val", "test")] == [700, 200, 100]
+    np.testing.assert_allclose(train_x.mean(0).numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(train_x.std(0, unbiased=False).numpy(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(train_y.mean().item(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(train_y.std(unbiased=False).item(), 1.0, atol=1e-5)
+    assert abs(splits["val"][0].mean().item()) > 1e-4  # validation is not re-centred on itself
+    other, _ = split_and_standardise(features, target, 0.2, 0.1, seed=1)
+    assert not np.array_equal(other["train"][1].numpy(), train_y.numpy())
+
+
+def test_test_rows_do_not_depend_on_the_seed():
+    features = np.arange(500 * 8, dtype=float).reshape(500, 8)
+    target = np.arange(500, dtype=float)
+    a, _ = split_and_standardise(features, target, 0.2, 0.2, seed=0)
+    b, _ = split_and_standardise(features, target, 0.2, 0.2, seed=5)
+    # standardisation differs by seed, but ordering of the rows (the target is the row index) does not
+    assert np.array_equal(np.argsort(a["test"][1].numpy()), np.argsort(b["test"][1].numpy()))
+    train_rows = lambda s: set(np.round(s["train"][0][:, 0].numpy(), 4))  # noqa: E731
+    assert train_rows(a) != train_rows(b)
+
+
+@needs_california
+def test_regression_run_end_to_end(compose, tmp_path):
+    cfg = compose("task=california_housing", f"data_root={SHARED_DATA}", "task.epochs=3", "task.test_fraction=0.1",
+                  "envelope@envelopes.mse=paper_mse_sigmoid", "tensorboard=false")
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "completed"
+    final = result["final"]
+    assert 0.2 < final["val_mse"] < 0.6
+    assert final["val_rmse"] == pytest.approx(final["val_mse"] ** 0.5)
+    assert 30_000 < final["val_rmse_dollars"] < 90_000
+    assert 0.2 < final["test_mse"] < 0.6
+    assert final["envelope_mse_mean_weight"] < 1.0
+    assert result["effective"]["envelopes"]["mse"] == {"shape": "sigmoid", "quantile": 0.1, "width": 0.1, "step_size": 0.01}
