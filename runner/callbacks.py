@@ -78,6 +78,10 @@ class SweepCallback(Callback):
         log.info(message)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from analysis.summary import print_sweep_summary
+        from analysis.report import write_report
 
-        print_sweep_summary(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            write_report([sweep_dir], sweep_dir)
+        except Exception as error:  # the jobs' results are on disk whatever happens here
+            log.exception("analysis of %s failed: %s; run python -m analysis %s", sweep_dir, error, sweep_dir)

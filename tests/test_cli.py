@@ -34,7 +34,7 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
         f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 4
     statuses = {}
     for job in jobs:
@@ -65,8 +65,10 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
         assert "hparams/val_loss" in scalars and hparams
     assert sorted(statuses.values()) == ["completed", "completed", "failed", "failed"]
     # the end-of-sweep summary ran although jobs failed
-    assert (sweep / "summary.csv").exists() and (sweep / "jobs.csv").exists()
-    assert "2 failed" in proc.stdout and "FAILED" in proc.stdout
+    for name in ("report.md", "table.md", "table.tex", "configs.csv", "jobs.csv", "figures/envelope_shapes.png"):
+        assert (sweep / name).exists(), name
+    assert "4 jobs: 2 completed, 2 failed" in proc.stdout and "(failed): NonFiniteLossError" in proc.stdout
+    assert f"Results: {sweep}" in proc.stdout
 
 
 def test_duplicate_effective_configs_train_once(tmp_path):

@@ -1,0 +1,152 @@
+"""Figures, written as PNG and PDF: envelope shapes, learning curves, sensitivity, dynamics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 7})
+
+SHAPE_COLOURS = {"identity": "0.3", "step": "tab:red", "linear": "tab:blue", "sigmoid": "tab:green"}
+
+
+def save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def envelope_shapes(out_dir: Path) -> list[Path]:
+    """Step, linear and sigmoid weights against the loss, with T and the transition width marked."""
+    import torch
+
+    from envelopes import envelope_weight
+
+    threshold, inverse_slope = 1.0, 0.8
+    loss = torch.linspace(0.0, 2.0, 801, dtype=torch.float64)
+    fig, axes = plt.subplots(1, 3, figsize=(7.0, 2.3), sharey=True, layout="constrained")
+    for ax, shape in zip(axes, ("step", "linear", "sigmoid")):
+        weight = envelope_weight(loss, shape, threshold, inverse_slope)
+        ax.plot(loss.numpy(), weight.numpy(), color=SHAPE_COLOURS[shape], lw=1.8)
+        ax.axvline(threshold, color="k", ls="--", lw=0.8)
+        ax.text(threshold + 0.04, 1.05, "T", ha="left", va="bottom")
+        if shape != "step":
+            ax.axvspan(threshold - inverse_slope / 2, threshold + inverse_slope / 2, color="0.85", zorder=0)
+            ax.annotate("", xy=(threshold - inverse_slope / 2, 0.12), xytext=(threshold + inverse_slope / 2, 0.12),
+                        arrowprops={"arrowstyle": "<->", "lw": 0.8})
+            ax.text(threshold, 0.16, "invslope", ha="center", fontsize=7)
+        ax.set_title(shape)
+        ax.set_xlabel("loss $l$")
+        ax.set_ylim(-0.05, 1.15)
+    axes[0].set_ylabel("weight $w(l)$")
+    fig.suptitle(f"Envelope shapes (T = {threshold}, invslope = {inverse_slope}; shaded: the transition width)")
+    return save(fig, out_dir, "envelope_shapes")
+
+
+def _step_column(metrics: pd.DataFrame) -> str:
+    return "epoch" if "epoch" in metrics.columns else "step"
+
+
+def learning_curves(metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out_dir: Path) -> list[Path]:
+    """Mean ± std over seeds of ``metric`` for each row of the table (the best config per shape)."""
+    if metrics.empty or metric not in metrics.columns:
+        return []
+    x = _step_column(metrics)
+    fig, ax = plt.subplots(figsize=(4.6, 3.2), layout="constrained")
+    for _, row in table.iterrows():
+        curve = metrics[metrics["config_id"] == row["config_id"]].groupby(x)[metric].agg(["mean", "std", "count"])
+        colour = SHAPE_COLOURS.get(str(row["shapes"]).split(" / ")[0], None)
+        ax.plot(curve.index, curve["mean"], label=f"{row['envelopes']} (n={int(curve['count'].max())})", color=colour, lw=1.4)
+        ax.fill_between(curve.index, curve["mean"] - curve["std"].fillna(0), curve["mean"] + curve["std"].fillna(0),
+                        color=colour, alpha=0.12, lw=0)
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean ± std over seeds")
+    ax.legend(loc="best", frameon=False)
+    ax.grid(alpha=0.3)
+    return save(fig, out_dir, f"learning_curves_{metric}")
+
+
+def sensitivity_heatmaps(agg: pd.DataFrame, loss: str, metric: str, mode: str, out_dir: Path) -> list[Path]:
+    """``metric`` (mean over seeds) over threshold quantile x width, one panel per shape and step size."""
+    shape_col, q_col, w_col, a_col = (f"env_{loss}_{k}" for k in ("shape", "quantile", "width", "step_size"))
+    column = f"{metric}_mean"
+    if q_col not in agg.columns or column not in agg.columns:
+        return []
+    adaptive = agg[agg[q_col].notna() & agg[shape_col].isin(["step", "linear", "sigmoid"])].copy()
+    if adaptive.empty or adaptive[q_col].nunique() < 2:
+        return []
+    adaptive[w_col] = adaptive[w_col] if w_col in adaptive.columns else np.nan
+    adaptive[a_col] = adaptive[a_col].fillna(1.0) if a_col in adaptive.columns else 1.0
+    panels = sorted({(s, a) for s, a in zip(adaptive[shape_col], adaptive[a_col])},
+                    key=lambda p: (["step", "linear", "sigmoid"].index(p[0]), p[1]))
+    vmin, vmax = adaptive[column].min(), adaptive[column].max()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.8, 2.3 * rows), squeeze=False, layout="constrained")
+    cmap = "viridis_r" if mode == "min" else "viridis"
+    image = None
+    for ax, (shape, step_size) in zip(axes.flat, panels):
+        panel = adaptive[(adaptive[shape_col] == shape) & (adaptive[a_col] == step_size)]
+        quantiles = sorted(panel[q_col].unique())
+        widths = sorted(panel[w_col].dropna().unique()) or [math.nan]
+        grid = np.full((len(widths), len(quantiles)), np.nan)
+        for _, r in panel.iterrows():
+            wi = 0 if math.isnan(widths[0]) else widths.index(r[w_col])
+            grid[wi, quantiles.index(r[q_col])] = r[column]
+        image = ax.imshow(grid, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                # viridis is light at its top end: dark text there, light text elsewhere
+                position = (value - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+                light_cell = (position < 0.4) if mode == "min" else (position > 0.6)
+                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6, color="k" if light_cell else "w")
+        ax.set_xticks(range(len(quantiles)), [f"{q:g}" for q in quantiles])
+        ax.set_yticks(range(len(widths)), ["n/a" if math.isnan(w) else f"{w:g}" for w in widths])
+        ax.set_xlabel("threshold quantile")
+        ax.set_ylabel("width" if shape != "step" else "")
+        ax.set_title(f"{shape}, step size {step_size:g}")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"{metric} (mean over seeds)")
+    fig.suptitle(f"Sensitivity of {metric} ({loss} envelope); white: not in the sweep")
+    return save(fig, out_dir, f"sensitivity_{loss}_{metric}")
+
+
+def envelope_dynamics(metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out_dir: Path) -> list[Path]:
+    """Mean weight, fraction attenuated and threshold over training, mean over seeds."""
+    names = [("mean_weight", "mean weight"), ("fraction_attenuated", "fraction attenuated"), ("threshold", "threshold T")]
+    columns = [(f"envelope_{loss}_{n}", label) for n, label in names]
+    if metrics.empty or columns[0][0] not in metrics.columns:
+        return []
+    x = _step_column(metrics)
+    rows = table[table[f"env_{loss}_shape"] != "identity"]
+    if rows.empty:
+        return []
+    fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.6), layout="constrained")
+    for _, row in rows.iterrows():
+        data = metrics[metrics["config_id"] == row["config_id"]]
+        colour = SHAPE_COLOURS.get(row[f"env_{loss}_shape"])
+        for ax, (column, label) in zip(axes, columns):
+            if column in data.columns and data[column].notna().any():
+                curve = data.groupby(x)[column].mean()
+                ax.plot(curve.index, curve.values, color=colour, lw=1.3, label=row["envelopes"])
+    for ax, (_, label) in zip(axes, columns):
+        ax.set_xlabel(x)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1.02)
+    axes[1].set_ylim(0, 1.02)
+    axes[0].legend(loc="best", frameon=False, fontsize=6)
+    fig.suptitle(f"Envelope dynamics ({loss}), mean over seeds")
+    return save(fig, out_dir, f"envelope_dynamics_{loss}")

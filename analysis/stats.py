@@ -1,0 +1,59 @@
+"""Aggregation over seeds, confidence intervals, tests against the baseline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+def aggregate(jobs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Completed jobs grouped by configuration (config_id: everything but the seed).
+
+    For each metric: ``<metric>_mean``, ``_std`` (ddof 1), ``_n`` and ``_ci95``
+    (half-width of Student's t interval).
+    """
+    done = jobs[jobs["status"] == "completed"]
+    if done.empty:
+        return pd.DataFrame()
+    keep = ["config_id", "config", "envelopes", "task", "dataset"] + [c for c in done.columns if c.startswith("env_")]
+    first = done.groupby("config_id")[[c for c in keep if c != "config_id" and c in done.columns]].first()
+    out = first.copy()
+    out["seeds"] = done.groupby("config_id")["seed"].apply(lambda s: sorted(s.tolist()))
+    for metric in metrics:
+        if metric not in done.columns:
+            continue
+        grouped = done.groupby("config_id")[metric]
+        n = grouped.count()
+        std = grouped.std(ddof=1)
+        out[f"{metric}_mean"] = grouped.mean()
+        out[f"{metric}_std"] = std
+        out[f"{metric}_n"] = n
+        t = n.map(lambda k: stats.t.ppf(0.975, k - 1) if k > 1 else math.nan)
+        out[f"{metric}_ci95"] = t * std / np.sqrt(n)
+    return out.reset_index()
+
+
+def welch_test(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided p-value of Welch's t-test (NaN with fewer than two values on a side)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count)."""
+    indexed = [(p, i) for i, p in enumerate(p_values) if not math.isnan(p)]
+    m = len(indexed)
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(indexed)):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted

@@ -1,0 +1,147 @@
+"""The paper's table form: the best configuration per envelope shape, tested against identity.
+
+Selection and reporting are separate: the configuration of each row is
+chosen on a validation metric (mean over seeds), and where the task has a
+test split the row reports the test metric, so the winner is not judged on
+the data that chose it. Each row is compared with the all-identity
+baseline by Welch's t-test over seeds, Holm-corrected over the rows; rows
+whose corrected p-value is at least ``alpha`` are marked as within noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from analysis.stats import aggregate, holm, welch_test
+
+
+@dataclass
+class TableSpec:
+    select: str  # column of the jobs table, e.g. final_val_loss
+    mode: str  # min | max
+    report: list[str]  # columns reported; report[0] is the one tested
+    alpha: float = 0.05
+
+    @property
+    def selected_on_report(self) -> bool:
+        return self.report[0] == self.select
+
+
+def default_spec(jobs: pd.DataFrame, metric: str | None = None, mode: str | None = None) -> TableSpec:
+    """Selection metric from the argument or the jobs' objective; report its test twin when present."""
+    done = jobs[jobs["status"] == "completed"]
+    if metric is None:
+        metric = done["objective_metric"].dropna().iloc[0] if not done.empty else "val_loss"
+    if mode is None:
+        mode = done["objective_mode"].dropna().iloc[0] if not done.empty and metric == done["objective_metric"].dropna().iloc[0] else "min"
+    if mode not in ("min", "max"):
+        raise ValueError(f"--mode must be one of ['min', 'max'], got {mode!r}")
+    select = metric if metric.startswith(("final_", "best_")) else f"final_{metric}"
+    if select not in jobs.columns:
+        available = sorted(c for c in jobs.columns if c.startswith(("final_", "best_")))
+        raise ValueError(f"--metric {metric!r} is not in the results; available: {available}")
+    report = [select]
+    name = select.split("_", 1)[1]
+    if name.startswith("val_") and f"final_test_{name[4:]}" in jobs.columns:
+        report = [f"final_test_{name[4:]}", select]
+    return TableSpec(select=select, mode=mode, report=report)
+
+
+def loss_names(jobs: pd.DataFrame) -> list[str]:
+    return sorted(c[len("env_") : -len("_shape")] for c in jobs.columns if c.startswith("env_") and c.endswith("_shape"))
+
+
+def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    """One row per envelope shape (per combination of shapes, with several losses)."""
+    losses = loss_names(jobs)
+    metrics = list(dict.fromkeys([spec.select, *spec.report]))
+    agg = aggregate(jobs, metrics)
+    if agg.empty:
+        return agg
+    shape_columns = [f"env_{loss}_shape" for loss in losses]
+    agg["shapes"] = agg[shape_columns].astype(str).agg(" / ".join, axis=1)
+    order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3}
+    agg["_order"] = agg[shape_columns].apply(lambda r: tuple(order.get(v, 9) for v in r), axis=1)
+    ascending = spec.mode == "min"
+    best = (agg.sort_values(f"{spec.select}_mean", ascending=ascending)
+            .groupby("shapes", sort=False).head(1).sort_values("_order"))
+    best["candidates"] = best["shapes"].map(agg.groupby("shapes").size())
+
+    done = jobs[jobs["status"] == "completed"]
+    values = {cid: group[spec.report[0]].to_numpy(float) for cid, group in done.groupby("config_id")}
+    baseline = best[best[shape_columns].eq("identity").all(axis=1)]
+    base_values = values.get(baseline["config_id"].iloc[0]) if not baseline.empty else None
+    p_values = []
+    for cid in best["config_id"]:
+        is_base = not baseline.empty and cid == baseline["config_id"].iloc[0]
+        p_values.append(math.nan if base_values is None or is_base else welch_test(values[cid], base_values))
+    best["p"] = p_values
+    best["p_holm"] = holm(p_values)
+    base_mean = base_values.mean() if base_values is not None else math.nan
+    best["difference"] = best[f"{spec.report[0]}_mean"] - base_mean
+    best["verdict"] = [
+        "baseline" if math.isnan(p) and not math.isnan(base_mean) and d == 0 else
+        ("" if math.isnan(p) else ("within noise" if p >= spec.alpha else ("better" if (d < 0) == (spec.mode == "min") else "worse")))
+        for p, d in zip(best["p_holm"], best["difference"])
+    ]
+    return best.drop(columns=["_order"]).reset_index(drop=True)
+
+
+def _pm(row, metric: str, digits: int) -> str:
+    mean, std, n = row.get(f"{metric}_mean"), row.get(f"{metric}_std"), row.get(f"{metric}_n")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    std_text = "" if std is None or math.isnan(std) else f" ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}{std_text} ({int(n)})"
+
+
+def _columns(spec: TableSpec) -> list[str]:
+    names = [f"{m.replace('final_', '')} mean ± std (n)" for m in spec.report]
+    return ["shapes", "envelope (selected)", *names, "Δ vs identity", "p (Holm)", "verdict"]
+
+
+def _cells(table: pd.DataFrame, spec: TableSpec, digits: int) -> list[list[str]]:
+    rows = []
+    for _, row in table.iterrows():
+        diff = row["difference"]
+        rows.append([
+            row["shapes"],
+            row["envelopes"],
+            *[_pm(row, m, digits) for m in spec.report],
+            "" if math.isnan(diff) or row["verdict"] == "baseline" else f"{diff:+.{digits}f}",
+            "" if math.isnan(row["p_holm"]) else f"{row['p_holm']:.3g}",
+            row["verdict"],
+        ])
+    return rows
+
+
+def to_markdown(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
+    header = _columns(spec)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in _cells(table, spec, digits)]
+    note = (f"Each row: the configuration of that shape with the best mean `{spec.select}` "
+            f"({spec.mode}) over seeds")
+    note += "." if spec.selected_on_report else f"; reported on `{spec.report[0]}` (not used for selection)."
+    if spec.selected_on_report:
+        note += " No test split: the reported metric is the one that selected the row, so it is optimistic."
+    note += (f" p: Welch's t-test against identity on `{spec.report[0]}`, Holm-corrected over the rows; "
+             f"'within noise' means corrected p ≥ {spec.alpha}.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("±", r"$\pm$"), ("Δ", r"$\Delta$")):
+        text = text.replace(a, b)
+    return text
+
+
+def to_latex(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
+    header = _columns(spec)
+    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex_escape(c) for c in cells) + r" \\" for cells in _cells(table, spec, digits)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"

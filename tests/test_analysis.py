@@ -1,0 +1,171 @@
+"""Analysis: loading sweeps, statistics, the paper table, the command line."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from analysis.load import load_jobs, load_metrics
+from analysis.report import paper_comparison, write_report
+from analysis.stats import aggregate, holm, welch_test
+from analysis.tables import default_spec, paper_table, to_latex, to_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_job(sweep: Path, num: int, shape: str, seed: int, val: float, test: float | None = None,
+             status: str = "completed", quantile: float | None = None, epochs: int = 3) -> Path:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    overrides = [f"envelope@envelopes.classification={shape}", f"seed={seed}"]
+    if quantile is not None:
+        overrides.append(f"envelopes.classification.quantile={quantile}")
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if status == "unfinished":
+        return job
+    envelope = {"shape": shape} if shape == "identity" else {"shape": shape, "quantile": quantile or 0.1, "step_size": 0.1}
+    config_id = f"{shape}-{quantile}"
+    final = {"epoch": epochs, "val_loss": val}
+    if test is not None:
+        final["test_loss"] = test
+    result = {"status": status, "task": "classification", "seed": seed, "config_id": config_id, "run_id": f"{config_id}-{seed}",
+              "effective": {"task": {"dataset": "digits"}, "envelopes": {"classification": envelope}, "seed": seed},
+              "objective": {"metric": "val_loss", "mode": "min", "value": val}, "final": final, "best": final,
+              "wall_time_s": 1.0}
+    if status == "failed":
+        result = {"status": "failed", "error": "NonFiniteLossError: non-finite training loss at epoch 2", "task": "classification", "seed": seed}
+    (job / "result.json").write_text(json.dumps(result))
+    rows = [{"epoch": e, "val_loss": val + (epochs - e) * 0.1, "envelope_classification_mean_weight": 0.9,
+             "envelope_classification_fraction_attenuated": 0.1} for e in range(1, epochs + 1)]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return job
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    values = {"identity": [1.00, 1.02, 0.98, 1.01], "step": [0.80, 0.81, 0.79, 0.80], "sigmoid": [1.00, 0.99, 1.03, 1.00]}
+    num = 0
+    for shape, vals in values.items():
+        for seed, v in enumerate(vals):
+            make_job(sweep, num, shape, seed, v + 0.05, test=v, quantile=None if shape == "identity" else 0.1)
+            num += 1
+    make_job(sweep, num, "step", 0, 5.0, test=5.0, quantile=0.9)  # a worse step config (1 seed)
+    make_job(sweep, num + 1, "step", 1, 0.0, status="failed", quantile=0.9)
+    make_job(sweep, num + 2, "sigmoid", 9, 0.0, status="unfinished", quantile=0.1)
+    return sweep
+
+
+def test_load_jobs_counts_every_status(sweep):
+    jobs = load_jobs(sweep)
+    assert len(jobs) == 15
+    assert jobs["status"].value_counts().to_dict() == {"completed": 13, "failed": 1, "unfinished": 1}
+    assert jobs.loc[jobs["status"] == "failed", "error"].iloc[0].startswith("NonFiniteLossError")
+    assert set(jobs["env_classification_shape"].dropna()) == {"identity", "step", "sigmoid"}
+    metrics = load_metrics(jobs)
+    assert len(metrics) == 13 * 3 and set(metrics["epoch"]) == {1, 2, 3}
+
+
+def test_missing_sweep_dir_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_jobs(tmp_path / "nope")
+
+
+def test_aggregate_mean_std_n_ci(sweep):
+    agg = aggregate(load_jobs(sweep), ["final_test_loss"]).set_index("config_id")
+    row = agg.loc["step-0.1"]
+    values = np.array([0.80, 0.81, 0.79, 0.80])
+    assert row["final_test_loss_mean"] == pytest.approx(values.mean())
+    assert row["final_test_loss_std"] == pytest.approx(values.std(ddof=1))
+    assert row["final_test_loss_n"] == 4
+    assert row["final_test_loss_ci95"] == pytest.approx(stats.t.ppf(0.975, 3) * values.std(ddof=1) / 2)
+    assert math.isnan(agg.loc["step-0.9", "final_test_loss_ci95"])
+
+
+def test_holm_known_values():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = holm([0.2, math.nan, 0.01])
+    assert adjusted[0] == pytest.approx(0.2) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_welch_matches_scipy_and_handles_edges():
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0]
+    assert welch_test(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert math.isnan(welch_test([1.0], [1.0, 2.0]))
+    assert welch_test([1.0, 1.0], [1.0, 1.0]) == 1.0
+
+
+def test_paper_table_selects_on_validation_reports_test_and_marks_noise(sweep):
+    jobs = load_jobs(sweep)
+    spec = default_spec(jobs)
+    assert (spec.select, spec.mode, spec.report) == ("final_val_loss", "min", ["final_test_loss", "final_val_loss"])
+    table = paper_table(jobs, spec).set_index("shapes")
+    assert list(table.index) == ["identity", "step", "sigmoid"]
+    assert table.loc["step", "config_id"] == "step-0.1"  # not the worse q=0.9 config
+    assert table.loc["step", "candidates"] == 2
+    assert table.loc["step", "verdict"] == "better"
+    assert table.loc["sigmoid", "verdict"] == "within noise"
+    assert table.loc["identity", "verdict"] == "baseline"
+    p_raw = [stats.ttest_ind([0.80, 0.81, 0.79, 0.80], [1.00, 1.02, 0.98, 1.01], equal_var=False).pvalue,
+             stats.ttest_ind([1.00, 0.99, 1.03, 1.00], [1.00, 1.02, 0.98, 1.01], equal_var=False).pvalue]
+    assert table.loc["step", "p_holm"] == pytest.approx(holm(p_raw)[0])
+    markdown = to_markdown(table.reset_index(), spec)
+    assert "| step | classification: step q=0.1 a=0.1 | 0.8000 ± 0.0082 (4) |" in markdown
+    assert "reported on `final_test_loss` (not used for selection)" in markdown
+    latex = to_latex(table.reset_index(), spec)
+    assert latex.startswith("\\begin{tabular}") and "$\\pm$" in latex and "\\_" in latex
+
+
+def test_selecting_on_the_reported_metric_is_flagged(sweep):
+    jobs = load_jobs(sweep)
+    spec = default_spec(jobs, metric="test_loss", mode="min")
+    assert spec.report == ["final_test_loss"]
+    assert "optimistic" in to_markdown(paper_table(jobs, spec), spec)
+
+
+def test_unknown_metric_lists_available(sweep):
+    with pytest.raises(ValueError, match=r"--metric 'val_acc' is not in the results; available: \['best_epoch'"):
+        default_spec(load_jobs(sweep), metric="val_acc")
+
+
+def test_paper_comparison_matches_stated_parameters(tmp_path, sweep):
+    paper = tmp_path / "paper.csv"
+    paper.write_text(
+        "experiment,table,task,dataset,envelopes,metric,mean,std,n,note\n"
+        'x,1,classification,digits,"{""classification"": {""shape"": ""step"", ""quantile"": 0.1}}",test_loss,0.5,0.1,10,\n'
+        'x,1,classification,digits,"{""classification"": {""shape"": ""linear"", ""quantile"": 0.1}}",test_loss,0.6,0.1,10,\n'
+        'x,1,classification,mnist,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
+    )
+    comparison = paper_comparison(load_jobs(sweep), paper)
+    assert len(comparison) == 2  # the mnist row is for another data set
+    assert comparison["reproduced"].iloc[0] == "0.8 ± 0.0082 (4)"
+    assert comparison["reproduced"].iloc[1] == "not in this sweep"
+
+
+def test_report_writes_tables_figures_and_report(sweep):
+    report = write_report([sweep], sweep)
+    text = report.read_text()
+    for name in ("table.md", "table.tex", "configs.csv", "jobs.csv"):
+        assert (sweep / name).exists(), name
+    for figure in ("envelope_shapes", "learning_curves_val_loss", "envelope_dynamics_classification",
+                   "sensitivity_classification_final_val_loss"):
+        assert (sweep / "figures" / f"{figure}.png").stat().st_size > 1000
+        assert (sweep / "figures" / f"{figure}.pdf").exists()
+        assert f"figures/{figure}.png" in text
+    assert "(failed)" in text and "(unfinished)" in text
+
+
+def test_command_line(sweep, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "analysis", str(sweep), "--out", str(out), "--no-figures"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| step |" in proc.stdout and (out / "report.md").exists() and not (out / "figures").exists()
+    bad = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
