@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -44,7 +45,9 @@ def welch_test(a: np.ndarray, b: np.ndarray) -> float:
         return math.nan
     if np.std(a) == 0 and np.std(b) == 0:
         return 1.0 if np.mean(a) == np.mean(b) else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy warns on nearly equal samples; the p-value stands
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def holm(p_values: list[float]) -> list[float]:

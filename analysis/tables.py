@@ -74,18 +74,18 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     values = {cid: group[spec.report[0]].to_numpy(float) for cid, group in done.groupby("config_id")}
     baseline = best[best[shape_columns].eq("identity").all(axis=1)]
     base_values = values.get(baseline["config_id"].iloc[0]) if not baseline.empty else None
-    p_values = []
-    for cid in best["config_id"]:
-        is_base = not baseline.empty and cid == baseline["config_id"].iloc[0]
-        p_values.append(math.nan if base_values is None or is_base else welch_test(values[cid], base_values))
+    base_id = baseline["config_id"].iloc[0] if not baseline.empty else None
+    is_base = [cid == base_id for cid in best["config_id"]]
+    p_values = [math.nan if base_values is None or base else welch_test(values[cid], base_values)
+                for cid, base in zip(best["config_id"], is_base)]
     best["p"] = p_values
     best["p_holm"] = holm(p_values)
     base_mean = base_values.mean() if base_values is not None else math.nan
-    best["difference"] = best[f"{spec.report[0]}_mean"] - base_mean
+    best["difference"] = [math.nan if base else d for d, base in zip(best[f"{spec.report[0]}_mean"] - base_mean, is_base)]
+    better = (best["difference"] < 0) == (spec.mode == "min")
     best["verdict"] = [
-        "baseline" if math.isnan(p) and not math.isnan(base_mean) and d == 0 else
-        ("" if math.isnan(p) else ("within noise" if p >= spec.alpha else ("better" if (d < 0) == (spec.mode == "min") else "worse")))
-        for p, d in zip(best["p_holm"], best["difference"])
+        "baseline" if base else "" if math.isnan(p) else "within noise" if p >= spec.alpha else ("better" if b else "worse")
+        for base, p, b in zip(is_base, best["p_holm"], better)
     ]
     return best.drop(columns=["_order"]).reset_index(drop=True)
 
@@ -111,7 +111,7 @@ def _cells(table: pd.DataFrame, spec: TableSpec, digits: int) -> list[list[str]]
             row["shapes"],
             row["envelopes"],
             *[_pm(row, m, digits) for m in spec.report],
-            "" if math.isnan(diff) or row["verdict"] == "baseline" else f"{diff:+.{digits}f}",
+            "" if math.isnan(diff) else f"{diff:+.{digits}f}",
             "" if math.isnan(row["p_holm"]) else f"{row['p_holm']:.3g}",
             row["verdict"],
         ])
