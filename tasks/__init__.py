@@ -19,6 +19,7 @@ from types import ModuleType
 TASKS = {
     "classification": "tasks.classification",
     "regression": "tasks.regression",
+    "vae": "tasks.vae",
 }
 
 
