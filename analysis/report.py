@@ -17,8 +17,14 @@ PAPER_RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "paper_
 
 
 def _same_envelopes(paper: dict, effective: dict) -> bool:
-    """A paper row matches a config when every parameter the paper states is equal (step size may be unstated)."""
-    if set(paper) != set(effective):
+    """A paper row matches a config when every parameter the paper states is equal.
+
+    A loss the paper does not mention must have the identity envelope; a
+    step size the paper does not state may take any value.
+    """
+    if not set(paper) <= set(effective):
+        return False
+    if any(effective[loss] != {"shape": "identity"} for loss in set(effective) - set(paper)):
         return False
     for loss, params in paper.items():
         for key, value in params.items():

@@ -87,7 +87,9 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         "baseline" if base else "" if math.isnan(p) else "within noise" if p >= spec.alpha else ("better" if b else "worse")
         for base, p, b in zip(is_base, best["p_holm"], better)
     ]
-    return best.drop(columns=["_order"]).reset_index(drop=True)
+    best = best.drop(columns=["_order"]).reset_index(drop=True)
+    best.attrs["losses"] = losses
+    return best
 
 
 def _pm(row, metric: str, digits: int) -> str:
@@ -98,9 +100,11 @@ def _pm(row, metric: str, digits: int) -> str:
     return f"{mean:.{digits}f}{std_text} ({int(n)})"
 
 
-def _columns(spec: TableSpec) -> list[str]:
+def _columns(spec: TableSpec, table: pd.DataFrame) -> list[str]:
     names = [f"{m.replace('final_', '')} mean ± std (n)" for m in spec.report]
-    return ["shapes", "envelope (selected)", *names, "Δ vs identity", "p (Holm)", "verdict"]
+    losses = table.attrs.get("losses", [])
+    shapes = f"shapes ({' / '.join(losses)})" if len(losses) > 1 else "shape"
+    return [shapes, "envelope (selected)", *names, "Δ vs identity", "p (Holm)", "verdict"]
 
 
 def _cells(table: pd.DataFrame, spec: TableSpec, digits: int) -> list[list[str]]:
@@ -119,7 +123,7 @@ def _cells(table: pd.DataFrame, spec: TableSpec, digits: int) -> list[list[str]]
 
 
 def to_markdown(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
-    header = _columns(spec)
+    header = _columns(spec, table)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in _cells(table, spec, digits)]
     note = (f"Each row: the configuration of that shape with the best mean `{spec.select}` "
@@ -139,7 +143,7 @@ def _latex_escape(text: str) -> str:
 
 
 def to_latex(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
-    header = _columns(spec)
+    header = _columns(spec, table)
     lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
              " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join(_latex_escape(c) for c in cells) + r" \\" for cells in _cells(table, spec, digits)]

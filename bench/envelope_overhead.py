@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from envelopes import Envelope  # noqa: E402
 from tasks.classification import per_sample_cross_entropy  # noqa: E402
 from tasks.supervised import build_mlp, train_step  # noqa: E402
-from tasks.common import EnvelopeMeter, MeanStd  # noqa: E402
+from tasks.common import EnvelopeMeter, MeanStd, adam  # noqa: E402
 from tasks.datasets import load_classification_pool  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main() -> None:
     def setup(envelope: Envelope):
         torch.manual_seed(0)
         model = build_mlp(x.shape[1], [256], 10).to(device)
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3), envelope.to(device)
+        return model, adam(model.parameters(), 1e-3), envelope.to(device)
 
     variants = {"identity": setup(Envelope("identity")), "identity (A/A)": setup(Envelope("identity")),
                 "adaptive sigmoid": setup(adaptive_sigmoid())}

@@ -15,7 +15,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tasks.common import check, resolve_path
+from tasks.common import adam, check, resolve_path
 from tasks.supervised import build_mlp, fit
 
 DATASETS = ("mnist", "fashion_mnist", "digits")
@@ -101,7 +101,7 @@ def run(cfg, context) -> dict[str, float]:
     data = load_splits(task_cfg, cfg.seed, device)
     train_x, _ = data["train"]
     model = build_mlp(train_x.shape[1], list(task_cfg.hidden), data["num_classes"]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=task_cfg.lr)
+    optimizer = adam(model.parameters(), task_cfg.lr)
 
     def evaluate_val() -> dict[str, float]:
         val = evaluate(model, *data["val"], task_cfg.eval_batch_size)

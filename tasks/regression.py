@@ -17,7 +17,7 @@ from typing import List
 import numpy as np
 import torch
 
-from tasks.common import check, resolve_path
+from tasks.common import adam, check, resolve_path
 from tasks.supervised import build_mlp, fit
 
 OBJECTIVE = ("val/mse", "min")
@@ -145,7 +145,7 @@ def run(cfg, context) -> dict[str, float]:
     data = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
 
     model = build_mlp(len(FEATURES), list(task_cfg.hidden), 1).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=task_cfg.lr)
+    optimizer = adam(model.parameters(), task_cfg.lr)
     fit(model, optimizer, context.envelopes["mse"], "mse", data["train"], per_sample_squared_error,
         lambda: error_metrics(model, *data["val"], target_std, "val"),
         task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, check, resolve_path
+from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, adam, check, resolve_path
 
 OBJECTIVE = ("val/recon", "min")
 SETTINGS = ("overparameterised", "drift")
@@ -201,7 +201,7 @@ def run(cfg, context) -> dict[str, float]:
     data = load_data(task_cfg, cfg.seed, device)
     envelopes = context.envelopes
     model = VAE(data["train_x"].shape[1], list(task_cfg.hidden), task_cfg.latent_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=task_cfg.lr)
+    optimizer = adam(model.parameters(), task_cfg.lr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     drift = task_cfg.setting == "drift"
