@@ -53,31 +53,39 @@ def envelope_shapes(out_dir: Path) -> list[Path]:
     return save(fig, out_dir, "envelope_shapes")
 
 
+def _row_colours(table: pd.DataFrame) -> list:
+    """One colour per table row: the shape's colour with one loss, a qualitative cycle with several."""
+    shapes = [str(s).split(" / ") for s in table["shapes"]]
+    if all(len(s) == 1 for s in shapes) and len({s[0] for s in shapes}) == len(shapes):
+        return [SHAPE_COLOURS.get(s[0]) for s in shapes]
+    cycle = plt.get_cmap("tab10").colors
+    return [cycle[i % len(cycle)] for i in range(len(table))]
+
+
 def _step_column(metrics: pd.DataFrame) -> str:
     return "epoch" if "epoch" in metrics.columns else "step"
 
 
-def learning_curves(metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out_dir: Path) -> list[Path]:
+def learning_curves(metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out_dir: Path, suffix: str = "") -> list[Path]:
     """Mean ± std over seeds of ``metric`` for each row of the table (the best config per shape)."""
     if metrics.empty or metric not in metrics.columns:
         return []
     x = _step_column(metrics)
-    fig, ax = plt.subplots(figsize=(4.6, 3.2), layout="constrained")
-    for _, row in table.iterrows():
+    fig, ax = plt.subplots(figsize=(4.8, 3.2 + 0.18 * len(table)), layout="constrained")
+    for colour, (_, row) in zip(_row_colours(table), table.iterrows()):
         curve = metrics[metrics["config_id"] == row["config_id"]].groupby(x)[metric].agg(["mean", "std", "count"])
-        colour = SHAPE_COLOURS.get(str(row["shapes"]).split(" / ")[0], None)
         ax.plot(curve.index, curve["mean"], label=f"{row['envelopes']} (n={int(curve['count'].max())})", color=colour, lw=1.4)
         ax.fill_between(curve.index, curve["mean"] - curve["std"].fillna(0), curve["mean"] + curve["std"].fillna(0),
                         color=colour, alpha=0.12, lw=0)
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean ± std over seeds")
-    ax.legend(loc="best", frameon=False)
+    ax.set_title(f"{metric}: mean ± std over seeds{' (' + suffix.strip('_') + ')' if suffix else ''}")
+    fig.legend(loc="outside lower center", frameon=False)
     ax.grid(alpha=0.3)
-    return save(fig, out_dir, f"learning_curves_{metric}")
+    return save(fig, out_dir, f"learning_curves_{metric}{suffix}")
 
 
-def sensitivity_heatmaps(agg: pd.DataFrame, loss: str, metric: str, mode: str, out_dir: Path) -> list[Path]:
+def sensitivity_heatmaps(agg: pd.DataFrame, loss: str, metric: str, mode: str, out_dir: Path, suffix: str = "") -> list[Path]:
     """``metric`` (mean over seeds) over threshold quantile x width, one panel per shape and step size."""
     shape_col, q_col, w_col, a_col = (f"env_{loss}_{k}" for k in ("shape", "quantile", "width", "step_size"))
     column = f"{metric}_mean"
@@ -120,10 +128,10 @@ def sensitivity_heatmaps(agg: pd.DataFrame, loss: str, metric: str, mode: str, o
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"{metric} (mean over seeds)")
     fig.suptitle(f"Sensitivity of {metric} ({loss} envelope); white: not in the sweep")
-    return save(fig, out_dir, f"sensitivity_{loss}_{metric}")
+    return save(fig, out_dir, f"sensitivity_{loss}_{metric}{suffix}")
 
 
-def envelope_dynamics(metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out_dir: Path) -> list[Path]:
+def envelope_dynamics(metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out_dir: Path, suffix: str = "") -> list[Path]:
     """Mean weight, fraction attenuated and threshold over training, mean over seeds."""
     names = [("mean_weight", "mean weight"), ("fraction_attenuated", "fraction attenuated"), ("threshold", "threshold T")]
     columns = [(f"envelope_{loss}_{n}", label) for n, label in names]
@@ -133,10 +141,9 @@ def envelope_dynamics(metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out
     rows = table[table[f"env_{loss}_shape"] != "identity"]
     if rows.empty:
         return []
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.6), layout="constrained")
-    for _, row in rows.iterrows():
+    fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.7 + 0.18 * len(rows)), layout="constrained")
+    for colour, (_, row) in zip(_row_colours(rows), rows.iterrows()):
         data = metrics[metrics["config_id"] == row["config_id"]]
-        colour = SHAPE_COLOURS.get(row[f"env_{loss}_shape"])
         for ax, (column, label) in zip(axes, columns):
             if column in data.columns and data[column].notna().any():
                 curve = data.groupby(x)[column].mean()
@@ -147,6 +154,6 @@ def envelope_dynamics(metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 1.02)
     axes[1].set_ylim(0, 1.02)
-    axes[0].legend(loc="best", frameon=False, fontsize=6)
-    fig.suptitle(f"Envelope dynamics ({loss}), mean over seeds")
-    return save(fig, out_dir, f"envelope_dynamics_{loss}")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", frameon=False)
+    fig.suptitle(f"Envelope dynamics ({loss}{', ' + suffix.strip('_') if suffix else ''}), mean over seeds")
+    return save(fig, out_dir, f"envelope_dynamics_{loss}{suffix}")

@@ -84,6 +84,7 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
                     for key in ENVELOPE_PARAMETERS:
                         row[f"env_{loss}_{key}"] = params.get(key)
                 row["dataset"] = (effective.get("task") or {}).get("dataset")
+                row["task_json"] = json.dumps(effective.get("task") or {}, sort_keys=True)
                 row.update({f"final_{k}": v for k, v in (result.get("final") or {}).items()})
                 row.update({f"best_{k}": v for k, v in (result.get("best") or {}).items()})
             rows.append(row)

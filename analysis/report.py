@@ -44,6 +44,10 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS) -> pd
     rows = []
     for _, ref in paper.iterrows():
         subset = done[(done["task"] == ref["task"]) & (done["dataset"].astype(str) == str(ref["dataset"]))]
+        required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
+        if required and not subset.empty:
+            params = subset["task_json"].map(json.loads)
+            subset = subset[params.map(lambda p: all(p.get(k) == v for k, v in required.items()))]
         if subset.empty:
             continue
         wanted = json.loads(ref["envelopes"])
@@ -59,6 +63,26 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS) -> pd
             "configs matched": len(matches),
         })
     return pd.DataFrame(rows)
+
+
+def split_by_task_parameters(done: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
+    """Completed jobs grouped by the task parameters that vary across them (one group if none vary).
+
+    Configurations that differ in the task (a latent size, a data set) are
+    different experiments: each gets its own table rather than a shared "best".
+    """
+    if done.empty or "task_json" not in done.columns:
+        return [((), done)]
+    params = done["task_json"].map(json.loads)
+    keys = sorted({k for p in params for k in p})
+    varying = [k for k in keys if params.map(lambda p: json.dumps(p.get(k), sort_keys=True)).nunique() > 1]
+    if not varying:
+        return [((), done)]
+    labels = params.map(lambda p: tuple((k, p.get(k)) for k in varying))
+    def natural(label):
+        return [(k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in label]
+
+    return [(label, done[labels == label]) for label in sorted(labels.unique(), key=natural)]
 
 
 def _markdown_frame(frame: pd.DataFrame) -> str:
@@ -86,34 +110,43 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
         return out_dir / "report.md"
 
     spec = default_spec(jobs, metric, mode)
-    table = paper_table(jobs, spec)
-    markdown = to_markdown(table, spec)
-    (out_dir / "table.md").write_text(markdown)
-    (out_dir / "table.tex").write_text(to_latex(table, spec))
+    done = jobs[jobs["status"] == "completed"]
+    groups = split_by_task_parameters(done)
+    metrics = load_metrics(done) if make_figures else pd.DataFrame()
+    figure_dir = out_dir / "figures"
+    plotted = figures.envelope_shapes(figure_dir) if make_figures else []
+    printed = []
+    for label, group in groups:
+        suffix = "" if not label else "_" + "_".join(f"{k}{v}" for k, v in label)
+        heading = "" if not label else " (" + ", ".join(f"task.{k}={v}" for k, v in label) + ")"
+        table = paper_table(group, spec)
+        markdown = to_markdown(table, spec)
+        (out_dir / f"table{suffix}.md").write_text(markdown)
+        (out_dir / f"table{suffix}.tex").write_text(to_latex(table, spec))
+        lines += [f"\n## Best configuration per envelope shape{heading}\n\n", markdown]
+        printed.append(f"{heading.strip(' ()')}\n{markdown}" if heading else markdown)
+        if make_figures:
+            agg_group = aggregate(group, [spec.select])
+            curve_metric = spec.select.split("_", 1)[1]
+            group_metrics = metrics[metrics["job_dir"].isin(group["job_dir"])] if not metrics.empty else metrics
+            plotted += figures.learning_curves(group_metrics, table, curve_metric, figure_dir, suffix)
+            for loss in loss_names(group):
+                plotted += figures.sensitivity_heatmaps(agg_group, loss, spec.select, spec.mode, figure_dir, suffix)
+                plotted += figures.envelope_dynamics(group_metrics, table, loss, figure_dir, suffix)
     agg = aggregate(jobs, list(dict.fromkeys([spec.select, *spec.report])))
     agg.to_csv(out_dir / "configs.csv", index=False)
-    lines += ["\n## Best configuration per envelope shape\n\n", markdown,
-              f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). LaTeX: `table.tex`.\n"]
+    lines.append(f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). "
+                 f"LaTeX: `table*.tex`.\n")
 
     comparison = paper_comparison(jobs)
     if not comparison.empty:
         lines += ["\n## The paper, side by side\n\n", _markdown_frame(comparison)]
-
-    if make_figures:
-        figure_dir = out_dir / "figures"
-        metrics = load_metrics(jobs)
-        plotted = figures.envelope_shapes(figure_dir)
-        curve_metric = spec.select.split("_", 1)[1]
-        plotted += figures.learning_curves(metrics, table, curve_metric, figure_dir)
-        for loss in loss_names(jobs):
-            plotted += figures.sensitivity_heatmaps(agg, loss, spec.select, spec.mode, figure_dir)
-            plotted += figures.envelope_dynamics(metrics, table, loss, figure_dir)
-        pngs = [p for p in plotted if p.suffix == ".png"]
+    if plotted:
         lines.append("\n## Figures\n\n")
-        lines += [f"![{p.stem}](figures/{p.name})\n\n" for p in pngs]
+        lines += [f"![{p.stem}](figures/{p.name})\n\n" for p in plotted if p.suffix == ".png"]
     report = out_dir / "report.md"
     report.write_text("".join(lines))
-    print(markdown)
+    print("\n".join(printed))
     if not comparison.empty:
         print(_markdown_frame(comparison))
     print(f"Results: {out_dir} (report.md, table.md/.tex, configs.csv, jobs.csv, figures/)")

@@ -43,6 +43,7 @@ class ClassificationConfig:
 
 Config = ClassificationConfig
 
+
 def loss_names(task_cfg) -> tuple[str, ...]:
     return ("classification",)
 

@@ -34,7 +34,7 @@ def make_job(sweep: Path, num: int, shape: str, seed: int, val: float, test: flo
     if test is not None:
         final["test_loss"] = test
     result = {"status": status, "task": "classification", "seed": seed, "config_id": config_id, "run_id": f"{config_id}-{seed}",
-              "effective": {"task": {"dataset": "digits"}, "envelopes": {"classification": envelope}, "seed": seed},
+              "effective": {"task": {"dataset": "digits", "epochs": epochs}, "envelopes": {"classification": envelope}, "seed": seed},
               "objective": {"metric": "val_loss", "mode": "min", "value": val}, "final": final, "best": final,
               "wall_time_s": 1.0}
     if status == "failed":
@@ -137,13 +137,14 @@ def test_unknown_metric_lists_available(sweep):
 def test_paper_comparison_matches_stated_parameters(tmp_path, sweep):
     paper = tmp_path / "paper.csv"
     paper.write_text(
-        "experiment,table,task,dataset,envelopes,metric,mean,std,n,note\n"
-        'x,1,classification,digits,"{""classification"": {""shape"": ""step"", ""quantile"": 0.1}}",test_loss,0.5,0.1,10,\n'
-        'x,1,classification,digits,"{""classification"": {""shape"": ""linear"", ""quantile"": 0.1}}",test_loss,0.6,0.1,10,\n'
-        'x,1,classification,mnist,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
+        "experiment,table,task,dataset,task_params,envelopes,metric,mean,std,n,note\n"
+        'x,1,classification,digits,{},"{""classification"": {""shape"": ""step"", ""quantile"": 0.1}}",test_loss,0.5,0.1,10,\n'
+        'x,1,classification,digits,{},"{""classification"": {""shape"": ""linear"", ""quantile"": 0.1}}",test_loss,0.6,0.1,10,\n'
+        'x,1,classification,mnist,{},"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
+        'x,1,classification,digits,"{""epochs"": 99}","{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
     )
     comparison = paper_comparison(load_jobs(sweep), paper)
-    assert len(comparison) == 2  # the mnist row is for another data set
+    assert len(comparison) == 2  # the mnist row is for another data set, the last for other task parameters
     assert comparison["reproduced"].iloc[0] == "0.8 ± 0.0082 (4)"
     assert comparison["reproduced"].iloc[1] == "not in this sweep"
 
