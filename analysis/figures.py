@@ -14,7 +14,8 @@ import pandas as pd  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 7})
 
-SHAPE_COLOURS = {"identity": "0.3", "step": "tab:red", "linear": "tab:blue", "sigmoid": "tab:green"}
+SHAPE_COLOURS = {"identity": "0.3", "step": "tab:red", "linear": "tab:blue", "sigmoid": "tab:green",
+                 "focal": "tab:purple", "hard_mining": "tab:orange"}
 
 
 def save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -56,7 +57,7 @@ def envelope_shapes(out_dir: Path) -> list[Path]:
 def _row_colours(table: pd.DataFrame) -> list:
     """One colour per table row: the shape's colour with one loss, a qualitative cycle with several."""
     shapes = [str(s).split(" / ") for s in table["shapes"]]
-    if all(len(s) == 1 for s in shapes) and len({s[0] for s in shapes}) == len(shapes):
+    if all(len(s) == 1 and s[0] in SHAPE_COLOURS for s in shapes) and len({s[0] for s in shapes}) == len(shapes):
         return [SHAPE_COLOURS.get(s[0]) for s in shapes]
     cycle = plt.get_cmap("tab10").colors
     return [cycle[i % len(cycle)] for i in range(len(table))]

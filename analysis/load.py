@@ -15,7 +15,7 @@ from typing import Iterable
 import pandas as pd
 
 SEED_KEYS = ("seed",)
-ENVELOPE_PARAMETERS = ("shape", "quantile", "width", "threshold", "inverse_slope", "step_size")
+ENVELOPE_PARAMETERS = ("shape", "quantile", "width", "threshold", "inverse_slope", "step_size", "gamma", "fraction")
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -42,7 +42,7 @@ def config_label(overrides: Iterable[str]) -> str:
 
 def envelope_label(envelopes: dict) -> str:
     """``loss: shape q=0.1 w=0.1 a=0.1`` per loss, in the paper's terms."""
-    short = {"quantile": "q", "width": "w", "threshold": "T", "inverse_slope": "s", "step_size": "a"}
+    short = {"quantile": "q", "width": "w", "threshold": "T", "inverse_slope": "s", "step_size": "a", "gamma": "γ", "fraction": "k"}
     parts = []
     for loss, params in sorted(envelopes.items()):
         text = params.get("shape", "?")
@@ -85,6 +85,7 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
                         row[f"env_{loss}_{key}"] = params.get(key)
                 row["dataset"] = (effective.get("task") or {}).get("dataset")
                 row["task_json"] = json.dumps(effective.get("task") or {}, sort_keys=True)
+                row["vwpr"] = bool((effective.get("vwpr") or {}).get("enabled", False))
                 row.update({f"final_{k}": v for k, v in (result.get("final") or {}).items()})
                 row.update({f"best_{k}": v for k, v in (result.get("best") or {}).items()})
             rows.append(row)

@@ -19,7 +19,7 @@ def aggregate(jobs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     done = jobs[jobs["status"] == "completed"]
     if done.empty:
         return pd.DataFrame()
-    keep = ["config_id", "config", "envelopes", "task", "dataset"] + [c for c in done.columns if c.startswith("env_")]
+    keep = ["config_id", "config", "envelopes", "task", "dataset", "vwpr"] + [c for c in done.columns if c.startswith("env_")]
     first = done.groupby("config_id")[[c for c in keep if c != "config_id" and c in done.columns]].first()
     out = first.copy()
     out["seeds"] = done.groupby("config_id")["seed"].apply(lambda s: sorted(s.tolist()))

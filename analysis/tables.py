@@ -63,8 +63,10 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         return agg
     shape_columns = [f"env_{loss}_shape" for loss in losses]
     agg["shapes"] = agg[shape_columns].astype(str).agg(" / ".join, axis=1)
-    order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3}
-    agg["_order"] = agg[shape_columns].apply(lambda r: tuple(order.get(v, 9) for v in r), axis=1)
+    vwpr = agg["vwpr"].fillna(False).astype(bool) if "vwpr" in agg.columns else pd.Series(False, index=agg.index)
+    agg.loc[vwpr, "shapes"] = agg.loc[vwpr, "shapes"] + " + VWPR"
+    order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4, "hard_mining": 5}
+    agg["_order"] = [tuple(order.get(v, 9) for v in r) + (int(w),) for r, w in zip(agg[shape_columns].values, vwpr)]
     ascending = spec.mode == "min"
     best = (agg.sort_values(f"{spec.select}_mean", ascending=ascending)
             .groupby("shapes", sort=False).head(1).sort_values("_order"))
@@ -72,7 +74,7 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
 
     done = jobs[jobs["status"] == "completed"]
     values = {cid: group[spec.report[0]].to_numpy(float) for cid, group in done.groupby("config_id")}
-    baseline = best[best[shape_columns].eq("identity").all(axis=1)]
+    baseline = best[best[shape_columns].eq("identity").all(axis=1) & ~best["shapes"].str.endswith("+ VWPR")]
     base_values = values.get(baseline["config_id"].iloc[0]) if not baseline.empty else None
     base_id = baseline["config_id"].iloc[0] if not baseline.empty else None
     is_base = [cid == base_id for cid in best["config_id"]]

@@ -41,6 +41,13 @@ class Envelope(nn.Module):
         envelope = Envelope("sigmoid", quantile=0.9, width=0.1, step_size=0.1)
         loss = envelope(per_sample_loss).mean()
 
+    ``focal`` (with ``gamma``) is focal loss's modulating factor
+    ``(1 - exp(-l))^gamma`` on a cross-entropy: no threshold, no state.
+    ``hard_mining`` (with ``fraction`` k) is online hard example mining: it
+    keeps the top fraction k of each batch, as the unsmoothed adaptive step
+    ``Envelope("step", quantile=1 - k)`` does (exactly the top ``k n``
+    losses when ``k n`` is an integer).
+
     "Low loss" is in the signed sense: for losses that can be negative (the
     PPO policy loss), the most negative values are the most attenuated.
 
@@ -61,10 +68,29 @@ class Envelope(nn.Module):
         inverse_slope: float | None = None,
         width: float | None = None,
         step_size: float = 1.0,
+        gamma: float | None = None,
+        fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.shape = check_shape(shape)
-        uses_threshold = shape != "identity"
+        self.fraction = None
+        if shape == "hard_mining":
+            if fraction is None:
+                raise ValueError("shape 'hard_mining' needs fraction (the share of each batch kept, in (0, 1]), got fraction=None")
+            self.fraction = check_positive(fraction, "fraction")
+            if self.fraction > 1.0:
+                raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+            # the top fraction of each batch: an adaptive step at quantile 1 - fraction, unsmoothed
+            threshold, quantile, step_size = None, 1.0 - self.fraction, 1.0
+        uses_threshold = shape not in ("identity", "focal")
+        if shape == "focal":
+            if gamma is None:
+                raise ValueError("shape 'focal' needs gamma (the focusing parameter, >= 0), got gamma=None")
+            self.gamma = check_finite(gamma, "gamma")
+            if self.gamma < 0:
+                raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+        else:
+            self.gamma = None
         uses_width = shape in SHAPES_WITH_WIDTH
         if uses_threshold and (threshold is None) == (quantile is None):
             raise ValueError(
@@ -108,7 +134,9 @@ class Envelope(nn.Module):
     def config(self) -> dict[str, Any]:
         """The effective parameters: only those the shape uses, smoothing only if adaptive."""
         out: dict[str, Any] = {"shape": self.shape}
-        for key in ("threshold_value", "quantile", "inverse_slope_value", "width"):
+        if self.shape == "hard_mining":
+            return {"shape": self.shape, "fraction": self.fraction}
+        for key in ("threshold_value", "quantile", "inverse_slope_value", "width", "gamma"):
             value = getattr(self, key)
             if value is not None:
                 out[key.removesuffix("_value")] = value
@@ -165,7 +193,8 @@ class Envelope(nn.Module):
             if self.width is not None:
                 inverse_slope = values[-1]
         self.threshold, self.inverse_slope = threshold, inverse_slope
-        self.weight = envelope_weight(loss, self.shape, threshold, 1.0 if inverse_slope is None else inverse_slope)
+        self.weight = envelope_weight(loss, self.shape, threshold, 1.0 if inverse_slope is None else inverse_slope,
+                                      2.0 if self.gamma is None else self.gamma)
         return self.weight
 
     def forward(self, loss: Tensor) -> Tensor:

@@ -14,13 +14,13 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-SHAPES = ("identity", "step", "linear", "sigmoid")
-"""The envelope shapes, in order of smoothness."""
+SHAPES = ("identity", "step", "linear", "sigmoid", "focal", "hard_mining")
+"""The envelope shapes: the paper's four, and two classic per-sample reweightings."""
 
 SHAPES_WITH_WIDTH = ("linear", "sigmoid")
 """Shapes whose transition has a width (``inverse_slope``)."""
 
-ATTENUATION_CUTOFF = {"identity": 0.0, "step": 0.0, "linear": 0.0, "sigmoid": 1e-3}
+ATTENUATION_CUTOFF = {"identity": 0.0, "step": 0.0, "linear": 0.0, "sigmoid": 1e-3, "focal": 1e-3, "hard_mining": 0.0}
 """A weight at or below this counts as attenuated (sigmoid never reaches 0)."""
 
 
@@ -59,11 +59,24 @@ def check_positive(value: float, name: str) -> float:
     return value
 
 
+def focal_weight(loss: Tensor, gamma: float) -> Tensor:
+    r"""Focal loss's modulating factor as an envelope: ``w = (1 - exp(-l))^gamma``.
+
+    For a cross-entropy ``l = -log p`` this is ``(1 - p)^gamma``, so
+    ``w * l`` equals the focal loss of Lin et al. (2017). As an envelope the
+    weight is detached: the gradient is ``w * dl``, focal loss's gradient
+    without the term from differentiating ``(1 - p)^gamma``. Negative losses
+    are treated as 0 (weight 0).
+    """
+    return (-torch.expm1(-loss.detach().clamp_min(0.0))).pow(gamma)
+
+
 def envelope_weight(
     loss: Tensor,
     shape: str,
     threshold: Tensor | float = 0.0,
     inverse_slope: Tensor | float = 1.0,
+    gamma: float = 2.0,
 ) -> Tensor:
     r"""Envelope weight ``w(l)`` in [0, 1], monotone non-decreasing in ``l``.
 
@@ -74,7 +87,8 @@ def envelope_weight(
 
     with ``T = threshold`` and ``s = inverse_slope`` (the width of the linear
     ramp, and the width over which the sigmoid's tangent at ``T`` rises from
-    0 to 1). ``identity`` gives ``w = 1``.
+    0 to 1). ``identity`` gives ``w = 1``; ``focal`` gives
+    ``(1 - exp(-l))^gamma`` (see :func:`focal_weight`).
 
     Args:
         loss: losses of any shape; read only, never differentiated.
@@ -91,7 +105,9 @@ def envelope_weight(
     loss = loss.detach()
     if shape == "identity":
         return torch.ones_like(loss)
-    if shape == "step":
+    if shape == "focal":
+        return focal_weight(loss, gamma)
+    if shape in ("step", "hard_mining"):
         return (loss >= threshold).to(loss.dtype)
     if isinstance(inverse_slope, Tensor):
         inverse_slope = inverse_slope.clamp_min(torch.finfo(inverse_slope.dtype).tiny)

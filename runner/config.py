@@ -37,12 +37,27 @@ class EnvelopeConfig:
     inverse_slope: Optional[float] = None
     width: Optional[float] = None
     step_size: float = 1.0
+    gamma: Optional[float] = None
+    fraction: Optional[float] = None
+
+
+@dataclass
+class VWPRConfig:
+    """Value-Weighted Parameter Refinement (methods/vwpr.py); off unless ``enabled``."""
+
+    enabled: bool = False
+    per_element: bool = False
+    normalise: bool = True
+    l1: float = 0.0
+    clip: Optional[float] = None
+    lr: float = 0.01
 
 
 @dataclass
 class Config:
     task: Any = MISSING
     envelopes: Dict[str, EnvelopeConfig] = field(default_factory=dict)
+    vwpr: VWPRConfig = field(default_factory=VWPRConfig)
     seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None
@@ -98,6 +113,13 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
         raise ConfigError(f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
+    if cfg.vwpr.enabled:
+        if cfg.vwpr.lr <= 0:
+            raise ConfigError(f"vwpr.lr must be > 0, got {cfg.vwpr.lr!r}")
+        if cfg.vwpr.l1 < 0:
+            raise ConfigError(f"vwpr.l1 must be >= 0, got {cfg.vwpr.l1!r}")
+        if cfg.vwpr.clip is not None and cfg.vwpr.clip <= 0:
+            raise ConfigError(f"vwpr.clip must be null or > 0, got {cfg.vwpr.clip!r}")
     try:
         task_module(cfg.task.name).validate(cfg.task)
     except ValueError as error:
@@ -127,6 +149,8 @@ def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope]) -> dict[st
     out = {key: value for key, value in container.items() if key not in _NOT_EFFECTIVE | {"envelopes"}}
     out["task"] = {key: value for key, value in container["task"].items() if key not in _TASK_NOT_EFFECTIVE}
     out["envelopes"] = {name: envelope.config() for name, envelope in sorted(envelopes.items())}
+    # VWPR's settings matter only when it is on
+    out["vwpr"] = container["vwpr"] if container["vwpr"]["enabled"] else {"enabled": False}
     return out
 
 

@@ -42,6 +42,7 @@ class RunContext:
     envelopes: dict[str, Envelope]
     recorder: Recorder
     job_dir: Path
+    vwpr: Any = None  # the vwpr config node (None: off)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,7 +134,7 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
         seed_everything(cfg.seed)
         envelopes = {name: envelope.to(device) for name, envelope in envelopes.items()}
         recorder = Recorder(job_dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress)
-        extra = module.run(cfg, RunContext(device, envelopes, recorder, job_dir))
+        extra = module.run(cfg, RunContext(device, envelopes, recorder, job_dir, cfg.vwpr if cfg.vwpr.enabled else None))
 
         final = {**recorder.final, **extra}
         objective_key = file_key(module.OBJECTIVE[0])

@@ -15,7 +15,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tasks.common import adam, check, resolve_path
+from tasks.common import VWPRMonitor, adam, check, resolve_path
 from tasks.supervised import build_mlp, fit
 
 DATASETS = ("mnist", "fashion_mnist", "digits")
@@ -109,7 +109,8 @@ def run(cfg, context) -> dict[str, float]:
         return {"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
 
     fit(model, optimizer, context.envelopes["classification"], "classification", data["train"],
-        per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder)
+        per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder,
+        None if context.vwpr is None else VWPRMonitor(context.vwpr, model))
     if task_cfg.test_size == 0:
         return {}
     test = evaluate(model, *data["test"], task_cfg.eval_batch_size)

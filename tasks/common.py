@@ -92,3 +92,44 @@ class EnvelopeMeter:
             values = (self.total / self.steps).tolist()
             out.update({f"{prefix}/{name}": value for name, value in zip(self.names, values)})
         return out
+
+
+class VWPRMonitor:
+    """Builds VWPR for a model when configured; logs its value weights each epoch and draws their distribution."""
+
+    def __init__(self, vwpr_cfg, model: torch.nn.Module):
+        from methods.vwpr import ValueWeightedRefinement
+
+        self.vwpr = ValueWeightedRefinement(
+            model, per_element=vwpr_cfg.per_element, normalise=vwpr_cfg.normalise, l1=vwpr_cfg.l1,
+            clip=vwpr_cfg.clip, lr=vwpr_cfg.lr, track_history=True,
+        )
+        self.per_epoch: list[torch.Tensor] = []
+
+    def epoch_end(self, epoch: int, recorder) -> dict[str, float]:
+        phi = self.vwpr.phi_values().float().cpu()
+        self.per_epoch.append(phi)
+        if recorder.writer is not None:
+            recorder.writer.add_histogram("vwpr/phi", phi, epoch)
+        return {"vwpr/phi_mean": phi.mean().item(), "vwpr/phi_std": phi.std().item() if phi.numel() > 1 else 0.0,
+                "vwpr/phi_min": phi.min().item(), "vwpr/phi_max": phi.max().item()}
+
+    def save_figure(self, job_dir: Path) -> Path:
+        """``figures/phi_distribution.png``: the value weights' distribution at the end of each epoch."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(self.per_epoch) + 2), 3.0), layout="constrained")
+        ax.boxplot([p.numpy() for p in self.per_epoch], positions=range(1, len(self.per_epoch) + 1), showfliers=True)
+        ax.axhline(1.0, color="0.5", ls="--", lw=0.8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("value weight phi")
+        unit = "element" if self.vwpr.per_element else "tensor"
+        ax.set_title(f"VWPR value weights (one per {unit}) by epoch")
+        path = job_dir / "figures" / "phi_distribution.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150)
+        plt.close(fig)
+        return path

@@ -17,7 +17,7 @@ from typing import List
 import numpy as np
 import torch
 
-from tasks.common import adam, check, resolve_path
+from tasks.common import VWPRMonitor, adam, check, resolve_path
 from tasks.supervised import build_mlp, fit
 
 OBJECTIVE = ("val/mse", "min")
@@ -148,7 +148,8 @@ def run(cfg, context) -> dict[str, float]:
     optimizer = adam(model.parameters(), task_cfg.lr)
     fit(model, optimizer, context.envelopes["mse"], "mse", data["train"], per_sample_squared_error,
         lambda: error_metrics(model, *data["val"], target_std, "val"),
-        task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder)
+        task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder,
+        None if context.vwpr is None else VWPRMonitor(context.vwpr, model))
     if len(data["test"][1]) == 0:
         return {}
     model.eval()

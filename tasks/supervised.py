@@ -13,19 +13,22 @@ import torch
 from torch import nn
 
 from envelopes import Envelope
-from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError
+from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_step(model, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, meter: EnvelopeMeter,
-               per_sample_loss: PerSampleLoss) -> None:
-    """One optimiser step on a batch; statistics accumulate on the device."""
+               per_sample_loss: PerSampleLoss, vwpr=None) -> None:
+    """One optimiser step on a batch (a VWPR dual step if ``vwpr``); statistics accumulate on the device."""
     per_sample = per_sample_loss(model(x), y)
     shaped_loss = envelope(per_sample)
-    optimizer.zero_grad(set_to_none=True)
-    shaped_loss.mean().backward()
-    optimizer.step()
+    if vwpr is not None:
+        vwpr.dual_step(shaped_loss.mean(), optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        shaped_loss.mean().backward()
+        optimizer.step()
     raw.add(per_sample)
     shaped.add(shaped_loss)
     meter.add()
@@ -43,8 +46,9 @@ def fit(
     batch_size: int,
     seed: int,
     recorder,
+    vwpr: VWPRMonitor | None = None,
 ) -> None:
-    """Train for ``epochs``, logging train/, envelope/<loss_name>/ and ``evaluate()``'s metrics each epoch.
+    """Train for ``epochs``, logging train/, envelope/<loss_name>/, vwpr/ and ``evaluate()``'s metrics each epoch.
 
     Raises :class:`NonFiniteLossError` at the end of an epoch whose loss was not finite.
     """
@@ -59,11 +63,14 @@ def fit(
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             x, y = train_x.index_select(0, index), train_y.index_select(0, index)  # 5x faster than x[index]
-            train_step(model, optimizer, envelope, x, y, raw, shaped, meter, per_sample_loss)
+            train_step(model, optimizer, envelope, x, y, raw, shaped, meter, per_sample_loss,
+                       None if vwpr is None else vwpr.vwpr)
         metrics = {**raw.summary("train/raw_loss"), **shaped.summary("train/shaped_loss")}
         if not torch.isfinite(torch.tensor(metrics["train/raw_loss_mean"])):
             raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}")
         metrics.update(meter.summary(f"envelope/{loss_name}"))
+        if vwpr is not None:
+            metrics.update(vwpr.epoch_end(epoch, recorder))
         model.eval()
         with torch.no_grad():
             evaluation = evaluate()
@@ -71,6 +78,8 @@ def fit(
         metrics.update(evaluation)
         recorder.log(epoch, metrics)
         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(evaluation.items())[:2]})
+    if vwpr is not None:
+        vwpr.save_figure(recorder.job_dir)
 
 
 def build_mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential:

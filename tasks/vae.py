@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, adam, check, resolve_path
+from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor, adam, check, resolve_path
 
 OBJECTIVE = ("val/recon", "min")
 SETTINGS = ("overparameterised", "drift")
@@ -203,6 +203,7 @@ def run(cfg, context) -> dict[str, float]:
     model = VAE(data["train_x"].shape[1], list(task_cfg.hidden), task_cfg.latent_dim).to(device)
     optimizer = adam(model.parameters(), task_cfg.lr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    vwpr = None if context.vwpr is None else VWPRMonitor(context.vwpr, model)
 
     drift = task_cfg.setting == "drift"
     if drift:
@@ -232,9 +233,12 @@ def run(cfg, context) -> dict[str, float]:
             kl_weight = min(1.0, step / task_cfg.kl_annealing_steps) if task_cfg.kl_annealing_steps else 1.0
             recon, kl, _ = elementwise_losses(model, x)
             loss, _, _, per_sample = vae_loss(recon, kl, envelopes, kl_weight, task_cfg.free_bits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if vwpr is not None:
+                vwpr.vwpr.dual_step(loss, optimizer)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             meters["recon"].add(recon.detach().sum(1))
             meters["prior"].add(kl.detach().sum(1))
             meters["total"].add(per_sample)
@@ -250,6 +254,8 @@ def run(cfg, context) -> dict[str, float]:
         metrics["train/samples"] = meters["total"].count
         for name, meter in envelope_meters.items():
             metrics.update(meter.summary(f"envelope/{name}"))
+        if vwpr is not None:
+            metrics.update(vwpr.epoch_end(epoch, recorder))
         model.eval()
         val, recon_per_sample = evaluate(model, data["val_x"], task_cfg.active_unit_threshold)
         metrics.update(val)
@@ -264,6 +270,8 @@ def run(cfg, context) -> dict[str, float]:
         recorder.log(epoch, metrics)
         bar.set_postfix(val_recon=f"{val['val/recon']:.2f}", kl=f"{val['val/kl']:.2f}")
 
+    if vwpr is not None:
+        vwpr.save_figure(recorder.job_dir)
     if recorder.writer is not None:
         with torch.no_grad():
             shown = data["val_x"][:32]

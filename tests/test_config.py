@@ -110,7 +110,7 @@ def test_missing_loss_name_is_an_error(compose):
     [
         ("envelopes.classification.quantile=1.5", "envelopes.classification: quantile must lie in [0, 1], got 1.5"),
         ("envelopes.classification.step_size=0", "envelopes.classification: step_size must lie in (0, 1], got 0.0"),
-        ("envelopes.classification.shape=cosine", "envelopes.classification: shape must be one of ['identity', 'step', 'linear', 'sigmoid'], got 'cosine'"),
+        ("envelopes.classification.shape=cosine", "envelopes.classification: shape must be one of ['identity', 'step', 'linear', 'sigmoid', 'focal', 'hard_mining'], got 'cosine'"),
         ("device=gpu", "device must be one of ['auto', 'cpu', 'cuda'], got 'gpu'"),
         ("threads=0", "threads must be a positive integer or null, got 0"),
         ("task.label_noise=1.2", "task.label_noise must lie in [0, 1), got 1.2"),

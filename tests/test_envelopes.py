@@ -183,7 +183,7 @@ def test_compiled_adaptive_envelope_matches_eager():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"shape": "cosine", "threshold": 1.0}, "shape must be one of ['identity', 'step', 'linear', 'sigmoid'], got 'cosine'"),
+        ({"shape": "cosine", "threshold": 1.0}, "shape must be one of ['identity', 'step', 'linear', 'sigmoid', 'focal', 'hard_mining'], got 'cosine'"),
         ({"shape": "step", "quantile": 1.5}, "quantile must lie in [0, 1], got 1.5"),
         ({"shape": "step", "quantile": -0.1}, "quantile must lie in [0, 1], got -0.1"),
         ({"shape": "step", "quantile": 0.5, "step_size": 0.0}, "step_size must lie in (0, 1], got 0.0"),
