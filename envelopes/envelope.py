@@ -43,6 +43,9 @@ class Envelope(nn.Module):
 
     ``focal`` (with ``gamma``) is focal loss's modulating factor
     ``(1 - exp(-l))^gamma`` on a cross-entropy: no threshold, no state.
+    Detached like every envelope weight, its gradient is ``w * dl``; with
+    ``full_gradient=True`` the factor is differentiated too, which is the
+    focal loss of Lin et al. exactly (and no longer an envelope).
     ``hard_mining`` (with ``fraction`` k) is online hard example mining: it
     keeps the top fraction k of each batch, as the unsmoothed adaptive step
     ``Envelope("step", quantile=1 - k)`` does (exactly the top ``k n``
@@ -70,9 +73,14 @@ class Envelope(nn.Module):
         step_size: float = 1.0,
         gamma: float | None = None,
         fraction: float | None = None,
+        full_gradient: bool = False,
     ) -> None:
         super().__init__()
         self.shape = check_shape(shape)
+        if full_gradient and shape != "focal":
+            raise ValueError(f"full_gradient applies to shape 'focal' only, got shape {shape!r}")
+        # Focal loss as published differentiates its modulating factor too; an envelope does not.
+        self.full_gradient = bool(full_gradient)
         self.fraction = None
         if shape == "hard_mining":
             if fraction is None:
@@ -142,6 +150,8 @@ class Envelope(nn.Module):
                 out[key.removesuffix("_value")] = value
         if self.adaptive:
             out["step_size"] = self.step_size
+        if self.full_gradient:
+            out["full_gradient"] = True
         return out
 
     def extra_repr(self) -> str:
@@ -201,6 +211,11 @@ class Envelope(nn.Module):
         if self.shape == "identity":
             self.weight = None
             return loss
+        if self.full_gradient:
+            # the original focal loss: the factor (1 - p)^gamma stays in the graph
+            factor = (-torch.expm1(-loss.clamp_min(0.0))).pow(self.gamma)
+            self.weight = factor.detach()
+            return loss * factor
         return loss * self.compute_weight(loss)
 
     def statistics(self) -> dict[str, Tensor | float]:

@@ -39,6 +39,7 @@ class EnvelopeConfig:
     step_size: float = 1.0
     gamma: Optional[float] = None
     fraction: Optional[float] = None
+    full_gradient: bool = False
 
 
 @dataclass

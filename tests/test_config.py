@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 
 from runner.config import ConfigError, config_id, effective_config, validate
@@ -23,7 +24,8 @@ def test_every_task_and_envelope_composes_and_validates(compose, task, envelope)
     cfg = compose(f"task={task}", *[f"envelope@envelopes.{name}={envelope}" for name in loss_names])
     envelopes = validate(cfg)
     assert set(envelopes) == set(loss_names)
-    assert all(envelope.endswith(e.shape) for e in envelopes.values())
+    declared = yaml.safe_load((ROOT / "conf" / "envelope" / f"{envelope}.yaml").read_text())["shape"]
+    assert all(e.shape == declared for e in envelopes.values())
 
 
 def _sweep_config(experiment: str):

@@ -40,6 +40,13 @@ def test_focal_envelope_gradient_is_focal_gradient_with_the_modulating_factor_de
     modulating_term = grad_of(((1 - p) ** gamma) * ce.detach())
     torch.testing.assert_close(full_focal, detached_focal + modulating_term)
     assert (full_focal - envelope_grad).abs().max() > 1e-3
+    # full_gradient=True is the published focal loss, gradient included
+    published = Envelope("focal", gamma=gamma, full_gradient=True)
+    torch.testing.assert_close(grad_of(published(ce)), full_focal)
+    torch.testing.assert_close(published.weight, ((1 - p) ** gamma).detach())
+    assert published.config() == {"shape": "focal", "gamma": gamma, "full_gradient": True}
+    with pytest.raises(ValueError, match="full_gradient applies to shape 'focal' only, got shape 'step'"):
+        Envelope("step", threshold=1.0, full_gradient=True)
 
 
 def test_focal_weight_range_monotone_and_errors():
