@@ -83,7 +83,8 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
                 for loss, params in envelopes.items():
                     for key in ENVELOPE_PARAMETERS:
                         row[f"env_{loss}_{key}"] = params.get(key)
-                row["dataset"] = (effective.get("task") or {}).get("dataset")
+                task_params = effective.get("task") or {}
+                row["dataset"] = task_params.get("dataset", task_params.get("env_id"))
                 row["task_json"] = json.dumps(effective.get("task") or {}, sort_keys=True)
                 row["vwpr"] = bool((effective.get("vwpr") or {}).get("enabled", False))
                 row.update({f"final_{k}": v for k, v in (result.get("final") or {}).items()})

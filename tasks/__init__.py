@@ -20,6 +20,7 @@ TASKS = {
     "classification": "tasks.classification",
     "regression": "tasks.regression",
     "vae": "tasks.vae",
+    "ppo": "tasks.ppo",
 }
 
 

@@ -15,9 +15,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("task", options("task"))
-@pytest.mark.parametrize("envelope", options("envelope"))
-def test_every_task_and_envelope_composes_and_validates(compose, task, envelope):
+def check_composes(compose, task: str, envelope: str) -> None:
     cfg = compose(f"task={task}")
     loss_names = list(cfg.envelopes)
     assert loss_names, task
@@ -26,6 +24,16 @@ def test_every_task_and_envelope_composes_and_validates(compose, task, envelope)
     assert set(envelopes) == set(loss_names)
     declared = yaml.safe_load((ROOT / "conf" / "envelope" / f"{envelope}.yaml").read_text())["shape"]
     assert all(e.shape == declared for e in envelopes.values())
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_every_task_composes_and_validates_with_an_adaptive_envelope_on_each_loss(compose, task):
+    check_composes(compose, task, "sigmoid")
+
+
+@pytest.mark.parametrize("envelope", options("envelope"))
+def test_every_envelope_composes_and_validates(compose, envelope):
+    check_composes(compose, "digits", envelope)
 
 
 def _sweep_config(experiment: str):

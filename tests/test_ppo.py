@@ -1,0 +1,114 @@
+"""PPO: GAE, truncation, episode statistics without NaN, envelopes and options change training."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from runner.config import ConfigError, validate
+from runner.job import run_job
+from tasks.ppo import gae
+
+pytest.importorskip("gymnasium")
+
+SMALL = ("tensorboard=false", "task.rollout_steps=100", "task.minibatch_size=50", "task.update_epochs=2")
+
+
+def rows_of(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gae_known_values():
+    rewards = torch.tensor([[1.0], [1.0], [1.0]])
+    values = torch.tensor([[0.5], [0.5], [0.5]])
+    dones = torch.tensor([[0.0], [1.0], [0.0]])
+    next_value = torch.tensor([2.0])
+    advantages, returns = gae(rewards, values, dones, next_value, gamma=0.9, lam=0.5)
+    # t=2: delta = 1 + 0.9*2 - 0.5 = 2.3; t=1 (done): delta = 1 - 0.5 = 0.5; t=0: delta = 1 + 0.45 - 0.5 = 0.95, A = 0.95 + 0.45*0.5
+    torch.testing.assert_close(advantages, torch.tensor([[0.95 + 0.45 * 0.5], [0.5], [2.3]]))
+    torch.testing.assert_close(returns, advantages + values)
+
+
+def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):
+    cfg = compose("task=cartpole", "task.total_steps=15000", "tensorboard=false")
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    rows = rows_of(tmp_path)
+    assert rows[-1]["step"] == 15000 == result["final"]["env_steps"]
+    assert result["objective"]["metric"] == "charts_return_ma100" and result["objective"]["mode"] == "max"
+    assert result["final"]["charts_return_ma100"] > 40  # a random policy averages about 22
+    final_phase = [r["charts_return_ma100"] for r in rows if r["step"] >= 0.9 * 15000]
+    assert result["final"]["return_ma100_final_phase"] == pytest.approx(sum(final_phase) / len(final_phase))
+    for key in ("train_policy_raw_loss_mean", "train_value_shaped_loss_mean", "train_approx_kl", "train_clip_fraction",
+                "train_explained_variance", "charts_sps", "charts_episodic_length", "envelope_policy_mean_weight"):
+        assert key in rows[-1], key
+
+
+def test_episodic_return_excludes_the_bootstrap_term(compose, tmp_path):
+    # CartPole pays 1 per step, so an episode's return equals its length unless the
+    # bootstrapped value of a truncated episode leaked into the statistics.
+    cfg = compose("task=cartpole", *SMALL, "task.total_steps=2000", "task.max_episode_steps=15")
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    for row in rows_of(tmp_path):
+        assert row["charts_episodic_return"] == row["charts_episodic_length"] <= 15
+
+
+def test_truncation_bootstrap_differs_from_the_papers_termination(compose, tmp_path):
+    args = ("task=cartpole", *SMALL, "task.total_steps=2000", "task.max_episode_steps=15")
+    run_job(compose(*args), tmp_path / "a", None, [], reraise=True)
+    run_job(compose(*args, "task.truncation=terminate"), tmp_path / "b", None, [], reraise=True)
+    a, b = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
+    # the same episodes (same seed, same first policy), but bootstrapped value targets
+    assert a[0]["charts_episodic_return"] == b[0]["charts_episodic_return"]
+    assert a[0]["train_value_raw_loss_mean"] != b[0]["train_value_raw_loss_mean"]
+
+
+def test_a_rollout_without_an_ending_logs_no_nan(compose, tmp_path):
+    # A near-random Acrobot policy needs about 500 steps per episode: 100-step rollouts end none at first.
+    cfg = compose("task=acrobot", *SMALL, "task.total_steps=300")
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "null" not in text
+    assert "charts_episodic_return" not in rows_of(tmp_path)[0]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "completed"
+
+
+def test_same_seed_same_metrics(compose, tmp_path):
+    args = ("task=cartpole", *SMALL, "task.total_steps=600", "envelope@envelopes.policy=sigmoid")
+    run_job(compose(*args), tmp_path / "a", None, [], reraise=True)
+    run_job(compose(*args), tmp_path / "b", None, [], reraise=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("charts_sps")} for r in rows]  # noqa: E731
+    assert strip(rows_of(tmp_path / "a")) == strip(rows_of(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("override", ["envelope@envelopes.policy=step", "envelope@envelopes.value=sigmoid",
+                                      "task.reduction=mean", "task.kl_penalty=adaptive", "task.num_envs=4"])
+def test_options_change_training(compose, tmp_path, override):
+    args = ("task=cartpole", *SMALL, "task.total_steps=800")
+    run_job(compose(*args), tmp_path / "base", None, [], reraise=True)
+    run_job(compose(*args, override), tmp_path / "other", None, [], reraise=True)
+    key = "train_policy_raw_loss_mean"
+    assert [r[key] for r in rows_of(tmp_path / "base")] != [r[key] for r in rows_of(tmp_path / "other")]
+    if "kl_penalty" in override:
+        coefs = [r["train_kl_coef"] for r in rows_of(tmp_path / "other")]
+        assert coefs[0] > 0 and len(set(coefs)) > 1  # the adaptive coefficient moves
+
+
+def test_lunarlander_runs(compose, tmp_path):
+    pytest.importorskip("Box2D")
+    cfg = compose("task=lunarlander", *SMALL, "task.total_steps=200", "task.num_envs=2")
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    assert rows_of(tmp_path)[-1]["step"] == 200
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.env_id=Pong-v5", "task.env_id must be one of ['LunarLander-v3', 'Acrobot-v1', 'CartPole-v1'], got 'Pong-v5'"),
+    ("task.minibatch_size=1000", "task.minibatch_size must be at most rollout_steps x num_envs = 500, got 1000"),
+    ("task.kl_penalty=huge", "task.kl_penalty must be one of ['none', 'fixed', 'adaptive'], got 'huge'"),
+])
+def test_config_errors(compose, override, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose("task=cartpole", override))
+    assert str(info.value) == message
