@@ -145,7 +145,7 @@ def envelope_dynamics(metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out
     fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.7 + 0.18 * len(rows)), layout="constrained")
     for colour, (_, row) in zip(_row_colours(rows), rows.iterrows()):
         data = metrics[metrics["config_id"] == row["config_id"]]
-        for ax, (column, label) in zip(axes, columns):
+        for ax, (column, _) in zip(axes, columns):
             if column in data.columns and data[column].notna().any():
                 curve = data.groupby(x)[column].mean()
                 ax.plot(curve.index, curve.values, color=colour, lw=1.3, label=row["envelopes"])

@@ -47,7 +47,7 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS) -> pd
         required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
         if required and not subset.empty:
             params = subset["task_json"].map(json.loads)
-            subset = subset[params.map(lambda p: all(p.get(k) == v for k, v in required.items()))]
+            subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
         if subset.empty:
             continue
         wanted = json.loads(ref["envelopes"])
@@ -75,7 +75,7 @@ def split_by_task_parameters(done: pd.DataFrame) -> list[tuple[tuple, pd.DataFra
         return [((), done)]
     params = done["task_json"].map(json.loads)
     keys = sorted({k for p in params for k in p})
-    varying = [k for k in keys if params.map(lambda p: json.dumps(p.get(k), sort_keys=True)).nunique() > 1]
+    varying = [k for k in keys if params.map(lambda p, k=k: json.dumps(p.get(k), sort_keys=True)).nunique() > 1]
     if not varying:
         return [((), done)]
     labels = params.map(lambda p: tuple((k, p.get(k)) for k in varying))

@@ -227,9 +227,10 @@ def quantiles(values: Tensor, levels: Sequence[float]) -> Tensor:
     selected = select_order_statistics(flat, plan)
     out = []
     for row in plan.rows:
+        # one or two nonzero coefficients summing to 1: lerp(a, b, c_b) = c_a a + c_b b
         terms = [(i, c) for i, c in enumerate(row) if c]
-        (i, a), rest = terms[0], terms[1:]
-        out.append(torch.lerp(selected[i], selected[rest[0][0]], rest[0][1]) if rest else selected[i])
+        first = selected[terms[0][0]]
+        out.append(torch.lerp(first, selected[terms[1][0]], terms[1][1]) if len(terms) == 2 else first)
     return torch.stack(out)
 
 

@@ -94,7 +94,7 @@ class ValueWeightedRefinement(nn.Module):
         self.optimizer.step()
         with torch.no_grad():
             phi = [f.detach() for f in self.phi()]
-            for parameter, grad, weight in zip(self.targets, grads, phi):
+            for parameter, weight in zip(self.targets, phi):
                 if parameter.grad is not None:
                     parameter.grad.mul_(weight)
         optimizer.step()

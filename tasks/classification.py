@@ -63,7 +63,7 @@ def validate(task_cfg) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Mean cross-entropy and accuracy over a split (one host sync)."""
     loss_sum = torch.zeros((), device=features.device)
     correct = torch.zeros((), device=features.device, dtype=torch.long)

@@ -17,7 +17,7 @@ from tasks.datasets import (
     split_indices,
     symmetric_label_noise,
 )
-from tests.conftest import FASHION_DIR, SHARED_DATA, needs_fashion, needs_mnist
+from tests.conftest import SHARED_DATA, needs_fashion, needs_mnist
 
 
 def write_idx(path, array: np.ndarray, gzipped: bool = False) -> None:

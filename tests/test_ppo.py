@@ -1,7 +1,6 @@
 """PPO: GAE, truncation, episode statistics without NaN, envelopes and options change training."""
 
 import json
-import math
 
 import pytest
 import torch
