@@ -7,6 +7,7 @@ Composes and validates the config, runs the task with its envelopes, writes
 the job's files (see runner/recorder.py) and returns the objective.
 """
 
+import os
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,20 @@ from runner.job import run_job
 register_configs()
 
 
+def parallel_threads(hydra_cfg) -> int | None:
+    """Torch threads per job when a launcher runs ``n_jobs`` at once: jobs x threads <= cores.
+
+    Oversubscribing the cores is slower than running serially, so with the
+    joblib launcher each job gets ``cores // n_jobs`` threads unless ``threads`` is set.
+    """
+    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    if n_jobs is None:
+        return None
+    cores = os.cpu_count() or 1
+    jobs = n_jobs if n_jobs > 0 else cores + 1 + n_jobs  # joblib: -1 is every core, -2 all but one
+    return max(1, cores // max(1, min(jobs, cores)))
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
@@ -30,6 +45,7 @@ def main(cfg: DictConfig) -> float:
         sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
         overrides=list(hydra_cfg.overrides.task),
         reraise=not multirun,
+        default_threads=parallel_threads(hydra_cfg) if multirun else None,
     )
 
 

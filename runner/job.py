@@ -15,6 +15,7 @@ import os
 import random
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,23 +64,26 @@ def seed_everything(seed: int) -> None:
 def claim(sweep_dir: Path, run_id: str, job_dir: Path) -> Path | None:
     """Atomically claim ``run_id`` for ``job_dir``; return the owner's dir if another job has it.
 
-    A claim whose owner is this very job (a re-run of the same sweep) or
-    whose owner never finished (no result file) passes to this job.
+    The claim file is created complete (a written temporary file hard-linked
+    into place, which fails if the claim exists), so a concurrent job never
+    reads a half-written claim, with any launcher and on shared file systems.
+    A claim owned by this very job (a re-run of the same sweep) is kept; an
+    owner that was interrupted is redone when the sweep is re-run, so its
+    duplicates stay duplicates.
     """
     claims = sweep_dir / CLAIMS_DIR
     claims.mkdir(parents=True, exist_ok=True)
     path = claims / run_id
+    tmp = claims / f".{run_id}.{os.getpid()}.{uuid.uuid4().hex}"
+    tmp.write_text(str(job_dir))
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.link(tmp, path)
+        return None
     except FileExistsError:
-        owner = Path(path.read_text().strip() or job_dir)
-        if owner.resolve() == job_dir.resolve() or not (owner / RESULT_FILE).exists():
-            path.write_text(str(job_dir))
-            return None
-        return owner
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(job_dir))
-    return None
+        owner = Path(path.read_text().strip())
+        return None if owner.resolve() == job_dir.resolve() else owner
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def previous_result(job_dir: Path, run_id: str) -> dict[str, Any] | None:
@@ -98,7 +102,8 @@ def previous_result(job_dir: Path, run_id: str) -> dict[str, Any] | None:
     return None
 
 
-def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: list[str], reraise: bool) -> float:
+def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: list[str], reraise: bool,
+            default_threads: int | None = None) -> float:
     """Run one job and write its ``result.json``; return the objective (NaN if none).
 
     An interruption (Ctrl-C, a kill) writes no result: the job did not end,
@@ -128,8 +133,9 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
 
         module = task_module(cfg.task.name)
         device = resolve_device(cfg.device)
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+        threads = cfg.threads if cfg.threads is not None else default_threads
+        if threads is not None:
+            torch.set_num_threads(threads)
         torch.set_flush_denormal(cfg.flush_denormal)
         seed_everything(cfg.seed)
         envelopes = {name: envelope.to(device) for name, envelope in envelopes.items()}
@@ -142,6 +148,7 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
         result.update(
             status="completed",
             device=str(device),
+            threads=torch.get_num_threads(),
             final=final,
             best=recorder.best,
             objective={"metric": objective_key, "mode": module.OBJECTIVE[1], "value": value},

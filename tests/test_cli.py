@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,3 +123,21 @@ def test_rerunning_a_sweep_redoes_only_unfinished_jobs(tmp_path):
     rows = [json.loads(line) for line in (sweep / "1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["val_loss"] != 99.0
     assert len(list((sweep / "1" / "tb").glob("events.*"))) == 1
+
+
+def test_joblib_launcher_caps_threads_and_deduplicates_across_processes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    import os
+
+    sweep = tmp_path / "sweep"
+    # jobs 0 and 1 are the same effective config and start at the same time in two processes
+    proc = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "envelope@envelopes.classification=identity,step", "envelopes.classification.quantile=0.1,0.5",
+                   "task.epochs=1", "tensorboard=false", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(4)]
+    assert sorted(r["status"] for r in results) == ["completed", "completed", "completed", "duplicate"]
+    assert {r["status"] for r in results[:2]} == {"completed", "duplicate"}
+    expected = max(1, (os.cpu_count() or 1) // 2)
+    assert {r["threads"] for r in results if r["status"] == "completed"} == {expected}
+    assert (sweep / "report.md").exists()
