@@ -27,6 +27,16 @@ from torch import Tensor, nn
 _SOFTPLUS_INVERSE_OF_ONE = math.log(math.e - 1.0)
 
 
+def check_settings(l1: float, clip: float | None, lr: float) -> None:
+    """Raise ``ValueError`` naming the setting, its value and what is allowed."""
+    if l1 < 0:
+        raise ValueError(f"l1 must be >= 0, got {l1!r}")
+    if clip is not None and clip <= 0:
+        raise ValueError(f"clip must be null or > 0, got {clip!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+
+
 class ValueWeightedRefinement(nn.Module):
     """Wraps a model's parameters with value weights; see the module docstring.
 
@@ -43,12 +53,7 @@ class ValueWeightedRefinement(nn.Module):
     def __init__(self, model: nn.Module, per_element: bool = False, normalise: bool = True, l1: float = 0.0,
                  clip: float | None = None, lr: float = 0.01, track_history: bool = False):
         super().__init__()
-        if l1 < 0:
-            raise ValueError(f"l1 must be >= 0, got {l1!r}")
-        if clip is not None and clip <= 0:
-            raise ValueError(f"clip must be null or > 0, got {clip!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
+        check_settings(l1, clip, lr)
         self.names, self.targets = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.per_element, self.normalise, self.l1, self.clip = per_element, normalise, l1, clip
         self.raw = nn.ParameterList(

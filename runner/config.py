@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from envelopes import Envelope
+from methods.vwpr import check_settings as check_vwpr_settings
 from tasks import TASKS, task_module
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -115,12 +116,10 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
     if cfg.vwpr.enabled:
-        if cfg.vwpr.lr <= 0:
-            raise ConfigError(f"vwpr.lr must be > 0, got {cfg.vwpr.lr!r}")
-        if cfg.vwpr.l1 < 0:
-            raise ConfigError(f"vwpr.l1 must be >= 0, got {cfg.vwpr.l1!r}")
-        if cfg.vwpr.clip is not None and cfg.vwpr.clip <= 0:
-            raise ConfigError(f"vwpr.clip must be null or > 0, got {cfg.vwpr.clip!r}")
+        try:
+            check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr)
+        except ValueError as error:
+            raise ConfigError(f"vwpr.{error}") from None
     try:
         task_module(cfg.task.name).validate(cfg.task)
     except ValueError as error:

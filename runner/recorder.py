@@ -123,10 +123,6 @@ class Recorder:
             if better:
                 self.best = dict(row)
 
-    def objective_value(self) -> float:
-        value = self.final.get(file_key(self.objective_tag))
-        return float("nan") if value is None else float(value)
-
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """Log hyperparameters once, with the final metrics, for TensorBoard's HPARAMS tab."""
         if self.writer is None:

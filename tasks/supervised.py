@@ -7,6 +7,7 @@ statistics on the device and logs one row per epoch.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -66,7 +67,7 @@ def fit(
             train_step(model, optimizer, envelope, x, y, raw, shaped, meter, per_sample_loss,
                        None if vwpr is None else vwpr.vwpr)
         metrics = {**raw.summary("train/raw_loss"), **shaped.summary("train/shaped_loss")}
-        if not torch.isfinite(torch.tensor(metrics["train/raw_loss_mean"])):
+        if not math.isfinite(metrics["train/raw_loss_mean"]):
             raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}")
         metrics.update(meter.summary(f"envelope/{loss_name}"))
         if vwpr is not None:

@@ -211,6 +211,7 @@ def run(cfg, context) -> dict[str, float]:
         phase = torch.rand(10, generator=draw) * 2 * math.pi
         shift = (torch.rand(10, generator=draw) * 2 - 1) * task_cfg.drift_spread
         cumulative = torch.zeros(10)
+        val_class_counts = torch.bincount(data["val_y"], minlength=10).clamp_min(1)
 
     step = 0
     bar = recorder.progress(range(1, task_cfg.epochs + 1), total=task_cfg.epochs)
@@ -263,8 +264,7 @@ def run(cfg, context) -> dict[str, float]:
             labels = data["val_y"]
             for label, dist in (("current", weights), ("cumulative", cumulative / cumulative.sum())):
                 # reweight validation images so that each class carries its weight under this distribution
-                counts = torch.bincount(labels, minlength=10).clamp_min(1).to(device)
-                per_image = (dist.to(device) / counts)[labels]
+                per_image = (dist.to(device) / val_class_counts)[labels]
                 metrics[f"val/recon_{label}"] = float((per_image * recon_per_sample).sum() / per_image.sum())
             metrics.update({f"drift/class_weight_{c}": w for c, w in enumerate(weights.tolist())})
         recorder.log(epoch, metrics)
