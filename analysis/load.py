@@ -1,7 +1,9 @@
 """Load Hydra multirun directories into pandas DataFrames.
 
 A job is a directory holding ``.hydra/overrides.yaml`` (Hydra writes it at
-the job's start) and, once the job has ended, ``result.json``. Jobs with an
+the job's start) and, once the job has ended, ``result.json``. A job that
+trained several seeds as one batch (``seed_batch``) has one such directory
+per seed, ``seed_<s>/``, and each counts as a job here. Jobs with an
 overrides file but no result are reported as ``unfinished``: nothing is
 dropped silently.
 """
@@ -19,7 +21,15 @@ ENVELOPE_PARAMETERS = ("shape", "quantile", "width", "threshold", "inverse_slope
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=lambda p: (len(p.name), p.name))
+    """Job directories, and in place of a seed-batched job (``seed_batch > 1``) its per-seed directories."""
+    seeds: dict[Path, list[Path]] = {}
+    for p in sweep_dir.glob("*/seed_*/.hydra/overrides.yaml"):
+        seeds.setdefault(p.parent.parent.parent, []).append(p.parent.parent)
+    jobs = {p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")} | set(seeds)
+    out = []
+    for job in sorted(jobs, key=lambda p: (len(p.name), p.name)):
+        out += sorted(seeds[job], key=lambda p: int(p.name.removeprefix("seed_"))) if job in seeds else [job]
+    return out
 
 
 def _read_overrides(path: Path) -> list[str]:

@@ -33,6 +33,7 @@ from tasks.classification import per_sample_cross_entropy  # noqa: E402
 from tasks.supervised import build_mlp, train_step  # noqa: E402
 from tasks.common import EnvelopeMeter, MeanStd, adam  # noqa: E402
 from tasks.datasets import load_classification_pool  # noqa: E402
+from tasks.seed_batch import ModelGroup  # noqa: E402
 
 
 def load_data(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -69,8 +70,7 @@ def main() -> None:
     batch = args.batch_size
 
     def setup(envelope: Envelope):
-        torch.manual_seed(0)
-        model = build_mlp(x.shape[1], [256], 10).to(device)
+        model = ModelGroup(lambda: build_mlp(x.shape[1], [256], 10), [0], device)  # one seed, as a single run
         return model, adam(model.parameters(), 1e-3), envelope.to(device)
 
     variants = {"identity": setup(Envelope("identity")), "identity (A/A)": setup(Envelope("identity")),
@@ -78,13 +78,13 @@ def main() -> None:
 
     def timed(name: str, offset: int) -> float:
         model, optimizer, envelope = variants[name]
-        raw, shaped, meter = MeanStd(device), MeanStd(device), EnvelopeMeter(envelope, device)
+        raw, shaped, meter = MeanStd(device, 1), MeanStd(device, 1), EnvelopeMeter(envelope, device)
         sync(device)
         start = time.perf_counter()
         for step in range(args.steps):
             begin = ((offset + step) * batch) % (len(x) - batch)
-            train_step(model, optimizer, envelope, x[begin : begin + batch], y[begin : begin + batch], raw, shaped, meter,
-                       per_sample_cross_entropy)
+            train_step(model, optimizer, envelope, x[None, begin : begin + batch], y[None, begin : begin + batch], raw, shaped,
+                       meter, per_sample_cross_entropy)
         raw.summary("raw")  # one host sync per epoch, as in the task
         sync(device)
         return (time.perf_counter() - start) / args.steps

@@ -54,6 +54,11 @@ class Envelope(nn.Module):
     "Low loss" is in the signed sense: for losses that can be negative (the
     PPO policy loss), the most negative values are the most attenuated.
 
+    With ``groups=G``, the losses have a leading dimension of G independent
+    groups (for example G seeds trained as one batched model): each group
+    gets its own quantiles and its own smoothed estimates, exactly as G
+    separate envelopes would, in one call.
+
     State (the EMA estimates and trace) lives in buffers, so it follows
     ``.to(device or dtype)`` and round-trips through ``state_dict()``. A call
     never reads a value back to the host.
@@ -74,9 +79,13 @@ class Envelope(nn.Module):
         gamma: float | None = None,
         fraction: float | None = None,
         full_gradient: bool = False,
+        groups: int | None = None,
     ) -> None:
         super().__init__()
         self.shape = check_shape(shape)
+        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+            raise ValueError(f"groups must be a positive integer or None, got {groups!r}")
+        self.groups = groups
         if full_gradient and shape != "focal":
             raise ValueError(f"full_gradient applies to shape 'focal' only, got shape {shape!r}")
         # Focal loss as published differentiates its modulating factor too; an envelope does not.
@@ -127,7 +136,7 @@ class Envelope(nn.Module):
         self.smoothed = self.adaptive and self.step_size < 1.0
         if self.smoothed:
             n_estimates = int(self.quantile is not None) + int(self.width is not None)
-            self.register_buffer("estimate", torch.zeros(n_estimates))
+            self.register_buffer("estimate", torch.zeros(n_estimates) if groups is None else torch.zeros(groups, n_estimates))
             self.register_buffer("trace", torch.zeros(()))
 
         self.weight: Tensor | None = None
@@ -138,6 +147,11 @@ class Envelope(nn.Module):
     def from_config(cls, config: Mapping[str, Any]) -> "Envelope":
         """Build from a mapping with the constructor's keyword arguments."""
         return cls(**dict(config))
+
+    def grouped(self, groups: int) -> "Envelope":
+        """A fresh envelope with these parameters for ``groups`` independent groups, on this one's device."""
+        fresh = Envelope(**self.config(), groups=groups)
+        return fresh.to(self.estimate.device) if self.smoothed else fresh
 
     def config(self) -> dict[str, Any]:
         """The effective parameters: only those the shape uses, smoothing only if adaptive."""
@@ -170,19 +184,19 @@ class Envelope(nn.Module):
             rows.append(tuple(hi - lo for lo, hi in zip(plan.rows[-2], plan.rows[-1])))
         if torch.compiler.is_compiling():
             return torch.tensor(rows, dtype=like.dtype, device=like.device)
-        key = (like.numel(), like.dtype, like.get_device())  # get_device() is cheaper than .device
+        key = (like.shape[-1], like.dtype, like.get_device())  # get_device() is cheaper than .device
         if key not in self._coefficient_cache:
             self._coefficient_cache[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
         return self._coefficient_cache[key]
 
     def _adaptive_parameters(self, loss: Tensor) -> Tensor:
-        """[threshold?, span?] from this batch's quantiles, smoothed if configured."""
-        flat = loss.reshape(-1)
+        """[threshold?, span?] from this batch's quantiles (one row per group), smoothed if configured."""
+        flat = loss.reshape(-1) if self.groups is None else loss.reshape(self.groups, -1)
         if torch.compiler.is_compiling():
-            plan = selection_plan.__wrapped__(flat.numel(), self._levels)  # traced, not cached
+            plan = selection_plan.__wrapped__(flat.shape[-1], self._levels)  # traced, not cached
         else:
-            plan = selection_plan(flat.numel(), self._levels)
-        values = self._coefficients(plan, flat) @ select_order_statistics(flat, plan)
+            plan = selection_plan(flat.shape[-1], self._levels)
+        values = select_order_statistics(flat, plan) @ self._coefficients(plan, flat).mT
         if self.smoothed:
             values = bias_corrected_ema_(self.estimate, self.trace, values, self.step_size)
             if values.dtype != loss.dtype:
@@ -196,13 +210,21 @@ class Envelope(nn.Module):
             self.weight = None
             return torch.ones_like(loss)
         threshold, inverse_slope = self.threshold_value, self.inverse_slope_value
+        if self.groups is not None and (loss.dim() == 0 or loss.shape[0] != self.groups):
+            raise ValueError(f"an envelope with groups={self.groups} needs losses of shape ({self.groups}, ...), "
+                             f"got {tuple(loss.shape)}")
         if self.adaptive:
-            values = self._adaptive_parameters(loss).unbind()
+            values = self._adaptive_parameters(loss).unbind(-1)
             if self.quantile is not None:
                 threshold = values[0]
             if self.width is not None:
                 inverse_slope = values[-1]
         self.threshold, self.inverse_slope = threshold, inverse_slope
+        if self.groups is not None:
+            # one value per group, broadcast over the rest of each group's losses
+            per_group = (self.groups,) + (1,) * (loss.dim() - 1)
+            threshold = threshold.reshape(per_group) if isinstance(threshold, Tensor) else threshold
+            inverse_slope = inverse_slope.reshape(per_group) if isinstance(inverse_slope, Tensor) else inverse_slope
         self.weight = envelope_weight(loss, self.shape, threshold, 1.0 if inverse_slope is None else inverse_slope,
                                       2.0 if self.gamma is None else self.gamma)
         return self.weight
@@ -222,14 +244,16 @@ class Envelope(nn.Module):
         """Mean weight, fraction attenuated and current parameters of the last call.
 
         Values computed from the batch are 0-d tensors on the loss's device
-        (no host transfer); static values are Python floats. An identity
+        (no host transfer), or one value per group with ``groups``; static
+        values are Python floats. An identity
         envelope reports weight 1 and nothing attenuated.
         """
         if self.weight is None:
             return {"mean_weight": 1.0, "fraction_attenuated": 0.0}
+        weight = self.weight.reshape(-1) if self.groups is None else self.weight.reshape(self.groups, -1)
         stats: dict[str, Tensor | float] = {
-            "mean_weight": self.weight.mean(),
-            "fraction_attenuated": torch.mean(self.weight <= ATTENUATION_CUTOFF[self.shape], dtype=self.weight.dtype),
+            "mean_weight": weight.mean(-1),
+            "fraction_attenuated": torch.mean(weight <= ATTENUATION_CUTOFF[self.shape], dim=-1, dtype=weight.dtype),
         }
         for name in ("threshold", "inverse_slope"):
             value = getattr(self, name)

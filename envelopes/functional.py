@@ -182,7 +182,9 @@ def selection_plan(n: int, levels: tuple[float, ...]) -> SelectionPlan:
 
 
 def select_order_statistics(flat: Tensor, plan: SelectionPlan) -> Tensor:
-    """The vector of order statistics a plan combines (1-d, length ``plan.size``).
+    """The order statistics a plan combines, along the last dimension (length ``plan.size``).
+
+    ``flat`` is 1-d, or 2-d with one row per group (each row selected on its own).
 
     Selection, never a full sort: each ``kthvalue`` is one O(n) pass. When
     all ranks fall in a window at either end holding at most a quarter of
@@ -194,7 +196,7 @@ def select_order_statistics(flat: Tensor, plan: SelectionPlan) -> Tensor:
         return flat.topk(plan.size, largest=True, sorted=True).values
     if plan.mode == "bottom":
         return flat.topk(plan.size, largest=False, sorted=True).values
-    return torch.stack([flat.kthvalue(rank + 1).values for rank in plan.ranks])
+    return torch.stack([flat.kthvalue(rank + 1, dim=-1).values for rank in plan.ranks], dim=-1)
 
 
 def _plan_for(values: Tensor, levels: Sequence[float]) -> tuple[Tensor, SelectionPlan]:

@@ -61,6 +61,7 @@ class Config:
     envelopes: Dict[str, EnvelopeConfig] = field(default_factory=dict)
     vwpr: VWPRConfig = field(default_factory=VWPRConfig)
     seed: int = 0
+    seed_batch: int = 1
     device: str = "auto"
     threads: Optional[int] = None
     data_root: str = "data"
@@ -115,6 +116,16 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
         raise ConfigError(f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
+    if cfg.seed_batch < 1:
+        raise ConfigError(f"seed_batch must be a positive integer (seeds trained together in one job), got {cfg.seed_batch!r}")
+    if cfg.seed_batch > 1:
+        if not getattr(task_module(cfg.task.name), "SEED_BATCH", False):
+            batching = [name for name in TASKS if getattr(task_module(name), "SEED_BATCH", False)]
+            raise ConfigError(f"seed_batch: task {cfg.task.name!r} trains one seed per job (seed_batch=1); "
+                              f"seed_batch > 1 is supported by the tasks {batching}, got seed_batch={cfg.seed_batch}")
+        if cfg.vwpr.enabled:
+            raise ConfigError(f"seed_batch: VWPR (vwpr.enabled=true) trains one seed per job; use seed_batch=1, "
+                              f"got seed_batch={cfg.seed_batch}")
     if cfg.vwpr.enabled:
         try:
             check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr)
@@ -128,7 +139,7 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
 
 
 # Keys that change how a run is watched, not what it computes.
-_NOT_EFFECTIVE = {"device", "threads", "data_root", "tensorboard", "progress", "deduplicate", "flush_denormal"}
+_NOT_EFFECTIVE = {"seed_batch", "device", "threads", "data_root", "tensorboard", "progress", "deduplicate", "flush_denormal"}
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
 

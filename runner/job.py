@@ -37,13 +37,26 @@ CLAIMS_DIR = ".claims"
 
 @dataclass
 class RunContext:
-    """What a task's ``run`` receives besides the config."""
+    """What a task's ``run`` receives besides the config.
+
+    ``seeds`` lists the seeds this job trains, with one recorder (and
+    directory) each: one seed, or several with ``seed_batch`` for tasks that
+    train seeds as one batched model (``SEED_BATCH = True``).
+    """
 
     device: torch.device
     envelopes: dict[str, Envelope]
-    recorder: Recorder
-    job_dir: Path
+    recorders: list[Recorder]
+    seeds: list[int]
     vwpr: Any = None  # the vwpr config node (None: off)
+
+    @property
+    def recorder(self) -> Recorder:
+        return self.recorders[0]
+
+    @property
+    def job_dir(self) -> Path:
+        return self.recorders[0].job_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,76 +115,156 @@ def previous_result(job_dir: Path, run_id: str) -> dict[str, Any] | None:
     return None
 
 
+@dataclass
+class SeedRun:
+    """One seed's run inside a job: its directory, identity and result."""
+
+    seed: int
+    dir: Path
+    overrides: list[str]
+    result: dict[str, Any]
+
+
+def seed_overrides(overrides: list[str], seed: int) -> list[str]:
+    """A batched job's overrides as the equivalent single-seed job's."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "seed_batch")]
+    return kept + [f"seed={seed}"]
+
+
+def prepare(cfg: DictConfig, envelopes: dict[str, Envelope], job_dir: Path, overrides: list[str], batched: bool,
+            seed: int) -> SeedRun:
+    """A seed's directory with its resolved config (and, in a batch, overrides the analysis reads)."""
+    seed_cfg = cfg.copy()
+    seed_cfg.seed, seed_cfg.seed_batch = seed, 1
+    run_dir = job_dir / f"seed_{seed}" if batched else job_dir
+    run_overrides = seed_overrides(overrides, seed) if batched else overrides
+    effective = effective_config(seed_cfg, envelopes)
+    result = {"overrides": run_overrides, "task": cfg.task.name, "seed": seed, "config_id": config_id(effective),
+              "run_id": config_id(effective, with_seed=True), "effective": effective}
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    if batched:
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in run_overrides))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(seed_cfg, resolve=True))
+    return SeedRun(seed, run_dir, run_overrides, result)
+
+
+def objective_value(result: dict[str, Any]) -> float:
+    value = (result.get("objective") or {}).get("value")
+    return math.nan if value is None else float(value)
+
+
 def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: list[str], reraise: bool,
             default_threads: int | None = None) -> float:
     """Run one job and write its ``result.json``; return the objective (NaN if none).
+
+    With ``seed_batch = N > 1`` the job trains seeds ``seed .. seed+N-1`` as
+    one batched model. Each seed gets a directory ``seed_<s>/`` with the
+    files of a single run (its config, overrides, metrics, events and
+    result), exactly what the equivalent single-seed job would write, and the
+    job's own ``result.json`` says ``batch``. Seeds already completed or
+    claimed by another job are left out of the batch. The return value is
+    the mean objective over the job's seeds.
 
     An interruption (Ctrl-C, a kill) writes no result: the job did not end,
     and re-running the sweep redoes it.
     """
     start = time.time()
     job_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"overrides": overrides, "task": cfg.task.name, "seed": cfg.seed}
-    recorder = None
+    batched = cfg.seed_batch > 1
+    job_result: dict[str, Any] = {"overrides": overrides, "task": cfg.task.name, "seed": cfg.seed}
+    runs: list[SeedRun] = []
+    pending: list[SeedRun] = []
+    recorders: list[Recorder] = []
     try:
         envelopes = validate(cfg)
-        effective = effective_config(cfg, envelopes)
-        result.update(config_id=config_id(effective), run_id=config_id(effective, with_seed=True), effective=effective)
-        (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if batched:
+            (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        for seed in range(cfg.seed, cfg.seed + cfg.seed_batch):
+            run = prepare(cfg, envelopes, job_dir, overrides, batched, seed)
+            runs.append(run)
+            done = previous_result(run.dir, run.result["run_id"])
+            if done is not None:
+                log.info("seed %d already completed in %s; not re-running", seed, run.dir)
+                run.result = done
+                continue
+            if sweep_dir is not None and cfg.deduplicate:
+                owner = claim(sweep_dir, run.result["run_id"], run.dir)
+                if owner is not None:
+                    log.info("same effective config as %s; skipping", owner)
+                    run.result.update(status="duplicate", duplicate_of=str(owner), wall_time_s=time.time() - start)
+                    write_json_atomic(run.dir / RESULT_FILE, run.result)
+                    continue
+            pending.append(run)
+        if pending:
+            train(cfg, envelopes, pending, recorders, default_threads)
+    except Exception as error:
+        failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
+                   "wall_time_s": time.time() - start}
+        log.error("job failed: %s", failure["error"])
+        for run, recorder in zip(pending, recorders + [None] * len(pending)):
+            run.result.update(failure)
+            if recorder is not None:
+                run.result.update(final=recorder.final, best=recorder.best)
+            write_json_atomic(run.dir / RESULT_FILE, run.result)
+        if not pending or batched:
+            job_result.update(failure)
+            write_json_atomic(job_dir / RESULT_FILE, job_result)
+        if reraise:
+            raise
+        return math.nan
+    finally:
+        for recorder in recorders:
+            recorder.close()
+    if batched:
+        job_result.update(status="batch", seeds=[run.seed for run in runs], trained=[run.seed for run in pending],
+                          runs=[run.dir.name for run in runs], wall_time_s=time.time() - start)
+        write_json_atomic(job_dir / RESULT_FILE, job_result)
+    values = [objective_value(run.result) for run in runs if run.result.get("status") == "completed"]
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
-        done = previous_result(job_dir, result["run_id"])
-        if done is not None:
-            log.info("already completed in %s; not re-running", job_dir)
-            return float(done["objective"]["value"] if done["objective"]["value"] is not None else math.nan)
-        if sweep_dir is not None and cfg.deduplicate:
-            owner = claim(sweep_dir, result["run_id"], job_dir)
-            if owner is not None:
-                log.info("same effective config as %s; skipping", owner)
-                result.update(status="duplicate", duplicate_of=str(owner), wall_time_s=time.time() - start)
-                write_json_atomic(job_dir / RESULT_FILE, result)
-                return math.nan
 
-        module = task_module(cfg.task.name)
-        device = resolve_device(cfg.device)
-        threads = cfg.threads if cfg.threads is not None else default_threads
-        if threads is not None:
-            torch.set_num_threads(threads)
-        torch.set_flush_denormal(cfg.flush_denormal)
-        seed_everything(cfg.seed)
-        envelopes = {name: envelope.to(device) for name, envelope in envelopes.items()}
-        recorder = Recorder(job_dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress)
-        extra = module.run(cfg, RunContext(device, envelopes, recorder, job_dir, cfg.vwpr if cfg.vwpr.enabled else None))
-
+def train(cfg: DictConfig, envelopes: dict[str, Envelope], runs: list[SeedRun], recorders: list[Recorder],
+          default_threads: int | None) -> None:
+    """Train the given seeds (one, or several as a batch) and write each one's completed result."""
+    start = time.time()
+    module = task_module(cfg.task.name)
+    device = resolve_device(cfg.device)
+    threads = cfg.threads if cfg.threads is not None else default_threads
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(cfg.flush_denormal)
+    seed_everything(runs[0].seed)
+    envelopes = {name: envelope.to(device) for name, envelope in envelopes.items()}
+    for i, run in enumerate(runs):
+        # one progress bar per job: the first seed's
+        recorders.append(Recorder(run.dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress if i == 0 else False))
+    context = RunContext(device, envelopes, recorders, [run.seed for run in runs], cfg.vwpr if cfg.vwpr.enabled else None)
+    extras = module.run(cfg, context)
+    extras = [extras] if isinstance(extras, dict) else extras
+    wall_time = time.time() - start
+    objective_key = file_key(module.OBJECTIVE[0])
+    for run, recorder, extra in zip(runs, recorders, extras):
+        if isinstance(extra, Exception):  # this seed failed; the batch's other seeds did not
+            run.result.update(status="failed", error=f"{type(extra).__name__}: {extra}", final=recorder.final,
+                              best=recorder.best, wall_time_s=wall_time / len(runs))
+            write_json_atomic(run.dir / RESULT_FILE, run.result)
+            log.error("seed %d failed: %s", run.seed, extra)
+            continue
         final = {**recorder.final, **extra}
-        objective_key = file_key(module.OBJECTIVE[0])
         value = final.get(objective_key)
-        result.update(
+        run.result.update(
             status="completed",
             device=str(device),
             threads=torch.get_num_threads(),
             final=final,
             best=recorder.best,
             objective={"metric": objective_key, "mode": module.OBJECTIVE[1], "value": value},
-            wall_time_s=time.time() - start,
+            # a batch's seeds share its time: each is charged its share
+            wall_time_s=wall_time / len(runs),
         )
-        recorder.log_hparams(effective, {k: v for k, v in final.items() if isinstance(v, (int, float))})
-        write_json_atomic(job_dir / RESULT_FILE, result)
-        log.info("completed in %.1fs: %s = %s", result["wall_time_s"], objective_key, value)
-        return float(value if value is not None else math.nan)
-    except Exception as error:
-        result.update(
-            status="failed",
-            error=f"{type(error).__name__}: {error}",
-            traceback=traceback.format_exc(),
-            wall_time_s=time.time() - start,
-        )
-        if recorder is not None:
-            result.update(final=recorder.final, best=recorder.best)
-        write_json_atomic(job_dir / RESULT_FILE, result)
-        log.error("job failed: %s", result["error"])
-        if reraise:
-            raise
-        return math.nan
-    finally:
-        if recorder is not None:
-            recorder.close()
+        if len(runs) > 1:
+            run.result["batch"] = {"seeds": [r.seed for r in runs], "wall_time_s": wall_time}
+        recorder.log_hparams(run.result["effective"], {k: v for k, v in final.items() if isinstance(v, (int, float))})
+        write_json_atomic(run.dir / RESULT_FILE, run.result)
+        log.info("seed %d completed: %s = %s", run.seed, objective_key, value)

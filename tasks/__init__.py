@@ -6,7 +6,9 @@ A task module provides:
 - ``loss_names(task_cfg)``: the names of the losses an envelope can shape;
 - ``OBJECTIVE``: ``(metric, "min" | "max")``, the value a sweep optimises;
 - ``validate(task_cfg)``: range checks, raising ``ValueError("key: ...")``;
-- ``run(cfg, context)``: trains and returns the final metrics.
+- ``run(cfg, context)``: trains and returns the final metrics (a list, one
+  dict per seed, for a module with ``SEED_BATCH = True``: it trains every
+  seed in ``context.seeds`` at once, see ``tasks/seed_batch.py``).
 
 Modules are imported lazily, so a run pays only for the task it runs.
 """

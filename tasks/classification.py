@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from tasks.common import VWPRMonitor, adam, check, resolve_path
+from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
 DATASETS = ("mnist", "fashion_mnist", "digits")
 SUBSETS = ("train", "test")
+SEED_BATCH = True
 OBJECTIVE = ("val/loss", "min")
 
 
@@ -63,55 +65,65 @@ def validate(task_cfg) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over a split (one host sync)."""
-    loss_sum = torch.zeros((), device=features.device)
-    correct = torch.zeros((), device=features.device, dtype=torch.long)
-    for start in range(0, len(features), batch_size):
-        logits = model(features[start : start + batch_size])
-        target = labels[start : start + batch_size]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum")
-        correct += (logits.argmax(1) == target).sum()
-    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
-    return {"loss": totals[0] / len(features), "accuracy": totals[1] / len(features)}
+def evaluate(group: ModelGroup, features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[dict[str, float]]:
+    """Per seed: mean cross-entropy and accuracy over a split ((S, n, ...) features; one host sync)."""
+    seeds, n = labels.shape
+    loss_sum = torch.zeros(seeds, device=features.device)
+    correct = torch.zeros(seeds, device=features.device, dtype=torch.long)
+    for start in range(0, n, batch_size):
+        logits = group(features[:, start : start + batch_size])
+        target = labels[:, start : start + batch_size]
+        loss_sum += per_sample_cross_entropy(logits, target).sum(-1)
+        correct += (logits.argmax(-1) == target).sum(-1)
+    totals = (torch.stack([loss_sum, correct.to(loss_sum.dtype)], dim=1) / n).tolist()
+    return [{"loss": loss, "accuracy": accuracy} for loss, accuracy in totals]
 
 
-def load_splits(task_cfg, seed: int, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
+    """Each split as (S, n, ...) features and (S, n) labels: per seed its own train/val draw and label noise."""
     from tasks.datasets import load_classification_pool, split_indices, symmetric_label_noise
 
     pool = load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
-    try:
-        index = split_indices(len(pool.labels), task_cfg.train_size, task_cfg.val_size, task_cfg.test_size, seed)
-    except ValueError as error:
-        raise ValueError(f"task.train_size/val_size/test_size: {error}") from None
-    splits = {name: (pool.features[idx], pool.labels[idx]) for name, idx in index.items()}
-    if task_cfg.label_noise > 0:
-        x, y = splits["train"]
-        splits["train"] = (x, symmetric_label_noise(y, task_cfg.label_noise, pool.num_classes, seed + 1))
-    splits = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
-    splits["num_classes"] = pool.num_classes
-    return splits
+    per_seed = []
+    for seed in seeds:
+        try:
+            index = split_indices(len(pool.labels), task_cfg.train_size, task_cfg.val_size, task_cfg.test_size, seed)
+        except ValueError as error:
+            raise ValueError(f"task.train_size/val_size/test_size: {error}") from None
+        splits = {name: (pool.features[idx], pool.labels[idx]) for name, idx in index.items()}
+        if task_cfg.label_noise > 0:
+            x, y = splits["train"]
+            splits["train"] = (x, symmetric_label_noise(y, task_cfg.label_noise, pool.num_classes, seed + 1))
+        per_seed.append(splits)
+    out: dict = {name: tuple(torch.stack([splits[name][i] for splits in per_seed]).to(device) for i in range(2))
+                 for name in per_seed[0]}
+    out["num_classes"] = pool.num_classes
+    return out
 
 
 def per_sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target, reduction="none")
+    """Cross-entropy per sample for logits (..., classes) and targets (...)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").reshape(target.shape)
 
 
-def run(cfg, context) -> dict[str, float]:
-    task_cfg, device = cfg.task, context.device
-    data = load_splits(task_cfg, cfg.seed, device)
+def run(cfg, context) -> list[dict[str, float] | Exception]:
+    task_cfg, device, seeds = cfg.task, context.device, context.seeds
+    data = load_splits(task_cfg, seeds, device)
     train_x, _ = data["train"]
-    model = build_mlp(train_x.shape[1], list(task_cfg.hidden), data["num_classes"]).to(device)
-    optimizer = adam(model.parameters(), task_cfg.lr)
+    group = ModelGroup(lambda: build_mlp(train_x.shape[-1], list(task_cfg.hidden), data["num_classes"]), seeds, device)
+    optimizer = adam(group.parameters(), task_cfg.lr)
 
-    def evaluate_val() -> dict[str, float]:
-        val = evaluate(model, *data["val"], task_cfg.eval_batch_size)
-        return {"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
+    def evaluate_val() -> list[dict[str, float]]:
+        return [{"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
+                for val in evaluate(group, *data["val"], task_cfg.eval_batch_size)]
 
-    fit(model, optimizer, context.envelopes["classification"], "classification", data["train"],
-        per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder,
-        None if context.vwpr is None else VWPRMonitor(context.vwpr, model))
+    envelope = context.envelopes["classification"]
+    failed = fit(group, optimizer, envelope if len(seeds) == 1 else envelope.grouped(len(seeds)), "classification",
+                 data["train"], per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, seeds,
+                 context.recorders, None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module))
     if task_cfg.test_size == 0:
-        return {}
-    test = evaluate(model, *data["test"], task_cfg.eval_batch_size)
-    return {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+        tests = [{} for _ in seeds]
+    else:
+        tests = [{"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+                 for test in evaluate(group, *data["test"], task_cfg.eval_batch_size)]
+    return seed_outcomes(tests, failed)

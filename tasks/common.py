@@ -39,19 +39,25 @@ def adam(parameters, lr: float) -> torch.optim.Adam:
 
 
 class MeanStd:
-    """Mean and std of every element added, accumulated on the device (no host sync)."""
+    """Mean and std of every element added, accumulated on the device (no host sync).
 
-    def __init__(self, device: torch.device):
-        self.total = torch.zeros(2, dtype=torch.float64, device=device)
+    With ``groups=G``, values have a leading dimension of G groups (seeds
+    trained together) and each group is summarised on its own.
+    """
+
+    def __init__(self, device: torch.device, groups: int | None = None):
+        self.groups = groups
+        self.total = torch.zeros(2 if groups is None else (groups, 2), dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, values: torch.Tensor) -> None:
         values = values.detach()
-        self.total += torch.stack((values.sum(), values.square().sum())).double()
-        self.count += values.numel()
+        values = values.reshape(-1) if self.groups is None else values.reshape(self.groups, -1)
+        self.total += torch.stack((values.sum(-1), values.square().sum(-1)), dim=-1).double()
+        self.count += values.shape[-1]
 
-    def summary(self, prefix: str) -> dict[str, float]:
-        total, squares = self.total.tolist()
+    def summary(self, prefix: str, group: int | None = None) -> dict[str, float]:
+        total, squares = (self.total if group is None else self.total[group]).tolist()
         count = max(self.count, 1)
         mean = total / count
         variance = max(squares / count - mean * mean, 0.0)
@@ -62,7 +68,8 @@ class EnvelopeMeter:
     """Per-step envelope statistics averaged over an epoch, on the device.
 
     Static values (an identity's weight, a static threshold) are Python
-    numbers and are reported as they are; only tensors are accumulated.
+    numbers and are reported as they are; only tensors are accumulated. A
+    grouped envelope's statistics are per group: ``summary(prefix, group)``.
     """
 
     def __init__(self, envelope: Envelope, device: torch.device):
@@ -86,10 +93,11 @@ class EnvelopeMeter:
                 self.total += stacked
         self.steps += 1
 
-    def summary(self, prefix: str) -> dict[str, float]:
+    def summary(self, prefix: str, group: int | None = None) -> dict[str, float]:
         out = {f"{prefix}/{name}": value for name, value in self.constants.items()}
         if self.total is not None:
-            values = (self.total / self.steps).tolist()
+            total = self.total if group is None or self.total.dim() == 1 else self.total[:, group]
+            values = (total / self.steps).tolist()
             out.update({f"{prefix}/{name}": value for name, value in zip(self.names, values)})
         return out
 

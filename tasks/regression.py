@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from tasks.common import VWPRMonitor, adam, check, resolve_path
+from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
+SEED_BATCH = True
 OBJECTIVE = ("val/mse", "min")
 FEATURES = ("MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude")
 RAW_COLUMNS = ("longitude", "latitude", "housing_median_age", "total_rooms", "total_bedrooms", "population",
@@ -131,28 +133,33 @@ def per_sample_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> 
     return (prediction.squeeze(-1) - target).square()
 
 
-def error_metrics(model, x: torch.Tensor, y: torch.Tensor, target_std: float, prefix: str) -> dict[str, float]:
-    """MSE and RMSE on the standardised target, RMSE in dollars (one host sync)."""
-    mse = per_sample_squared_error(model(x), y).mean().item()
-    rmse = mse**0.5
-    return {f"{prefix}/mse": mse, f"{prefix}/rmse": rmse, f"{prefix}/rmse_dollars": rmse * target_std * 100_000.0}
+def error_metrics(group: ModelGroup, x: torch.Tensor, y: torch.Tensor, target_std: torch.Tensor,
+                  prefix: str) -> list[dict[str, float]]:
+    """Per seed: MSE and RMSE on the standardised target, RMSE in dollars (one host sync)."""
+    mse = per_sample_squared_error(group(x), y).mean(-1)
+    rows = torch.stack([mse, mse.sqrt(), mse.sqrt() * target_std * 100_000.0], dim=1).tolist()
+    return [{f"{prefix}/mse": a, f"{prefix}/rmse": b, f"{prefix}/rmse_dollars": c} for a, b, c in rows]
 
 
-def run(cfg, context) -> dict[str, float]:
-    task_cfg, device = cfg.task, context.device
+def run(cfg, context) -> list[dict[str, float] | Exception]:
+    task_cfg, device, seeds = cfg.task, context.device, context.seeds
     features, target = load_california_housing(resolve_path(task_cfg.data_dir), task_cfg.download)
-    splits, target_std = split_and_standardise(features, target, task_cfg.val_fraction, task_cfg.test_fraction, cfg.seed)
-    data = {name: (x.to(device), y.to(device)) for name, (x, y) in splits.items()}
+    per_seed = [split_and_standardise(features, target, task_cfg.val_fraction, task_cfg.test_fraction, seed) for seed in seeds]
+    data = {name: tuple(torch.stack([splits[name][i] for splits, _ in per_seed]).to(device) for i in range(2))
+            for name in ("train", "val", "test")}
+    target_std = torch.tensor([std for _, std in per_seed], device=device)
 
-    model = build_mlp(len(FEATURES), list(task_cfg.hidden), 1).to(device)
-    optimizer = adam(model.parameters(), task_cfg.lr)
-    fit(model, optimizer, context.envelopes["mse"], "mse", data["train"], per_sample_squared_error,
-        lambda: error_metrics(model, *data["val"], target_std, "val"),
-        task_cfg.epochs, task_cfg.batch_size, cfg.seed, context.recorder,
-        None if context.vwpr is None else VWPRMonitor(context.vwpr, model))
-    if len(data["test"][1]) == 0:
-        return {}
-    model.eval()
-    with torch.no_grad():
-        test = error_metrics(model, *data["test"], target_std, "test")
-    return {key.replace("/", "_"): value for key, value in test.items()}
+    group = ModelGroup(lambda: build_mlp(len(FEATURES), list(task_cfg.hidden), 1), seeds, device)
+    optimizer = adam(group.parameters(), task_cfg.lr)
+    envelope = context.envelopes["mse"]
+    failed = fit(group, optimizer, envelope if len(seeds) == 1 else envelope.grouped(len(seeds)), "mse", data["train"],
+                 per_sample_squared_error, lambda: error_metrics(group, *data["val"], target_std, "val"),
+                 task_cfg.epochs, task_cfg.batch_size, seeds, context.recorders,
+                 None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module))
+    if data["test"][1].shape[1] == 0:
+        tests = [{} for _ in seeds]
+    else:
+        with torch.no_grad():
+            tests = [{key.replace("/", "_"): value for key, value in test.items()}
+                     for test in error_metrics(group, *data["test"], target_std, "test")]
+    return seed_outcomes(tests, failed)

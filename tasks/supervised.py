@@ -1,8 +1,10 @@
 """The epoch loop shared by supervised tasks: per-sample loss -> envelope -> step.
 
-A task supplies its data (tensors on the device), model, per-sample loss
-and an evaluation function; this module runs the epochs, accumulates the
-statistics on the device and logs one row per epoch.
+A task supplies its data (tensors on the device, with a leading seed
+dimension), its models (a :class:`~tasks.seed_batch.ModelGroup`: one seed,
+or several trained as one batched model), a per-sample loss and an
+evaluation function; this module runs the epochs, accumulates the
+statistics on the device and logs one row per epoch and seed.
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ from torch import nn
 
 from envelopes import Envelope
 from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor
+from tasks.seed_batch import ModelGroup, generators, permutations, take
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def train_step(model, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, meter: EnvelopeMeter,
+def train_step(group: ModelGroup, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, meter: EnvelopeMeter,
                per_sample_loss: PerSampleLoss, vwpr=None) -> None:
-    """One optimiser step on a batch (a VWPR dual step if ``vwpr``); statistics accumulate on the device."""
-    per_sample = per_sample_loss(model(x), y)
+    """One optimiser step on a batch (S seeds, B samples each; a VWPR dual step if ``vwpr``).
+
+    The loss is the sum over seeds of each seed's mean shaped loss, so each
+    seed's parameters get that seed's gradient. Statistics accumulate on the device.
+    """
+    per_sample = per_sample_loss(group(x), y)
     shaped_loss = envelope(per_sample)
+    loss = shaped_loss.mean(-1).sum()
     if vwpr is not None:
-        vwpr.dual_step(shaped_loss.mean(), optimizer)
+        vwpr.dual_step(loss, optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
-        shaped_loss.mean().backward()
+        loss.backward()
         optimizer.step()
     raw.add(per_sample)
     shaped.add(shaped_loss)
@@ -36,51 +44,60 @@ def train_step(model, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, 
 
 
 def fit(
-    model: nn.Module,
+    group: ModelGroup,
     optimizer: torch.optim.Optimizer,
     envelope: Envelope,
     loss_name: str,
     train: tuple[torch.Tensor, torch.Tensor],
     per_sample_loss: PerSampleLoss,
-    evaluate: Callable[[], dict[str, float]],
+    evaluate: Callable[[], list[dict[str, float]]],
     epochs: int,
     batch_size: int,
-    seed: int,
-    recorder,
+    seeds: list[int],
+    recorders: list,
     vwpr: VWPRMonitor | None = None,
-) -> None:
-    """Train for ``epochs``, logging train/, envelope/<loss_name>/, vwpr/ and ``evaluate()``'s metrics each epoch.
+) -> dict[int, str]:
+    """Train for ``epochs``, logging train/, envelope/<loss_name>/, vwpr/ and ``evaluate()``'s metrics per epoch and seed.
 
-    Raises :class:`NonFiniteLossError` at the end of an epoch whose loss was not finite.
+    ``train`` holds (S, n, ...) inputs and (S, n) targets; ``envelope`` has
+    ``groups=S`` when S > 1; ``evaluate()`` returns one dict per seed.
+    A seed whose epoch loss is not finite stops being logged while the
+    others train on (seeds are independent). Returns ``{seed index: reason}``
+    for such seeds; raises :class:`NonFiniteLossError` when none is left.
     """
     train_x, train_y = train
     device = train_x.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    bar = recorder.progress(range(1, epochs + 1), total=epochs)
+    gens = generators(seeds, device)
+    failed: dict[int, str] = {}
+    bar = recorders[0].progress(range(1, epochs + 1), total=epochs)
     for epoch in bar:
-        raw, shaped, meter = MeanStd(device), MeanStd(device), EnvelopeMeter(envelope, device)
-        model.train()
-        order = torch.randperm(len(train_x), device=device, generator=generator)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            x, y = train_x.index_select(0, index), train_y.index_select(0, index)  # 5x faster than x[index]
-            train_step(model, optimizer, envelope, x, y, raw, shaped, meter, per_sample_loss,
-                       None if vwpr is None else vwpr.vwpr)
-        metrics = {**raw.summary("train/raw_loss"), **shaped.summary("train/shaped_loss")}
-        if not math.isfinite(metrics["train/raw_loss_mean"]):
-            raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}")
-        metrics.update(meter.summary(f"envelope/{loss_name}"))
-        if vwpr is not None:
-            metrics.update(vwpr.epoch_end(epoch, recorder))
-        model.eval()
+        raw, shaped = MeanStd(device, len(seeds)), MeanStd(device, len(seeds))
+        meter = EnvelopeMeter(envelope, device)
+        order = permutations(train_x.shape[1], gens, device)
+        for start in range(0, order.shape[1], batch_size):
+            index = order[:, start : start + batch_size]
+            train_step(group, optimizer, envelope, take(train_x, index), take(train_y, index), raw, shaped, meter,
+                       per_sample_loss, None if vwpr is None else vwpr.vwpr)
+        vwpr_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
         with torch.no_grad():
             evaluation = evaluate()
-        model.train()
-        metrics.update(evaluation)
-        recorder.log(epoch, metrics)
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(evaluation.items())[:2]})
+        for s, recorder in enumerate(recorders):
+            if s in failed:
+                continue
+            metrics = {**raw.summary("train/raw_loss", s), **shaped.summary("train/shaped_loss", s)}
+            if not math.isfinite(metrics["train/raw_loss_mean"]):
+                failed[s] = f"non-finite training loss at epoch {epoch}"
+                continue
+            metrics.update(meter.summary(f"envelope/{loss_name}", s))
+            metrics.update(vwpr_metrics)
+            metrics.update(evaluation[s])
+            recorder.log(epoch, metrics)
+        if len(failed) == len(seeds):
+            raise NonFiniteLossError(failed[0] if len(seeds) == 1 else f"every seed diverged: {failed}")
+        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(evaluation[0].items())[:2]})
     if vwpr is not None:
-        vwpr.save_figure(recorder.job_dir)
+        vwpr.save_figure(recorders[0].job_dir)
+    return failed
 
 
 def build_mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential:

@@ -70,8 +70,8 @@ def test_missing_data_fails_before_training(compose, tmp_path):
 def test_label_noise_is_applied_to_training_labels_only(compose):
     from tasks.classification import load_splits
 
-    clean = load_splits(compose().task, 0, torch.device("cpu"))
-    noisy = load_splits(compose("task.label_noise=0.4").task, 0, torch.device("cpu"))
+    clean = load_splits(compose().task, [0], torch.device("cpu"))
+    noisy = load_splits(compose("task.label_noise=0.4").task, [0], torch.device("cpu"))
     assert torch.equal(clean["train"][0], noisy["train"][0])
     flipped = (clean["train"][1] != noisy["train"][1]).float().mean().item()
     assert flipped == pytest.approx(0.4, abs=0.05)

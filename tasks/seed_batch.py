@@ -1,0 +1,106 @@
+"""Several seeds of one configuration trained as one batched model.
+
+With ``seed_batch=N`` a job trains N seeds together. Their N models are
+built one by one, each right after ``torch.manual_seed(seed)`` (the same
+initialisation as a run of that seed alone), then their parameters are
+stacked (``torch.func.stack_module_state``) and the models are called at
+once with ``torch.func.vmap``. Data are held with a leading seed dimension:
+each seed keeps its own split, data order and sampling noise, drawn from its
+own generator in the order a single run draws them; each seed's envelopes
+compute their quantiles and smoothed state on that seed's losses alone
+(``Envelope(groups=N)``).
+
+The step minimises the sum over seeds of each seed's loss, whose gradient
+with respect to one seed's parameters is that seed's gradient alone; one
+Adam over the stacked parameters is N Adams, since Adam acts element by
+element. A single seed (N = 1) runs the plain module, without vmap.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._pytree import tree_map
+
+from tasks.common import NonFiniteLossError
+
+
+class ModelGroup:
+    """One model per seed, called with inputs that have a leading seed dimension."""
+
+    def __init__(self, build: Callable[[], nn.Module], seeds: Sequence[int], device: torch.device):
+        modules = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            modules.append(build().to(device))
+        self.size = len(modules)
+        self.module = modules[0]
+        if self.size > 1:
+            params, buffers = stack_module_state(modules)
+            if buffers:
+                raise ValueError(f"seed batching needs models without buffers, got {sorted(buffers)}")
+            self.params = params
+            self._stateless = copy.deepcopy(modules[0]).to("meta")
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.module.parameters()) if self.size == 1 else list(self.params.values())
+
+    def __call__(self, *args):
+        """``module(*args)`` per seed; tensor arguments and outputs have the seed dimension first."""
+        if self.size == 1:
+            out = self.module(*(a[0] if isinstance(a, Tensor) else a for a in args))
+            return tree_map(lambda t: t.unsqueeze(0), out)
+        in_dims = (0,) + tuple(0 if isinstance(a, Tensor) else None for a in args)
+        return vmap(self._call_one, in_dims=in_dims)(self.params, *args)
+
+    def _call_one(self, params, *args):
+        return functional_call(self._stateless, params, args)
+
+    def model(self, index: int) -> nn.Module:
+        """Seed ``index``'s model with its current parameters (a copy when batched)."""
+        if self.size == 1:
+            return self.module
+        module = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                parameter.copy_(self.params[name][index])
+        return module
+
+
+def generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per seed for data order and sampling noise, seeded as a single run seeds its own."""
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+
+def permutations(n: int, gens: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """(seeds, n): a fresh order of n items per seed."""
+    return torch.stack([torch.randperm(n, device=device, generator=g) for g in gens])
+
+
+def normal(shape: Sequence[int], gens: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """(seeds, *shape) standard normal draws, each seed's from its own generator."""
+    return torch.stack([torch.randn(tuple(shape), device=device, generator=g) for g in gens])
+
+
+def take(data: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index[s]`` of ``data[s]`` for every seed s: (S, n, ...) and (S, b) give (S, b, ...).
+
+    One index_select on the flattened data (5x faster than advanced indexing).
+    """
+    seeds, n = data.shape[:2]
+    flat_index = index if seeds == 1 else index + torch.arange(0, seeds * n, n, device=index.device).unsqueeze(1)
+    return data.reshape(seeds * n, *data.shape[2:]).index_select(0, flat_index.reshape(-1)).reshape(*index.shape, *data.shape[2:])
+
+
+def stack_seeds(per_seed: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-seed dicts of tensors (equal shapes) to one dict of tensors with a leading seed dimension."""
+    return {key: torch.stack([d[key] for d in per_seed]) for key in per_seed[0]}
+
+
+def seed_outcomes(extras: Sequence[dict[str, float]], failed: dict[int, str]) -> list[dict[str, float] | Exception]:
+    """Each seed's final extra metrics, or the error that ended it (``failed``: seed index to reason)."""
+    return [NonFiniteLossError(failed[s]) if s in failed else extra for s, extra in enumerate(extras)]
