@@ -68,6 +68,7 @@ class Config:
     tensorboard: bool = True
     progress: Optional[bool] = None
     deduplicate: bool = True
+    cache_dir: Optional[str] = None
     flush_denormal: bool = True
 
 
@@ -139,7 +140,7 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
 
 
 # Keys that change how a run is watched, not what it computes.
-_NOT_EFFECTIVE = {"seed_batch", "device", "threads", "data_root", "tensorboard", "progress", "deduplicate", "flush_denormal"}
+_NOT_EFFECTIVE = {"seed_batch", "cache_dir", "device", "threads", "data_root", "tensorboard", "progress", "deduplicate", "flush_denormal"}
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
 

@@ -25,9 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from envelopes import Envelope
+from runner.cache import ResultsCache
 from runner.config import config_id, effective_config, validate
 from runner.recorder import Recorder, file_key, write_json_atomic
 from tasks import task_module
+from tasks.common import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,7 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
     recorders: list[Recorder] = []
     try:
         envelopes = validate(cfg)
+        cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
         if batched:
             (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         for seed in range(cfg.seed, cfg.seed + cfg.seed_batch):
@@ -194,9 +197,19 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
                     run.result.update(status="duplicate", duplicate_of=str(owner), wall_time_s=time.time() - start)
                     write_json_atomic(run.dir / RESULT_FILE, run.result)
                     continue
+            cached = None if cache is None else cache.fetch(run.result["run_id"], run.dir)
+            if cached is not None:
+                log.info("seed %d: results cached in %s; not re-running", seed, cached["cached_from"])
+                run.result = {**cached, "overrides": run.overrides}
+                write_json_atomic(run.dir / RESULT_FILE, run.result)
+                continue
             pending.append(run)
         if pending:
             train(cfg, envelopes, pending, recorders, default_threads)
+            if cache is not None:
+                for run in pending:
+                    if run.result.get("status") == "completed":
+                        cache.store(run.result["run_id"], run.dir)
     except Exception as error:
         failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
                    "wall_time_s": time.time() - start}

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.job import run_job
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -125,6 +127,46 @@ def test_rerunning_a_sweep_redoes_only_unfinished_jobs(tmp_path):
     assert len(list((sweep / "1" / "tb").glob("events.*"))) == 1
 
 
+def test_a_sweep_killed_mid_job_resumes_to_the_tables_of_an_uninterrupted_one(tmp_path):
+    import os
+    import signal
+    import time
+
+    import pandas as pd
+
+    args = ("-m", "envelope@envelopes.classification=identity,step", "seed=0,1", "task.epochs=60", "tensorboard=false")
+    sweep = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_ablation.py"), *args, f"hydra.sweep.dir={sweep}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # kill -9 once job 1 has ended and job 2 has logged an epoch
+        deadline = time.time() + 240
+        while not ((sweep / "1" / "result.json").exists() and (sweep / "2" / "metrics.jsonl").exists()
+                   and (sweep / "2" / "metrics.jsonl").read_text().count("\n") >= 1):
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (sweep / "2" / "result.json").exists() and not (sweep / "report.md").exists()
+    finished = {i: (sweep / str(i) / "result.json").read_bytes() for i in (0, 1)}
+
+    resumed = run_cli(*args, f"hydra.sweep.dir={sweep}")
+    assert resumed.returncode == 0, resumed.stderr
+    for i in (0, 1):  # recognised by their result file and run id: not trained again
+        assert (sweep / str(i) / "result.json").read_bytes() == finished[i]
+    redone = [json.loads(line) for line in (sweep / "2" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in redone] == list(range(1, 61))  # the half-written job started over
+
+    reference = run_cli(*args, f"hydra.sweep.dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr
+    tables = [pd.read_csv(path / "configs.csv") for path in (sweep, tmp_path / "reference")]
+    tables = [t[[c for c in t.columns if "wall_time" not in c]] for t in tables]
+    pd.testing.assert_frame_equal(*tables)
+    assert len(tables[0]) == 2 and (tables[0]["final_val_loss_n"] == 2).all()
+
+
 def test_joblib_launcher_caps_threads_and_deduplicates_across_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     import os
@@ -141,3 +183,29 @@ def test_joblib_launcher_caps_threads_and_deduplicates_across_processes(tmp_path
     expected = max(1, (os.cpu_count() or 1) // 2)
     assert {r["threads"] for r in results if r["status"] == "completed"} == {expected}
     assert (sweep / "report.md").exists()
+
+
+def test_results_cache_serves_a_second_sweep_and_follows_the_code_version(compose, tmp_path, monkeypatch):
+    from runner import cache as cache_module
+
+    cache = tmp_path / "cache"
+    common = ("tensorboard=false", "task.epochs=2", f"cache_dir={cache}")
+    run_job(compose(*common), tmp_path / "a" / "0", tmp_path / "a", [], reraise=True)
+    first = json.loads((tmp_path / "a" / "0" / "result.json").read_text())
+    assert first["status"] == "completed" and "cached_from" not in first
+    entries = list(cache.glob("*/*/result.json"))
+    assert len(entries) == 1 and entries[0].parent.parent.name == first["run_id"]
+
+    run_job(compose(*common, "device=cpu"), tmp_path / "b" / "0", tmp_path / "b", ["device=cpu"], reraise=True)
+    second = json.loads((tmp_path / "b" / "0" / "result.json").read_text())
+    assert second["status"] == "completed" and second["cached_from"] == str(entries[0].parent)
+    assert second["overrides"] == ["device=cpu"] and second["final"] == first["final"]
+    assert (tmp_path / "b" / "0" / "metrics.jsonl").read_text() == (tmp_path / "a" / "0" / "metrics.jsonl").read_text()
+
+    # another seed is another run; another code version is another entry
+    run_job(compose(*common, "seed=1"), tmp_path / "c" / "0", tmp_path / "c", [], reraise=True)
+    assert "cached_from" not in json.loads((tmp_path / "c" / "0" / "result.json").read_text())
+    monkeypatch.setattr(cache_module, "code_version", lambda: "edited")
+    run_job(compose(*common), tmp_path / "d" / "0", tmp_path / "d", [], reraise=True)
+    assert "cached_from" not in json.loads((tmp_path / "d" / "0" / "result.json").read_text())
+    assert (cache / first["run_id"] / "edited" / "result.json").exists()
