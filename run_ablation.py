@@ -22,12 +22,19 @@ register_configs()
 
 
 def parallel_threads(hydra_cfg) -> int | None:
-    """Torch threads per job when a launcher runs ``n_jobs`` at once: jobs x threads <= cores.
+    """Torch threads per job under a launcher that runs jobs side by side, so that jobs x threads <= cores.
 
-    Oversubscribing the cores is slower than running serially, so with the
-    joblib launcher each job gets ``cores // n_jobs`` threads unless ``threads`` is set.
+    Oversubscribing the cores is slower than running serially. With the
+    joblib launcher each job gets ``cores // n_jobs`` threads; under Slurm
+    (submitit) the job's ``cpus_per_task``; under Ray its ``num_cpus``.
+    ``threads=`` overrides all of these.
     """
-    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    launcher = hydra_cfg.launcher
+    if launcher.get("cpus_per_task") is not None:
+        return int(launcher.cpus_per_task)
+    if launcher.get("ray") is not None and launcher.ray.get("remote", {}).get("num_cpus") is not None:
+        return int(launcher.ray.remote.num_cpus)
+    n_jobs = launcher.get("n_jobs")
     if n_jobs is None:
         return None
     cores = os.cpu_count() or 1

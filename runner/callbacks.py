@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,27 @@ from runner.config import ConfigError, config_id, effective_config, validate
 log = logging.getLogger(__name__)
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+
+
+def keep_ray_inside(temp_dir: Path) -> Path:
+    """Ray's token authentication on, with the token in ``temp_dir/auth_token`` (made once, owner-only).
+
+    Called before the Ray launcher starts Ray, so Ray's session files and its
+    credentials both stay in the output directory instead of /tmp/ray and
+    ~/.ray. Settings already in the environment win.
+    """
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    token = temp_dir / "auth_token"
+    try:
+        handle = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(handle, "w") as out:
+            out.write(secrets.token_hex(32))
+    except FileExistsError:
+        pass
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
+    return token
 
 
 def expand_sweep(config: DictConfig) -> list[list[str]]:
@@ -64,6 +87,10 @@ class SweepCallback(Callback):
     """Validates every job before the first one trains; prints a summary at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # before the sweeper starts: the Optuna preset keeps its study in the sweep directory
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        if config.hydra.launcher.get("_target_") == RAY_LAUNCHER and config.hydra.launcher.ray.init.get("_temp_dir"):
+            keep_ray_inside(Path(config.hydra.launcher.ray.init._temp_dir))
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             return  # other sweepers choose jobs as they go; each job still validates itself
         try:
