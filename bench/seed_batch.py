@@ -57,11 +57,14 @@ def main() -> None:
         job(["task.epochs=1", "seed=99"], "warmup")
         sequential = sum(job([f"seed={seed}"], f"single_{seed}") for seed in range(args.seeds))
         batched = job([f"seed_batch={args.seeds}"], "batch")
-        largest = 0.0
+        objective, train = [], []
         for seed in range(args.seeds):
-            single = json.loads((out / f"single_{seed}" / "result.json").read_text())["objective"]
-            together = json.loads((out / "batch" / f"seed_{seed}" / "result.json").read_text())["objective"]
-            largest = max(largest, abs(together["value"] - single["value"]) / abs(single["value"]))
+            single = json.loads((out / f"single_{seed}" / "result.json").read_text())
+            together = json.loads((out / "batch" / f"seed_{seed}" / "result.json").read_text())
+            metric = single["objective"]["metric"]
+            train_key = next(k for k in single["final"] if k.startswith("train_") and k.endswith("_mean"))
+            for values, key in ((objective, metric), (train, train_key)):
+                values.append(abs(together["final"][key] - single["final"][key]) / abs(single["final"][key]))
         import torch
 
         print(f"{' '.join(base[:1] + base[3:])}, {args.seeds} seeds, torch threads {torch.get_num_threads()}, "
@@ -69,7 +72,12 @@ def main() -> None:
         print(f"sequential: {sequential:.1f} s ({sequential / args.seeds:.2f} s per seed)")
         print(f"batched:    {batched:.1f} s ({batched / args.seeds:.2f} s per seed)")
         print(f"speed-up:   {sequential / batched:.2f}x")
-        print(f"largest per-seed relative difference in {single['metric']}: {largest:.1e}")
+        # Rounding differences grow over training; a metric that jumps from epoch to epoch
+        # (California's validation MSE has outliers) shows them most.
+        for key, values in ((metric, objective), (train_key, train)):
+            values.sort()
+            print(f"per-seed relative difference in the final {key}: median {values[len(values) // 2]:.1e}, "
+                  f"largest {values[-1]:.1e}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -53,8 +53,11 @@ def expand_sweep(config: DictConfig) -> list[list[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
-def check_sweep(config: DictConfig) -> tuple[int, int]:
-    """Validate every job's config; return (jobs, distinct runs). Raises ConfigError listing failures.
+def check_sweep(config: DictConfig) -> tuple[int, int, int]:
+    """Validate every job's config; return (jobs, runs, distinct runs). Raises ConfigError listing failures.
+
+    A job trains ``seed_batch`` runs (seeds); runs that repeat an effective
+    config and seed already in the sweep are not distinct.
 
     Jobs that differ only in their seed share a validation (a seed cannot
     make a config invalid); their run ids differ by the seed alone.
@@ -62,25 +65,28 @@ def check_sweep(config: DictConfig) -> tuple[int, int]:
     loader = GlobalHydra.instance().config_loader()
     errors: list[str] = []
     run_ids: set[str] = set()
-    checked: dict[tuple[str, ...], dict | None] = {}
+    runs = 0
+    checked: dict[tuple[str, ...], tuple[dict, int] | None] = {}
     jobs = expand_sweep(config)
     for overrides in jobs:
         seedless = tuple(o for o in overrides if o.split("=", 1)[0] != "seed")
         if seedless not in checked:
             job_cfg = loader.load_sweep_config(config, overrides)
             try:
-                checked[seedless] = effective_config(job_cfg, validate(job_cfg))
+                checked[seedless] = effective_config(job_cfg, validate(job_cfg)), job_cfg.seed_batch
             except ConfigError as error:
                 checked[seedless] = None
                 errors.append(f"  {' '.join(overrides)}\n    {error}")
-        effective = checked[seedless]
-        if effective is not None:
-            seed = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), effective["seed"])
-            run_ids.add(config_id({**effective, "seed": int(seed)}, with_seed=True))
+        if checked[seedless] is not None:
+            effective, seed_batch = checked[seedless]
+            first = int(next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), effective["seed"]))
+            # a seed-batched job trains seeds first .. first + seed_batch - 1, each its own run
+            run_ids.update(config_id({**effective, "seed": seed}, with_seed=True) for seed in range(first, first + seed_batch))
+            runs += seed_batch
     if errors:
         shown = "\n".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
         raise ConfigError(f"{len(errors)} of {len(jobs)} jobs have an invalid config; nothing was run:\n{shown}")
-    return len(jobs), len(run_ids)
+    return len(jobs), runs, len(run_ids)
 
 
 class SweepCallback(Callback):
@@ -94,14 +100,14 @@ class SweepCallback(Callback):
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             return  # other sweepers choose jobs as they go; each job still validates itself
         try:
-            jobs, distinct = check_sweep(config)
+            jobs, runs, distinct = check_sweep(config)
         except ConfigError as error:
             # Hydra turns a callback's exception into a warning and goes on; stop here instead.
             print(f"Error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
-        message = f"Sweep: {jobs} jobs, all configs valid"
-        if distinct < jobs and config.get("deduplicate", True):
-            message += f"; {jobs - distinct} repeat an effective config already in the sweep and will be skipped"
+        message = f"Sweep: {jobs} jobs" + (f" ({runs} runs: seeds batched)" if runs != jobs else "") + ", all configs valid"
+        if distinct < runs and config.get("deduplicate", True):
+            message += f"; {runs - distinct} runs repeat an effective config already in the sweep and will be skipped"
         log.info(message)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
