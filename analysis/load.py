@@ -97,6 +97,7 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
                 row["dataset"] = task_params.get("dataset", task_params.get("env_id"))
                 row["task_json"] = json.dumps(effective.get("task") or {}, sort_keys=True)
                 row["vwpr"] = bool((effective.get("vwpr") or {}).get("enabled", False))
+                row["controller"] = (effective.get("controller") or {}).get("mode")
                 row.update({f"final_{k}": v for k, v in (result.get("final") or {}).items()})
                 row.update({f"best_{k}": v for k, v in (result.get("best") or {}).items()})
             rows.append(row)

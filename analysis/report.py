@@ -11,7 +11,15 @@ import pandas as pd
 from analysis import figures
 from analysis.load import load_jobs, load_metrics
 from analysis.stats import aggregate
-from analysis.tables import default_spec, loss_names, paper_table, to_latex, to_markdown
+from analysis.tables import (
+    contributions_markdown,
+    controller_contributions,
+    default_spec,
+    loss_names,
+    paper_table,
+    to_latex,
+    to_markdown,
+)
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "paper_results.csv"
 
@@ -137,6 +145,13 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     agg.to_csv(out_dir / "configs.csv", index=False)
     lines.append(f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). "
                  f"LaTeX: `table*.tex`.\n")
+
+    contributions = controller_contributions(jobs, spec)
+    if not contributions.empty:
+        contributions.to_csv(out_dir / "contributions.csv", index=False)
+        markdown = contributions_markdown(contributions)
+        lines += ["\n## Contribution of each loss-controller component\n\n", markdown]
+        printed.append("Loss-controller components against baseline\n" + markdown)
 
     comparison = paper_comparison(jobs)
     if not comparison.empty:

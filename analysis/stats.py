@@ -19,7 +19,7 @@ def aggregate(jobs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     done = jobs[jobs["status"] == "completed"]
     if done.empty:
         return pd.DataFrame()
-    keep = ["config_id", "config", "envelopes", "task", "dataset", "vwpr"] + [c for c in done.columns if c.startswith("env_")]
+    keep = ["config_id", "config", "envelopes", "task", "dataset", "vwpr", "controller"] + [c for c in done.columns if c.startswith("env_")]
     first = done.groupby("config_id")[[c for c in keep if c != "config_id" and c in done.columns]].first()
     out = first.copy()
     out["seeds"] = done.groupby("config_id")["seed"].apply(lambda s: sorted(s.tolist()))
@@ -60,3 +60,17 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def difference_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Half-width of the Welch confidence interval of ``mean(a) - mean(b)`` and its degrees of freedom."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return 0.0, math.inf
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(stats.t.ppf(0.5 + level / 2, df) * se), float(df)

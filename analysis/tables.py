@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis.stats import aggregate, holm, welch_test
+from analysis.stats import aggregate, difference_interval, holm, welch_test
 
 
 @dataclass
@@ -65,8 +65,14 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     agg["shapes"] = agg[shape_columns].astype(str).agg(" / ".join, axis=1)
     vwpr = agg["vwpr"].fillna(False).astype(bool) if "vwpr" in agg.columns else pd.Series(False, index=agg.index)
     agg.loc[vwpr, "shapes"] = agg.loc[vwpr, "shapes"] + " + VWPR"
+    controller = agg["controller"] if "controller" in agg.columns else pd.Series(None, index=agg.index)
+    controller = controller.where(controller.notna(), None)
+    with_controller = controller.notna()
+    agg.loc[with_controller, "shapes"] = agg.loc[with_controller, "shapes"] + " + controller " + controller[with_controller]
     order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4, "hard_mining": 5}
-    agg["_order"] = [tuple(order.get(v, 9) for v in r) + (int(w),) for r, w in zip(agg[shape_columns].values, vwpr)]
+    mode_order = {None: 0, "baseline": 1, "monitor_only": 2, "controller_only": 3, "full": 4}
+    agg["_order"] = [tuple(order.get(v, 9) for v in r) + (int(w), mode_order.get(c, 9))
+                     for r, w, c in zip(agg[shape_columns].values, vwpr, controller)]
     ascending = spec.mode == "min"
     best = (agg.sort_values(f"{spec.select}_mean", ascending=ascending)
             .groupby("shapes", sort=False).head(1).sort_values("_order"))
@@ -74,7 +80,12 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
 
     done = jobs[jobs["status"] == "completed"]
     values = {cid: group[spec.report[0]].to_numpy(float) for cid, group in done.groupby("config_id")}
-    baseline = best[best[shape_columns].eq("identity").all(axis=1) & ~best["shapes"].str.endswith("+ VWPR")]
+    # the baseline: identity everywhere, no VWPR, and no controller (or its base-loss-only mode)
+    plain = best[shape_columns].eq("identity").all(axis=1) & ~best["shapes"].str.contains("+ VWPR", regex=False)
+    modes = best["controller"].where(best["controller"].notna(), None) if "controller" in best.columns else pd.Series(None, index=best.index)
+    baseline = best[plain & modes.isna()]
+    if baseline.empty:
+        baseline = best[plain & (modes == "baseline")]
     base_values = values.get(baseline["config_id"].iloc[0]) if not baseline.empty else None
     base_id = baseline["config_id"].iloc[0] if not baseline.empty else None
     is_base = [cid == base_id for cid in best["config_id"]]
@@ -151,3 +162,56 @@ def to_latex(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
     lines += [" & ".join(_latex_escape(c) for c in cells) + r" \\" for cells in _cells(table, spec, digits)]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+CONTROLLER_COMPONENTS = {"monitor_only": "RL loss monitor", "controller_only": "meta-learning controller",
+                         "full": "monitor + controller (full)"}
+
+
+def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float = 0.05) -> pd.DataFrame:
+    """Each loss-controller mode minus ``baseline`` on the reported metric, per configuration.
+
+    Configurations are matched on everything but the mode (envelopes, VWPR,
+    task parameters); the difference of means over seeds comes with the
+    95% Welch interval and Welch's p-value, Holm-corrected over the rows.
+    Empty when the sweep has no ``baseline`` mode and another mode to set against it.
+    """
+    done = jobs[(jobs["status"] == "completed")]
+    if "controller" not in done.columns or not (done["controller"] == "baseline").any():
+        return pd.DataFrame()
+    metric = spec.report[0]
+    done = done[done["controller"].notna()].assign(_key=lambda d: d["envelopes_json"] + d["task_json"] + d["vwpr"].astype(str))
+    rows = []
+    for _, group in done.groupby("_key", sort=False):
+        base = group.loc[group["controller"] == "baseline", metric].to_numpy(float)
+        if len(base) == 0:
+            continue
+        for mode, label in CONTROLLER_COMPONENTS.items():
+            values = group.loc[group["controller"] == mode, metric].to_numpy(float)
+            if len(values) == 0:
+                continue
+            half, _ = difference_interval(values, base)
+            rows.append({"envelopes": group["envelopes"].iloc[0], "dataset": group["dataset"].iloc[0], "mode": mode,
+                         "component": label, "metric": metric, "difference": values.mean() - base.mean(),
+                         "ci95": half, "n_mode": len(values), "n_baseline": len(base), "p": welch_test(values, base)})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["p_holm"] = holm(table["p"].tolist())
+    better = (table["difference"] < 0) == (spec.mode == "min")
+    table["verdict"] = ["" if math.isnan(p) else "within noise" if p >= alpha else ("better" if b else "worse")
+                        for p, b in zip(table["p_holm"], better)]
+    return table
+
+
+def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    lines = ["| envelopes | component (mode) | Δ vs baseline ± 95% CI | n (mode / baseline) | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|"]
+    for row in table.itertuples():
+        ci = "" if math.isnan(row.ci95) else f" ± {row.ci95:.{digits}f}"
+        p = "" if math.isnan(row.p_holm) else f"{row.p_holm:.3g}"
+        lines.append(f"| {row.envelopes} | {row.component} (`{row.mode}`) | {row.difference:+.{digits}f}{ci} | "
+                     f"{row.n_mode} / {row.n_baseline} | {p} | {row.verdict} |")
+    metric = table["metric"].iloc[0]
+    return ("\n".join(lines) + f"\n\nΔ: mean `{metric}` of the mode minus that of `baseline` (base loss only) with the "
+            f"same envelopes, over seeds; 95% Welch interval; Welch's t-test, Holm-corrected over the rows.\n")

@@ -17,6 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from envelopes import Envelope
+from methods.loss_controller import ControllerSettings
+from methods.loss_controller import check_settings as check_controller_settings
 from methods.vwpr import check_settings as check_vwpr_settings
 from tasks import TASKS, task_module
 
@@ -56,10 +58,18 @@ class VWPRConfig:
 
 
 @dataclass
+class ControllerConfig(ControllerSettings):
+    """The adaptive loss-weighting controller (methods/loss_controller.py); off while ``mode`` is null."""
+
+    mode: Optional[str] = None
+
+
+@dataclass
 class Config:
     task: Any = MISSING
     envelopes: Dict[str, EnvelopeConfig] = field(default_factory=dict)
     vwpr: VWPRConfig = field(default_factory=VWPRConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     seed: int = 0
     seed_batch: int = 1
     device: str = "auto"
@@ -109,6 +119,10 @@ def build_envelopes(cfg: DictConfig) -> dict[str, Envelope]:
     return out
 
 
+def controller_settings(cfg: DictConfig) -> ControllerSettings:
+    return ControllerSettings(**OmegaConf.to_container(cfg.controller, resolve=True))
+
+
 def validate(cfg: DictConfig) -> dict[str, Envelope]:
     """Check everything a type cannot; return the envelopes. Raises :class:`ConfigError`."""
     if cfg.task.name not in TASKS:
@@ -132,6 +146,22 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
             check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr)
         except ValueError as error:
             raise ConfigError(f"vwpr.{error}") from None
+    if cfg.controller.mode is not None:
+        module = task_module(cfg.task.name)
+        if not hasattr(module, "AUX_LOSSES"):
+            supported = [name for name in TASKS if hasattr(task_module(name), "AUX_LOSSES")]
+            raise ConfigError(f"controller.mode: task {cfg.task.name!r} has no auxiliary losses to weight; the "
+                              f"controller runs on the tasks {supported}, got controller.mode={cfg.controller.mode!r}")
+        if cfg.seed_batch > 1:
+            raise ConfigError(f"seed_batch: the loss controller trains one seed per job; use seed_batch=1, "
+                              f"got seed_batch={cfg.seed_batch}")
+        try:
+            check_controller_settings(controller_settings(cfg))
+        except ValueError as error:
+            raise ConfigError(f"controller.{error}") from None
+        if cfg.task.name == "vae" and cfg.task.kl_annealing_steps:
+            raise ConfigError(f"task.kl_annealing_steps: the loss controller sets the KL weight itself; use 0 with "
+                              f"controller.mode={cfg.controller.mode}, got {cfg.task.kl_annealing_steps}")
     try:
         task_module(cfg.task.name).validate(cfg.task)
     except ValueError as error:
@@ -163,6 +193,10 @@ def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope]) -> dict[st
     out["envelopes"] = {name: envelope.config() for name, envelope in sorted(envelopes.items())}
     # VWPR's settings matter only when it is on
     out["vwpr"] = container["vwpr"] if container["vwpr"]["enabled"] else {"enabled": False}
+    # the controller's only when it is on (a run without it keeps the id it always had)
+    out.pop("controller", None)
+    if container["controller"]["mode"] is not None:
+        out["controller"] = container["controller"]
     return out
 
 

@@ -100,6 +100,12 @@ class Recorder:
 
             self.writer = SummaryWriter(log_dir=str(self.job_dir / "tb"))
 
+    def writer_for_steps(self):
+        """The TensorBoard writer (None if off), opened now, for values logged between epoch rows."""
+        if self._metrics_file is None:
+            self._open()
+        return self.writer
+
     def progress(self, iterable: Iterable, total: int, unit: str = "epoch") -> tqdm:
         return tqdm(iterable, total=total, unit=unit, disable=not self.progress_enabled, dynamic_ncols=True, leave=False)
 

@@ -15,11 +15,14 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tasks.common import VWPRMonitor, adam, check, resolve_path
+from tasks.common import ControlledLoss, VWPRMonitor, adam, check, resolve_path
 from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
-DATASETS = ("mnist", "fashion_mnist", "digits")
+DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
+MODELS = ("mlp", "cnn")
+AUX_LOSSES = ("confidence_penalty", "label_smoothing")
+PROBE_SIZE = 500
 SUBSETS = ("train", "test")
 SEED_BATCH = True
 OBJECTIVE = ("val/loss", "min")
@@ -36,7 +39,9 @@ class ClassificationConfig:
     val_size: int = 300
     test_size: int = 297
     label_noise: float = 0.0
+    model: str = "mlp"
     hidden: List[int] = field(default_factory=lambda: [256])
+    channels: List[int] = field(default_factory=lambda: [32, 64])
     lr: float = 1e-3
     batch_size: int = 1000
     epochs: int = 20
@@ -62,6 +67,9 @@ def validate(task_cfg) -> None:
     check(0.0 <= task_cfg.label_noise < 1.0, "label_noise", "must lie in [0, 1)", task_cfg.label_noise)
     check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
     check(all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden))
+    check(task_cfg.model in MODELS, "model", f"must be one of {list(MODELS)}", task_cfg.model)
+    check(len(task_cfg.channels) > 0 and all(c > 0 for c in task_cfg.channels), "channels",
+          "must be a non-empty list of positive channel counts (one per conv block)", list(task_cfg.channels))
 
 
 @torch.no_grad()
@@ -98,6 +106,7 @@ def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
     out: dict = {name: tuple(torch.stack([splits[name][i] for splits in per_seed]).to(device) for i in range(2))
                  for name in per_seed[0]}
     out["num_classes"] = pool.num_classes
+    out["image_shape"] = pool.image_shape
     return out
 
 
@@ -106,12 +115,52 @@ def per_sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torc
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").reshape(target.shape)
 
 
+def aux_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Auxiliary losses per sample, for the loss controller.
+
+    ``confidence_penalty``: the negative entropy of the prediction (Pereyra et
+    al. 2017), lowest for a uniform prediction. ``label_smoothing``: the
+    cross-entropy against the uniform distribution; ``CE + w * it`` is
+    label smoothing's loss up to scale.
+    """
+    log_p = torch.log_softmax(logits, dim=-1)
+    return {"confidence_penalty": (log_p.exp() * log_p).sum(-1), "label_smoothing": -log_p.mean(-1)}
+
+
+def build_cnn(image_shape: tuple[int, int, int], channels: list[int], num_classes: int) -> torch.nn.Sequential:
+    """Conv blocks (3x3 conv, ReLU, 2x2 max-pool) and a linear head, on flattened images."""
+    c, h, w = image_shape
+    layers: list[torch.nn.Module] = [torch.nn.Unflatten(-1, (c, h, w))]
+    for out in channels:
+        layers += [torch.nn.Conv2d(c, out, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        c, h, w = out, h // 2, w // 2
+    layers += [torch.nn.Flatten(-3), torch.nn.Linear(c * h * w, num_classes)]
+    return torch.nn.Sequential(*layers)
+
+
 def run(cfg, context) -> list[dict[str, float] | Exception]:
     task_cfg, device, seeds = cfg.task, context.device, context.seeds
     data = load_splits(task_cfg, seeds, device)
     train_x, _ = data["train"]
-    group = ModelGroup(lambda: build_mlp(train_x.shape[-1], list(task_cfg.hidden), data["num_classes"]), seeds, device)
+    if task_cfg.model == "cnn":
+        side = min(data["image_shape"][1:])
+        if side < 2 ** len(task_cfg.channels):
+            raise ValueError(f"task.channels: {len(task_cfg.channels)} conv blocks halve {side}-pixel images to nothing")
+        build = lambda: build_cnn(data["image_shape"], list(task_cfg.channels), data["num_classes"])  # noqa: E731
+    else:
+        build = lambda: build_mlp(train_x.shape[-1], list(task_cfg.hidden), data["num_classes"])  # noqa: E731
+    group = ModelGroup(build, seeds, device)
     optimizer = adam(group.parameters(), task_cfg.lr)
+    controlled = None
+    if cfg.controller.mode is not None:
+        probe_x, probe_y = data["val"][0][:, :PROBE_SIZE], data["val"][1][:, :PROBE_SIZE]
+
+        def probe() -> float:
+            with torch.no_grad():
+                return per_sample_cross_entropy(group(probe_x), probe_y).mean().item()
+
+        steps = task_cfg.epochs * -(-train_x.shape[1] // task_cfg.batch_size)
+        controlled = ControlledLoss(cfg, context, aux_losses, AUX_LOSSES, "val/loss", probe, group.parameters(), steps)
 
     def evaluate_val() -> list[dict[str, float]]:
         return [{"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
@@ -120,7 +169,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     envelope = context.envelopes["classification"]
     failed = fit(group, optimizer, envelope if len(seeds) == 1 else envelope.grouped(len(seeds)), "classification",
                  data["train"], per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, seeds,
-                 context.recorders, None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module))
+                 context.recorders, None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module), controlled)
     if task_cfg.test_size == 0:
         tests = [{} for _ in seeds]
     else:

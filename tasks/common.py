@@ -141,3 +141,40 @@ class VWPRMonitor:
         fig.savefig(path, dpi=150)
         plt.close(fig)
         return path
+
+
+class ControlledLoss:
+    """The adaptive loss controller in a task's loop (``controller.mode`` set).
+
+    Args:
+        cfg: the run's config (``controller.*`` and the seed).
+        context: the run's context (device, recorder).
+        aux_losses: ``(outputs, targets) -> {name: per-sample loss}``, the auxiliary losses.
+        names: their names.
+        metric: the validation metric the meta controller learns from (lower is better).
+        probe: the base loss on a fixed held-out batch, for the monitor's reward.
+        parameters: the model's parameters (for the gradient norm).
+        total_steps: optimiser steps in the run.
+    """
+
+    def __init__(self, cfg, context, aux_losses, names, metric: str, probe, parameters, total_steps: int):
+        from omegaconf import OmegaConf
+
+        from methods.loss_controller import ControllerSettings, LossController
+
+        settings = ControllerSettings(**OmegaConf.to_container(cfg.controller, resolve=True))
+        self.aux_losses = aux_losses
+        self.metric = metric
+        self.controller = LossController(names, settings, context.device, cfg.seed, probe,
+                                         list(parameters), total_steps, context.recorder.writer_for_steps())
+        self.job_dir = context.job_dir
+
+    def loss(self, base: torch.Tensor, outputs, targets) -> torch.Tensor:
+        """The combined loss; auxiliary losses are computed only while some weight is non-zero."""
+        if not any(self.controller.weights.values()):
+            return self.controller.guard(base, base)
+        aux = {name: value.mean() for name, value in self.aux_losses(outputs, targets).items()}
+        return self.controller.combine(base, aux)
+
+    def save(self) -> None:
+        self.controller.save(self.job_dir / "controller.pt")

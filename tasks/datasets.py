@@ -1,8 +1,9 @@
-"""Data sets held as tensors: MNIST-format IDX files, scikit-learn's digits, splits.
+"""Data sets held as tensors: MNIST-format IDX files, CIFAR-10, scikit-learn's digits, splits.
 
-IDX files are read with numpy (no torchvision), from a directory in any of
-the usual layouts. Online users can download them; every download is
-checked against the official MD5 before it is used.
+IDX files and CIFAR-10's ``cifar-10-batches-py`` pickles are read with
+numpy and pickle (no torchvision), from a directory in any of the usual
+layouts. Online users can download them; every download is checked
+against the official MD5 before it is used.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import gzip
 import hashlib
 import logging
 import os
+import pickle
 import shutil
+import tarfile
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -140,13 +143,56 @@ def load_idx_dataset(dataset: str, data_dir: str | Path, subset: str, download: 
     return images, labels
 
 
+CIFAR10 = {
+    "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "md5": "c58f30108f718f92721af3b95e74349a",
+    "dir": "cifar-10-batches-py",
+    "subsets": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+}
+
+
+def load_cifar10(data_dir: str | Path, subset: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one official subset.
+
+    Reads the ``cifar-10-batches-py`` directory (the official Python
+    version: pickled dicts with ``data``, N x 3072 bytes, channel-major, and
+    ``labels``) under ``data_dir``; with ``download``, fetches and unpacks
+    the official archive, MD5-checked.
+    """
+    root = Path(data_dir) / CIFAR10["dir"]
+    names = CIFAR10["subsets"][subset]
+    if not all((root / name).is_file() for name in names):
+        if not download:
+            raise DataNotFoundError(
+                f"cifar10: {', '.join(names)} not found in {root}. Put the official cifar-10-batches-py "
+                f"directory in task.data_dir (now {data_dir}), or run with task.download=true (MD5-checked)."
+            )
+        archive = download_verified([CIFAR10["url"]], Path(data_dir) / "cifar-10-python.tar.gz", CIFAR10["md5"])
+        with tarfile.open(archive) as tar:
+            tar.extractall(Path(data_dir), filter="data")
+    images, labels = [], []
+    for name in names:
+        with (root / name).open("rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{root / name}: expected data of shape (N, 3072), got {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
 @dataclass
 class ArrayDataset:
-    """Features as float32 in [0, 1], flattened per example, and integer labels."""
+    """Features as float32 in [0, 1], flattened per example, and integer labels.
+
+    ``image_shape`` is each example's (channels, height, width), for models that need it.
+    """
 
     features: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    image_shape: tuple[int, int, int]
 
 
 def load_classification_pool(dataset: str, data_dir: str | Path, subsets: list[str], download: bool = False) -> ArrayDataset:
@@ -156,12 +202,16 @@ def load_classification_pool(dataset: str, data_dir: str | Path, subsets: list[s
 
         bunch = load_digits()
         features = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)
-        return ArrayDataset(features, torch.from_numpy(bunch.target.astype(np.int64)), 10)
-    parts = [load_idx_dataset(dataset, data_dir, subset, download) for subset in subsets]
+        return ArrayDataset(features, torch.from_numpy(bunch.target.astype(np.int64)), 10, (1, 8, 8))
+    if dataset == "cifar10":
+        parts = [load_cifar10(data_dir, subset, download) for subset in subsets]
+    else:
+        parts = [load_idx_dataset(dataset, data_dir, subset, download) for subset in subsets]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
+    shape = tuple(images.shape[1:]) if images.ndim == 4 else (1, *images.shape[1:])
     features = torch.from_numpy(images.reshape(len(images), -1)).float().div_(255.0)
-    return ArrayDataset(features, torch.from_numpy(labels), int(labels.max()) + 1)
+    return ArrayDataset(features, torch.from_numpy(labels), int(labels.max()) + 1, shape)
 
 
 def split_indices(pool_size: int, train_size: int, val_size: int, test_size: int, seed: int) -> dict[str, torch.Tensor]:

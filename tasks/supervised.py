@@ -16,28 +16,34 @@ import torch
 from torch import nn
 
 from envelopes import Envelope
-from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor
+from tasks.common import ControlledLoss, EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor
 from tasks.seed_batch import ModelGroup, generators, permutations, take
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_step(group: ModelGroup, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, meter: EnvelopeMeter,
-               per_sample_loss: PerSampleLoss, vwpr=None) -> None:
+               per_sample_loss: PerSampleLoss, vwpr=None, controlled: ControlledLoss | None = None) -> None:
     """One optimiser step on a batch (S seeds, B samples each; a VWPR dual step if ``vwpr``).
 
     The loss is the sum over seeds of each seed's mean shaped loss, so each
-    seed's parameters get that seed's gradient. Statistics accumulate on the device.
+    seed's parameters get that seed's gradient; with the loss controller
+    (one seed), that base loss plus the weighted auxiliary losses.
+    Statistics accumulate on the device.
     """
-    per_sample = per_sample_loss(group(x), y)
+    outputs = group(x)
+    per_sample = per_sample_loss(outputs, y)
     shaped_loss = envelope(per_sample)
-    loss = shaped_loss.mean(-1).sum()
+    base = shaped_loss.mean(-1).sum()
+    loss = base if controlled is None else controlled.loss(base, outputs, y)
     if vwpr is not None:
         vwpr.dual_step(loss, optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if controlled is not None:
+        controlled.controller.after_step(base)
     raw.add(per_sample)
     shaped.add(shaped_loss)
     meter.add()
@@ -56,6 +62,7 @@ def fit(
     seeds: list[int],
     recorders: list,
     vwpr: VWPRMonitor | None = None,
+    controlled: ControlledLoss | None = None,
 ) -> dict[int, str]:
     """Train for ``epochs``, logging train/, envelope/<loss_name>/, vwpr/ and ``evaluate()``'s metrics per epoch and seed.
 
@@ -74,13 +81,17 @@ def fit(
         raw, shaped = MeanStd(device, len(seeds)), MeanStd(device, len(seeds))
         meter = EnvelopeMeter(envelope, device)
         order = permutations(train_x.shape[1], gens, device)
+        if controlled is not None:
+            controlled.controller.epoch_start()
         for start in range(0, order.shape[1], batch_size):
             index = order[:, start : start + batch_size]
             train_step(group, optimizer, envelope, take(train_x, index), take(train_y, index), raw, shaped, meter,
-                       per_sample_loss, None if vwpr is None else vwpr.vwpr)
-        vwpr_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
+                       per_sample_loss, None if vwpr is None else vwpr.vwpr, controlled)
+        method_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
         with torch.no_grad():
             evaluation = evaluate()
+        if controlled is not None:
+            method_metrics.update(controlled.controller.epoch_end(epoch, evaluation[0][controlled.metric]))
         for s, recorder in enumerate(recorders):
             if s in failed:
                 continue
@@ -89,7 +100,7 @@ def fit(
                 failed[s] = f"non-finite training loss at epoch {epoch}"
                 continue
             metrics.update(meter.summary(f"envelope/{loss_name}", s))
-            metrics.update(vwpr_metrics)
+            metrics.update(method_metrics)
             metrics.update(evaluation[s])
             recorder.log(epoch, metrics)
         if len(failed) == len(seeds):
@@ -97,6 +108,8 @@ def fit(
         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(evaluation[0].items())[:2]})
     if vwpr is not None:
         vwpr.save_figure(recorders[0].job_dir)
+    if controlled is not None:
+        controlled.save()
     return failed
 
 

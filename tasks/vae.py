@@ -28,11 +28,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor, adam, check, resolve_path
+from tasks.common import (
+    ControlledLoss,
+    EnvelopeMeter,
+    MeanStd,
+    NonFiniteLossError,
+    VWPRMonitor,
+    adam,
+    check,
+    resolve_path,
+)
 from tasks.seed_batch import ModelGroup, generators, normal, permutations, seed_outcomes, stack_seeds, take
 
 SEED_BATCH = True
 OBJECTIVE = ("val/recon", "min")
+AUX_LOSSES = ("kl",)  # for the loss controller: its weight is the KL weight
+PROBE_SIZE = 500
 SETTINGS = ("overparameterised", "drift")
 IMAGE_SIDE = 28
 EVAL_CHUNK = 500
@@ -247,10 +258,24 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         cumulative = torch.zeros(n_seeds, 10)
         val_class_counts = torch.stack([torch.bincount(y, minlength=10) for y in data["val_y"]]).clamp_min(1).to(device)
 
+    controlled = None
+    if cfg.controller.mode is not None:
+        probe_x = data["val_x"][:, :PROBE_SIZE]
+
+        def probe() -> float:  # the negative ELBO of a fixed held-out batch
+            with torch.no_grad():
+                recon, kl, _ = elementwise_losses(group, probe_x)
+                return (recon.sum(-1) + kl.sum(-1)).mean().item()
+
+        steps = task_cfg.epochs * -(-task_cfg.train_size // task_cfg.batch_size)
+        controlled = ControlledLoss(cfg, context, None, AUX_LOSSES, "val/neg_elbo", probe, group.parameters(), steps)
+
     step = 0
     failed: dict[int, str] = {}
     bar = recorders[0].progress(range(1, task_cfg.epochs + 1), total=task_cfg.epochs)
     for epoch in bar:
+        if controlled is not None:
+            controlled.controller.epoch_start()
         if drift:
             weights = class_weights(epoch, phase, shift, task_cfg.drift_amplitude, task_cfg.drift_frequency)
             cumulative += weights
@@ -267,22 +292,32 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             x = take(train_x, order[:, start : start + task_cfg.batch_size])
             step += 1
             kl_weight = min(1.0, step / task_cfg.kl_annealing_steps) if task_cfg.kl_annealing_steps else 1.0
+            if controlled is not None:
+                kl_weight = controlled.controller.weights["kl"]
             recon, kl, _ = elementwise_losses(group, x, normal((x.shape[1], task_cfg.latent_dim), gens, device))
-            loss, _, _, per_sample = vae_loss(recon, kl, envelopes, kl_weight, task_cfg.free_bits)
+            loss, shaped_recon, _, per_sample = vae_loss(recon, kl, envelopes, kl_weight, task_cfg.free_bits)
+            loss = loss.sum()
+            if controlled is not None:  # the base loss: reconstruction alone
+                base = shaped_recon.sum(-1).mean()
+                loss = controlled.controller.guard(loss, base)
             if vwpr is not None:
-                vwpr.vwpr.dual_step(loss.sum(), optimizer)
+                vwpr.vwpr.dual_step(loss, optimizer)
             else:
                 optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()
+                loss.backward()
                 optimizer.step()
+            if controlled is not None:
+                controlled.controller.after_step(base)
             meters["recon"].add(recon.detach().sum(-1))
             meters["prior"].add(kl.detach().sum(-1))
             meters["total"].add(per_sample)
             for meter in envelope_meters.values():
                 meter.add()
 
-        vwpr_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
+        method_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
         val, recon_per_sample = evaluate(group, data["val_x"], task_cfg.active_unit_threshold)
+        if controlled is not None:
+            method_metrics.update(controlled.controller.epoch_end(epoch, -val[0]["val/elbo"]))
         if drift:
             # reweight validation images so that each class carries its weight under this distribution
             reweighted = {}
@@ -302,7 +337,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             metrics["train/samples"] = meters["total"].count
             for name, meter in envelope_meters.items():
                 metrics.update(meter.summary(f"envelope/{name}", s))
-            metrics.update(vwpr_metrics)
+            metrics.update(method_metrics)
             metrics.update(val[s])
             if drift:
                 metrics.update({f"val/recon_{label}": values[s] for label, values in reweighted.items()})
@@ -314,6 +349,8 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
     if vwpr is not None:
         vwpr.save_figure(recorders[0].job_dir)
+    if controlled is not None:
+        controlled.save()
     for s, recorder in enumerate(recorders):
         if recorder.writer is not None and s not in failed:
             log_images(group.model(s), data["val_x"][s], gens[s], task_cfg, recorder.writer)

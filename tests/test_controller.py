@@ -1,0 +1,229 @@
+"""The adaptive loss controller: executor guards, DQN monitor, meta controller, modes in the runner, CIFAR-10 data."""
+
+import hashlib
+import json
+import math
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from methods.loss_controller import ControllerSettings, LossController, LossExecutor, LossMonitor, MetaController
+from runner.config import ConfigError, validate
+from runner.job import run_job
+from tests.conftest import SHARED_DATA, needs_mnist
+
+TINY = ("task.epochs=4", "task.batch_size=100", "controller.interval=3", "tensorboard=true")
+
+
+def test_executor_clamps_bounds_and_rejects_non_finite_weights():
+    executor = LossExecutor(["a"], ControllerSettings(mode="full", init_weight=0.1, max_weight=0.5, max_change=0.05),
+                            torch.device("cpu"))
+    assert executor.adjust("a", 0.9) == pytest.approx(0.15)  # at most max_change per adjustment
+    for _ in range(20):
+        executor.adjust("a", 0.9)
+    assert executor.weights["a"] == 0.5  # clamped to max_weight
+    executor.set_range("a", 0.2, 0.3)
+    assert executor.weights["a"] == 0.3
+    assert executor.adjust("a", math.nan) == 0.3 and executor.rejected_weights == 1
+    assert executor.epoch_counts()["executor/rejected_weights"] == 1.0
+
+
+def test_executor_skips_non_finite_aux_losses_and_falls_back_on_divergence():
+    settings = ControllerSettings(mode="full", init_weight=0.5, divergence_factor=10.0, fallback_steps=3)
+    executor = LossExecutor(["a", "b"], settings, torch.device("cpu"))
+    base = torch.tensor(2.0)
+    combined = executor.combine(base, {"a": torch.tensor(4.0), "b": torch.tensor(math.nan)})
+    assert combined.item() == 4.0  # 2 + 0.5 * 4; the NaN loss is left out
+    assert executor.epoch_counts()["executor/skipped_b"] == 1.0
+    diverged = executor.combine(base, {"a": torch.tensor(1e6), "b": torch.tensor(0.0)})
+    assert diverged.item() == 2.0  # above 10x the base level: the base loss alone
+    for _ in range(3):  # and for fallback_steps more steps
+        assert executor.combine(base, {"a": torch.tensor(4.0), "b": torch.tensor(0.0)}).item() == 2.0
+    assert executor.combine(base, {"a": torch.tensor(4.0), "b": torch.tensor(0.0)}).item() == 4.0
+    assert executor.epoch_counts()["executor/fallback_steps"] == 4.0
+
+
+def test_monitor_dqn_learns_which_action_pays_in_which_state():
+    settings = ControllerSettings(mode="monitor_only", batch_size=16, target_sync=10, lr=1e-2, gamma=0.0,
+                                  epsilon_decay=0.99)
+    monitor = LossMonitor(1, settings, seed=0)  # 3 actions; state dim 6
+    states = [torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.tensor([0.0, 1, 0, 0, 0, 0])]
+    best = [0, 2]  # decrease in the first state, increase in the second
+    gen = torch.Generator().manual_seed(1)
+    for step in range(600):
+        which = int(torch.randint(2, (), generator=gen))
+        action = monitor.act(states[which])
+        reward = 1.0 if action == best[which] else 0.0
+        monitor.remember(states[which], action, reward, states[int(torch.randint(2, (), generator=gen))])
+        monitor.learn()
+    with torch.no_grad():
+        assert [int(monitor.q(s).argmax()) for s in states] == best
+    assert monitor.epsilon < 0.05 + 1e-9 and monitor.updates > 500
+    assert torch.equal(monitor.target(states[0]), monitor.target(states[0]))
+    assert monitor.deltas(0) == [-1] and monitor.deltas(2) == [1]
+    fresh = LossMonitor(1, settings, seed=5)
+    fresh.load_state_dict(monitor.state_dict())
+    assert torch.equal(fresh.q(states[1]), monitor.q(states[1])) and fresh.epsilon == monitor.epsilon
+
+
+def test_meta_controller_learns_the_direction_that_preceded_improvement():
+    settings = ControllerSettings(mode="controller_only", target_step=0.05, range_radius=0.2)
+    meta = MetaController(["a"], settings)
+    weight = previous = 0.5
+    chosen, improvement = [], math.nan
+    for epoch in range(1, 12):
+        # the weight moved from `previous` (the last decision's) to `weight` (its target) over this epoch
+        decision = meta.decide(epoch, {"a": previous}, {"a": weight}, improvement)[0]
+        chosen.append(decision.chosen)
+        # lowering the weight helps: the epoch after a decrease improves by more than usual
+        improvement = 0.02 + (0.05 if decision.chosen < 0 else 0.0)
+        previous, weight = weight, decision.target
+    assert chosen[:3] == [1, -1, 0]  # each direction tried once
+    assert chosen[-4:] == [-1, -1, -1, -1]
+    assert meta.score("a", -1) > meta.score("a", 1)
+    last = meta.decisions[-1]
+    assert last.high - last.low < 2 * settings.range_radius  # the range narrows while down keeps winning
+
+
+@pytest.mark.parametrize("mode", ["monitor_only", "controller_only", "full"])
+def test_every_mode_changes_training_and_logs_its_decisions(compose, tmp_path, mode):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_job(compose(*TINY, "controller.mode=baseline"), tmp_path / "baseline", None, [], reraise=True)
+    run_job(compose(*TINY, f"controller.mode={mode}"), tmp_path / mode, None, [], reraise=True)
+    base = json.loads((tmp_path / "baseline" / "result.json").read_text())
+    result = json.loads((tmp_path / mode / "result.json").read_text())
+    assert result["status"] == "completed" and result["effective"]["controller"]["mode"] == mode
+    assert result["final"]["val_loss"] != base["final"]["val_loss"]
+    rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    weights = {r["controller_weight_label_smoothing"] for r in rows}
+    assert len(weights) > 1  # the weight moved
+    state = torch.load(tmp_path / mode / "controller.pt", weights_only=False)
+    assert state["mode"] == mode
+    accumulator = EventAccumulator(str(tmp_path / mode / "tb"))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    if mode in ("monitor_only", "full"):
+        assert "monitor" in state and state["monitor"]["stored"] > 0
+        assert {"monitor/reward", "monitor/epsilon", "monitor/action", "monitor/weight_label_smoothing"} <= tags
+    if mode in ("controller_only", "full"):
+        assert len(state["meta"]["decisions"]) == 4 * 2  # per epoch, per weight
+        assert "controller/target_label_smoothing" in tags and "controller/direction_confidence_penalty" in tags
+
+
+def test_baseline_mode_trains_exactly_as_without_the_controller(compose, tmp_path):
+    run_job(compose(*TINY), tmp_path / "off", None, [], reraise=True)
+    run_job(compose(*TINY, "controller.mode=baseline"), tmp_path / "baseline", None, [], reraise=True)
+    off = [json.loads(line)["val_loss"] for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    base = [json.loads(line)["val_loss"] for line in (tmp_path / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert off == base
+    ids = [json.loads((tmp_path / d / "result.json").read_text())["config_id"] for d in ("off", "baseline")]
+    assert ids[0] != ids[1]  # a controller run is its own configuration
+
+
+@needs_mnist
+def test_vae_controller_sets_the_kl_weight(compose, tmp_path):
+    cfg = compose("task=vae_overparameterised", f"data_root={SHARED_DATA}", "task.epochs=3", "task.val_size=300",
+                  "controller.mode=full", "controller.interval=2", "controller.init_weight=0.5", "tensorboard=false")
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    used = [r["train_kl_weight"] for r in rows]  # the KL weight of each epoch's last step
+    assert all(0.0 <= w <= 1.0 for w in used) and len(set(used)) > 1 and 1.0 not in used
+    assert len({r["controller_weight_kl"] for r in rows}) > 1
+
+
+def test_controller_config_errors_name_the_key(compose):
+    with pytest.raises(ConfigError, match=r"controller.mode must be one of \['baseline', 'monitor_only', 'controller_only', 'full'\]"):
+        validate(compose("controller.mode=everything"))
+    with pytest.raises(ConfigError, match=r"controller.mode: task 'ppo' has no auxiliary losses.*\['classification', 'vae'\]"):
+        validate(compose("task=cartpole", "controller.mode=full"))
+    with pytest.raises(ConfigError, match="seed_batch: the loss controller"):
+        validate(compose("controller.mode=full", "seed_batch=2"))
+    with pytest.raises(ConfigError, match="controller.init_weight must lie in"):
+        validate(compose("controller.mode=full", "controller.init_weight=2.0"))
+    with pytest.raises(ConfigError, match="task.kl_annealing_steps: the loss controller sets the KL weight"):
+        validate(compose("task=vae_overparameterised", "controller.mode=full", "task.kl_annealing_steps=10"))
+
+
+def write_cifar(root, per_batch=40):
+    """A small data set in the official cifar-10-batches-py format (pickled dicts, channel-major rows)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch).tolist()
+        data = rng.integers(0, 16, (per_batch, 3072), dtype=np.uint8)
+        data[:, :1024] += np.array(labels, dtype=np.uint8)[:, None] * 24  # the red channel tells the class
+        with (folder / name).open("wb") as out:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, out)
+    return folder
+
+
+def test_cifar10_reader_keeps_the_official_layout(tmp_path):
+    from tasks.datasets import load_classification_pool
+
+    folder = write_cifar(tmp_path)
+    pool = load_classification_pool("cifar10", tmp_path, ["train", "test"])
+    assert pool.features.shape == (240, 3072) and pool.image_shape == (3, 32, 32) and pool.num_classes == 10
+    with (folder / "test_batch").open("rb") as handle:
+        test = pickle.load(handle, encoding="bytes")
+    # the test batch comes last, channel-major, scaled to [0, 1]
+    assert torch.equal(pool.features[-40:], torch.from_numpy(test[b"data"]).float() / 255)
+    assert pool.labels[-40:].tolist() == test[b"labels"]
+
+
+def test_cifar10_download_is_checksummed(tmp_path, monkeypatch):
+    from tasks import datasets
+
+    write_cifar(tmp_path / "source")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "source" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(datasets.DataNotFoundError, match="task.download=true"):
+        datasets.load_cifar10(tmp_path / "data", "train")
+    monkeypatch.setitem(datasets.CIFAR10, "url", archive.as_uri())
+    monkeypatch.setitem(datasets.CIFAR10, "md5", "0" * 32)
+    with pytest.raises(OSError, match="checksum mismatch"):
+        datasets.load_cifar10(tmp_path / "data", "train", download=True)
+    monkeypatch.setitem(datasets.CIFAR10, "md5", md5)
+    images, labels = datasets.load_cifar10(tmp_path / "data", "train", download=True)
+    assert images.shape == (200, 3, 32, 32) and labels.shape == (200,)
+
+
+def test_cnn_with_the_full_controller_on_cifar10_format_data(compose, tmp_path):
+    write_cifar(tmp_path / "cifar10")
+    cfg = compose("task=cifar10", f"data_root={tmp_path}", "task.train_size=160", "task.val_size=40", "task.test_size=40",
+                  "task.batch_size=40", "task.epochs=8", "task.lr=0.003", "controller.mode=full", "controller.interval=2",
+                  "tensorboard=false")
+    run_job(cfg, tmp_path / "job", None, [], reraise=True)
+    result = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert result["status"] == "completed" and result["final"]["val_accuracy"] > 0.3  # 3x chance: the red channel tells the class
+    assert (tmp_path / "job" / "controller.pt").exists()
+
+
+def test_report_shows_each_component_against_baseline(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_cli import ROOT
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", *TINY, "tensorboard=false",
+                           "controller.mode=baseline,monitor_only,controller_only,full", "seed=0,1",
+                           f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    table = pd.read_csv(sweep / "contributions.csv")
+    assert list(table["mode"]) == ["monitor_only", "controller_only", "full"]
+    assert (table["n_mode"] == 2).all() and (table["n_baseline"] == 2).all() and table["ci95"].notna().all()
+    jobs = pd.read_csv(sweep / "jobs.csv")
+    for row in table.itertuples():
+        mean = lambda mode: jobs.loc[jobs["controller"] == mode, row.metric].mean()  # noqa: E731
+        assert row.difference == pytest.approx(mean(row.mode) - mean("baseline"))
+    report = (sweep / "report.md").read_text()
+    assert "Contribution of each loss-controller component" in report and "meta-learning controller" in report
