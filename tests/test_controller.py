@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.loss_controller import ControllerSettings, LossController, LossExecutor, LossMonitor, MetaController
+from methods.loss_controller import ControllerSettings, LossExecutor, LossMonitor, MetaController
 from runner.config import ConfigError, validate
 from runner.job import run_job
 from tests.conftest import SHARED_DATA, needs_mnist
