@@ -137,7 +137,13 @@ class LossExecutor:
         return self.weights[name]
 
     def combine(self, base: Tensor, aux: dict[str, Tensor]) -> Tensor:
-        """``base + sum w_i aux_i`` (0-d tensors), guarded; no host synchronisation."""
+        """``base + sum w_i aux_i`` (0-d tensors), guarded; no host synchronisation.
+
+        A non-finite auxiliary loss is left out of the sum (and counted). Its
+        gradient is then zero, but a NaN produced inside its own graph could
+        still reach the parameters in the backward pass; the fallback catches
+        the combined loss, not such gradients.
+        """
         total = base
         for name in self.names:
             weight = self.weights[name]
