@@ -82,7 +82,7 @@ def test_duplicate_effective_configs_train_once(tmp_path):
     assert [r["status"] for r in results] == ["completed", "duplicate", "duplicate"]
     assert results[1]["duplicate_of"] == str(sweep / "0")
     assert not (sweep / "1" / "metrics.jsonl").exists()
-    assert "2 repeat an effective config" in proc.stderr + proc.stdout
+    assert "2 runs repeat an effective config" in proc.stderr + proc.stdout
 
 
 def test_invalid_sweep_stops_before_any_job(tmp_path):
