@@ -124,7 +124,7 @@ def test_missing_loss_name_is_an_error(compose):
         ("device=gpu", "device must be one of ['auto', 'cpu', 'cuda'], got 'gpu'"),
         ("threads=0", "threads must be a positive integer or null, got 0"),
         ("task.label_noise=1.2", "task.label_noise must lie in [0, 1), got 1.2"),
-        ("task.dataset=cifar", "task.dataset must be one of ['mnist', 'fashion_mnist', 'digits'], got 'cifar'"),
+        ("task.dataset=cifar", "task.dataset must be one of ['mnist', 'fashion_mnist', 'digits', 'cifar10'], got 'cifar'"),
         ("task.subsets=[val]", "task.subsets must be a non-empty list drawn from ['train', 'test'], got ['val']"),
         ("task.epochs=0", "task.epochs must be a positive integer, got 0"),
         ("task.lr=-1", "task.lr must be > 0, got -1.0"),
