@@ -38,6 +38,16 @@ def adam(parameters, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(parameters, lr=lr)
 
 
+def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, vwpr=None) -> None:
+    """One optimiser step on ``loss``: VWPR's dual step when it is on (a ``ValueWeightedRefinement``)."""
+    if vwpr is not None:
+        vwpr.dual_step(loss, optimizer)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
 class MeanStd:
     """Mean and std of every element added, accumulated on the device (no host sync).
 

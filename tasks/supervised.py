@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from envelopes import Envelope
-from tasks.common import ControlledLoss, EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor
+from tasks.common import ControlledLoss, EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor, optimise
 from tasks.seed_batch import ModelGroup, generators, permutations, take
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,12 +36,7 @@ def train_step(group: ModelGroup, optimizer, envelope, x, y, raw: MeanStd, shape
     shaped_loss = envelope(per_sample)
     base = shaped_loss.mean(-1).sum()
     loss = base if controlled is None else controlled.loss(base, outputs, y)
-    if vwpr is not None:
-        vwpr.dual_step(loss, optimizer)
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    optimise(loss, optimizer, vwpr)
     if controlled is not None:
         controlled.controller.after_step(base)
     raw.add(per_sample)

@@ -36,6 +36,7 @@ from tasks.common import (
     VWPRMonitor,
     adam,
     check,
+    optimise,
     resolve_path,
 )
 from tasks.seed_batch import ModelGroup, generators, normal, permutations, seed_outcomes, stack_seeds, take
@@ -300,12 +301,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             if controlled is not None:  # the base loss: reconstruction alone
                 base = shaped_recon.sum(-1).mean()
                 loss = controlled.controller.guard(loss, base)
-            if vwpr is not None:
-                vwpr.vwpr.dual_step(loss, optimizer)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            optimise(loss, optimizer, None if vwpr is None else vwpr.vwpr)
             if controlled is not None:
                 controlled.controller.after_step(base)
             meters["recon"].add(recon.detach().sum(-1))
