@@ -105,12 +105,12 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs.to_csv(out_dir / "jobs.csv", index=False)
     counts = jobs["status"].value_counts().to_dict() if not jobs.empty else {}
-    summary = f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    summary = f"{len(jobs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = ["# Sweep report\n\n", f"Sweeps: {', '.join(str(d) for d in sweep_dirs)}\n\n", f"{summary}\n"]
     failed = jobs[jobs["status"].isin(["failed", "unfinished"])] if not jobs.empty else jobs
     failures = [f"- `{r.job_dir}` ({r.status}): {r.error if isinstance(r.error, str) else ''}\n" for r in failed.itertuples()]
     if failures:
-        lines += ["\n## Jobs that did not complete\n\n", *failures]
+        lines += ["\n## Runs that did not complete\n\n", *failures]
     print(f"\nSweep {', '.join(str(d) for d in sweep_dirs)}: {summary}")
     print("".join(failures), end="")
     if counts.get("completed", 0) == 0:

@@ -69,7 +69,7 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
     # the end-of-sweep summary ran although jobs failed
     for name in ("report.md", "table.md", "table.tex", "configs.csv", "jobs.csv", "figures/envelope_shapes.png"):
         assert (sweep / name).exists(), name
-    assert "4 jobs: 2 completed, 2 failed" in proc.stdout and "(failed): NonFiniteLossError" in proc.stdout
+    assert "4 runs: 2 completed, 2 failed" in proc.stdout and "(failed): NonFiniteLossError" in proc.stdout
     assert f"Results: {sweep}" in proc.stdout
 
 
