@@ -88,11 +88,46 @@ def test_duplicate_effective_configs_train_once(tmp_path):
 def test_invalid_sweep_stops_before_any_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "envelope@envelopes.classification=step", "envelopes.classification.quantile=0.5,1.5",
-                   f"hydra.sweep.dir={sweep}")
+                   "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 2
-    assert "1 of 2 jobs have an invalid config; nothing was run" in proc.stderr
-    assert "envelopes.classification: quantile must lie in [0, 1], got 1.5" in proc.stderr
+    # every invalid job counted; its error listed once, not once per seed
+    assert "2 of 4 jobs have an invalid config; nothing was run" in proc.stderr
+    assert proc.stderr.count("envelopes.classification: quantile must lie in [0, 1], got 1.5") == 1
     assert not (sweep / "0").exists()
+
+
+def test_the_sweeper_composes_each_job_again_only_when_the_sweep_check_did_not(monkeypatch):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.lae_lab.checked_sweeper import CheckedSweeper
+    from runner import callbacks
+
+    composed = []
+    sweeper = CheckedSweeper(max_batch_size=None)
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": "/sweeps/a"}}})
+    sweeper.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
+        load_sweep_config=lambda master_config, sweep_overrides: composed.append(sweep_overrides)))
+    batch = [["seed=0"], ["seed=1"]]
+    monkeypatch.setattr(callbacks, "_checked_sweeps", {"/sweeps/b"})
+    sweeper.validate_batch_is_legal(batch)
+    assert composed == batch  # another sweep was checked: Hydra's own validation runs
+    composed.clear()
+    callbacks._checked_sweeps.add("/sweeps/a")
+    sweeper.validate_batch_is_legal(batch)
+    assert composed == []
+
+
+def test_an_experiment_preset_that_picks_its_own_sweeper_keeps_it(compose, tmp_path):
+    # what the Optuna presets do, with a sweeper every install has
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "own_sweeper.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: basic\n")
+    default = compose(return_hydra_config=True).hydra.sweeper
+    own = compose("experiment=own_sweeper", f"hydra.searchpath=[file://{tmp_path}]", return_hydra_config=True).hydra.sweeper
+    assert default._target_ == "hydra_plugins.lae_lab.checked_sweeper.CheckedSweeper"
+    assert own._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def test_single_run_failure_exits_non_zero(tmp_path):
