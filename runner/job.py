@@ -125,6 +125,7 @@ class SeedRun:
     dir: Path
     overrides: list[str]
     result: dict[str, Any]
+    config: DictConfig
 
 
 def seed_overrides(overrides: list[str], seed: int) -> list[str]:
@@ -135,7 +136,7 @@ def seed_overrides(overrides: list[str], seed: int) -> list[str]:
 
 def prepare(cfg: DictConfig, envelopes: dict[str, Envelope], job_dir: Path, overrides: list[str], batched: bool,
             seed: int) -> SeedRun:
-    """A seed's directory with its resolved config (and, in a batch, overrides the analysis reads)."""
+    """A seed's directory and identity; nothing is written yet (see ``write_config``)."""
     seed_cfg = cfg.copy()
     seed_cfg.seed, seed_cfg.seed_batch = seed, 1
     run_dir = job_dir / f"seed_{seed}" if batched else job_dir
@@ -143,11 +144,15 @@ def prepare(cfg: DictConfig, envelopes: dict[str, Envelope], job_dir: Path, over
     effective = effective_config(seed_cfg, envelopes)
     result = {"overrides": run_overrides, "task": cfg.task.name, "seed": seed, "config_id": config_id(effective),
               "run_id": config_id(effective, with_seed=True), "effective": effective}
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    return SeedRun(seed, run_dir, run_overrides, result, seed_cfg)
+
+
+def write_config(run: SeedRun, batched: bool) -> None:
+    """The seed's resolved config (and, in a batch, the overrides the analysis reads)."""
+    (run.dir / ".hydra").mkdir(parents=True, exist_ok=True)
     if batched:
-        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in run_overrides))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(seed_cfg, resolve=True))
-    return SeedRun(seed, run_dir, run_overrides, result)
+        (run.dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in run.overrides))
+    (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(run.config, resolve=True))
 
 
 def objective_value(result: dict[str, Any]) -> float:
@@ -189,7 +194,8 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
             if done is not None:
                 log.info("seed %d already completed in %s; not re-running", seed, run.dir)
                 run.result = done
-                continue
+                continue  # its files are already there: a resumed sweep passes over it quickly
+            write_config(run, batched)
             if sweep_dir is not None and cfg.deduplicate:
                 owner = claim(sweep_dir, run.result["run_id"], run.dir)
                 if owner is not None:

@@ -148,6 +148,7 @@ def test_rerunning_a_sweep_redoes_only_unfinished_jobs(tmp_path):
     args = ("-m", "envelope@envelopes.classification=identity,step", "task.epochs=2", f"hydra.sweep.dir={sweep}")
     assert run_cli(*args).returncode == 0
     finished = json.loads((sweep / "0" / "result.json").read_text())
+    written = (sweep / "0" / "config.yaml").stat().st_mtime_ns
     # job 1 was "interrupted": no result, a partial metrics file, stale events
     (sweep / "1" / "result.json").unlink()
     (sweep / "1" / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 99.0}\n')
@@ -155,6 +156,7 @@ def test_rerunning_a_sweep_redoes_only_unfinished_jobs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "already completed" in proc.stderr + proc.stdout
     assert json.loads((sweep / "0" / "result.json").read_text()) == finished
+    assert (sweep / "0" / "config.yaml").stat().st_mtime_ns == written  # a finished run's files are left alone
     redone = json.loads((sweep / "1" / "result.json").read_text())
     assert redone["status"] == "completed"
     rows = [json.loads(line) for line in (sweep / "1" / "metrics.jsonl").read_text().splitlines()]
