@@ -82,6 +82,8 @@ def check_sweep(config: DictConfig) -> tuple[int, int, int]:
     jobs = expand_sweep(config)
     # composing a job takes Hydra about 0.15 s: minutes for a paper grid
     show = sys.stderr.isatty() if config.get("progress") is None else bool(config.progress)
+    if len(jobs) >= 50:
+        log.info("Checking the configs of %d jobs before any trains", len(jobs))
     for overrides in tqdm(jobs, desc="checking configs", unit="job", disable=not show or len(jobs) < 50, leave=False):
         seedless = tuple(o for o in overrides if o.split("=", 1)[0] != "seed")
         if seedless not in checked:

@@ -93,6 +93,12 @@ def test_invalid_sweep_stops_before_any_job(tmp_path):
     # every invalid job counted; its error listed once, not once per seed
     assert "2 of 4 jobs have an invalid config; nothing was run" in proc.stderr
     assert proc.stderr.count("envelopes.classification: quantile must lie in [0, 1], got 1.5") == 1
+    # a large sweep says what it is doing while it checks (minutes for a paper grid)
+    proc = run_cli("-m", "envelope@envelopes.classification=step", "envelopes.classification.quantile=1.5", "seed=range(50)",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2
+    assert "Checking the configs of 50 jobs before any trains" in proc.stdout + proc.stderr
+    assert "50 of 50 jobs have an invalid config" in proc.stderr
     assert not (sweep / "0").exists()
 
 

@@ -1,8 +1,8 @@
 """Hydra's basic sweeper without its second composition of every job.
 
 Hydra only loads plugins from the ``hydra_plugins`` namespace package, hence
-this module's place; it is selected in ``conf/config.yaml``
-(``hydra/sweeper: checked``).
+this module's place. ``conf/hydra/sweeper_default.yaml`` selects it
+(``hydra/sweeper: checked``) unless an experiment preset picks another sweeper.
 """
 
 from __future__ import annotations
