@@ -124,6 +124,7 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     figure_dir = out_dir / "figures"
     plotted = figures.envelope_shapes(figure_dir) if make_figures else []
     printed = []
+    written = ["report.md"]
     for label, group in groups:
         suffix = "" if not label else "_" + "_".join(f"{k}{v}" for k, v in label)
         heading = "" if not label else " (" + ", ".join(f"task.{k}={v}" for k, v in label) + ")"
@@ -131,6 +132,7 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
         markdown = to_markdown(table, spec)
         (out_dir / f"table{suffix}.md").write_text(markdown)
         (out_dir / f"table{suffix}.tex").write_text(to_latex(table, spec))
+        written.append(f"table{suffix}.md/.tex")
         lines += [f"\n## Best configuration per envelope shape{heading}\n\n", markdown]
         printed.append(f"{heading.strip(' ()')}\n{markdown}" if heading else markdown)
         if make_figures:
@@ -143,12 +145,14 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
                 plotted += figures.envelope_dynamics(group_metrics, table, loss, figure_dir, suffix)
     agg = aggregate(jobs, list(dict.fromkeys([spec.select, *spec.report])))
     agg.to_csv(out_dir / "configs.csv", index=False)
+    written += ["configs.csv", "jobs.csv"]
     lines.append(f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). "
                  f"LaTeX: `table*.tex`.\n")
 
     contributions = controller_contributions(jobs, spec)
     if not contributions.empty:
         contributions.to_csv(out_dir / "contributions.csv", index=False)
+        written.append("contributions.csv")
         markdown = contributions_markdown(contributions)
         lines += ["\n## Contribution of each loss-controller component\n\n", markdown]
         printed.append("Loss-controller components against baseline\n" + markdown)
@@ -164,5 +168,5 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     print("\n".join(printed))
     if not comparison.empty:
         print(_markdown_frame(comparison))
-    print(f"Results: {out_dir} (report.md, table.md/.tex, configs.csv, jobs.csv, figures/)")
+    print(f"Results: {out_dir} ({', '.join(written + (['figures/'] if plotted else []))})")
     return report

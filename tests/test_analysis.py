@@ -168,5 +168,6 @@ def test_command_line(sweep, tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "| step |" in proc.stdout and (out / "report.md").exists() and not (out / "figures").exists()
+    assert f"Results: {out} (report.md, table.md/.tex, configs.csv, jobs.csv)" in proc.stdout  # what was written
     bad = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
