@@ -82,7 +82,7 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     values = {cid: group[spec.report[0]].to_numpy(float) for cid, group in done.groupby("config_id")}
     # the baseline: identity everywhere, no VWPR, and no controller (or its base-loss-only mode)
     plain = best[shape_columns].eq("identity").all(axis=1) & ~best["shapes"].str.contains("+ VWPR", regex=False)
-    modes = best["controller"].where(best["controller"].notna(), None) if "controller" in best.columns else pd.Series(None, index=best.index)
+    modes = controller[best.index]
     baseline = best[plain & modes.isna()]
     if baseline.empty:
         baseline = best[plain & (modes == "baseline")]
