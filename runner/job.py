@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from envelopes import Envelope
 from runner.cache import ResultsCache
-from runner.config import config_id, effective_config, validate
+from methods.loss_controller import ControllerSettings
+from runner.config import config_id, controller_settings, effective_config, validate
 from runner.recorder import Recorder, file_key, write_json_atomic
 from tasks import task_module
 from tasks.common import resolve_path
@@ -51,6 +52,7 @@ class RunContext:
     recorders: list[Recorder]
     seeds: list[int]
     vwpr: Any = None  # the vwpr config node (None: off)
+    controller: ControllerSettings | None = None  # the loss controller's settings (None: off)
 
     @property
     def recorder(self) -> Recorder:
@@ -258,7 +260,8 @@ def train(cfg: DictConfig, envelopes: dict[str, Envelope], runs: list[SeedRun], 
     for i, run in enumerate(runs):
         # one progress bar per job: the first seed's
         recorders.append(Recorder(run.dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress if i == 0 else False))
-    context = RunContext(device, envelopes, recorders, [run.seed for run in runs], cfg.vwpr if cfg.vwpr.enabled else None)
+    context = RunContext(device, envelopes, recorders, [run.seed for run in runs], cfg.vwpr if cfg.vwpr.enabled else None,
+                         None if cfg.controller.mode is None else controller_settings(cfg))
     extras = module.run(cfg, context)
     extras = [extras] if isinstance(extras, dict) else extras
     wall_time = time.time() - start

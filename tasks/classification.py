@@ -152,7 +152,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     group = ModelGroup(build, seeds, device)
     optimizer = adam(group.parameters(), task_cfg.lr)
     controlled = None
-    if cfg.controller.mode is not None:
+    if context.controller is not None:
         probe_x, probe_y = data["val"][0][:, :PROBE_SIZE], data["val"][1][:, :PROBE_SIZE]
 
         def probe() -> float:

@@ -157,8 +157,8 @@ class ControlledLoss:
     """The adaptive loss controller in a task's loop (``controller.mode`` set).
 
     Args:
-        cfg: the run's config (``controller.*`` and the seed).
-        context: the run's context (device, recorder).
+        cfg: the run's config (its seed seeds the monitor).
+        context: the run's context (the controller's settings, device, recorder).
         aux_losses: ``(outputs, targets) -> {name: per-sample loss}``, the auxiliary losses.
         names: their names.
         metric: the validation metric the meta controller learns from (lower is better).
@@ -168,14 +168,11 @@ class ControlledLoss:
     """
 
     def __init__(self, cfg, context, aux_losses, names, metric: str, probe, parameters, total_steps: int):
-        from omegaconf import OmegaConf
+        from methods.loss_controller import LossController
 
-        from methods.loss_controller import ControllerSettings, LossController
-
-        settings = ControllerSettings(**OmegaConf.to_container(cfg.controller, resolve=True))
         self.aux_losses = aux_losses
         self.metric = metric
-        self.controller = LossController(names, settings, context.device, cfg.seed, probe,
+        self.controller = LossController(names, context.controller, context.device, cfg.seed, probe,
                                          list(parameters), total_steps, context.recorder.writer_for_steps())
         self.job_dir = context.job_dir
 

@@ -260,7 +260,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         val_class_counts = torch.stack([torch.bincount(y, minlength=10) for y in data["val_y"]]).clamp_min(1).to(device)
 
     controlled = None
-    if cfg.controller.mode is not None:
+    if context.controller is not None:
         probe_x = data["val_x"][:, :PROBE_SIZE]
 
         def probe() -> float:  # the negative ELBO of a fixed held-out batch
