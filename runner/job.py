@@ -25,8 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from envelopes import Envelope
-from runner.cache import ResultsCache
 from methods.loss_controller import ControllerSettings
+from runner.cache import ResultsCache
 from runner.config import config_id, controller_settings, effective_config, validate
 from runner.recorder import Recorder, file_key, write_json_atomic
 from tasks import task_module
