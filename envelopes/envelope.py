@@ -17,6 +17,8 @@ from .functional import (
     check_shape,
     check_step_size,
     envelope_weight,
+    interpolate,
+    plan_tensors,
     SelectionPlan,
     quantile_levels,
     select_order_statistics,
@@ -131,7 +133,7 @@ class Envelope(nn.Module):
         self.step_size = check_step_size(step_size)
 
         self._levels = tuple(quantile_levels(self.quantile, self.width))
-        self._coefficient_cache: dict = {}
+        self._plan_cache: dict = {}
         self.adaptive = bool(self._levels)
         self.smoothed = self.adaptive and self.step_size < 1.0
         if self.smoothed:
@@ -171,32 +173,38 @@ class Envelope(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
-    def _coefficients(self, plan: SelectionPlan, like: Tensor) -> Tensor:
-        """Matrix mapping the selected order statistics to [threshold?, span?].
+    def _plan_tensors(self, plan: SelectionPlan, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The plan's interpolation indices and fractions on ``like``'s device.
 
         Built once per batch size, device and dtype: a per-call tensor built
         from Python numbers would be a host-to-device copy on a GPU.
         """
-        rows = []
-        if self.quantile is not None:
-            rows.append(plan.rows[0])
-        if self.width is not None:
-            rows.append(tuple(hi - lo for lo, hi in zip(plan.rows[-2], plan.rows[-1])))
         if torch.compiler.is_compiling():
-            return torch.tensor(rows, dtype=like.dtype, device=like.device)
+            return plan_tensors(plan, like)
         key = (like.shape[-1], like.dtype, like.get_device())  # get_device() is cheaper than .device
-        if key not in self._coefficient_cache:
-            self._coefficient_cache[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
-        return self._coefficient_cache[key]
+        if key not in self._plan_cache:
+            self._plan_cache[key] = plan_tensors(plan, like)
+        return self._plan_cache[key]
 
     def _adaptive_parameters(self, loss: Tensor) -> Tensor:
-        """[threshold?, span?] from this batch's quantiles (one row per group), smoothed if configured."""
+        """[threshold?, span?] from this batch's quantiles (one row per group), smoothed if configured.
+
+        Each quantile is a ``torch.lerp`` of its two order statistics, exact
+        where they tie; the span is the difference of two such quantiles, so
+        a batch of equal losses has span exactly 0.
+        """
         flat = loss.reshape(-1) if self.groups is None else loss.reshape(self.groups, -1)
         if torch.compiler.is_compiling():
             plan = selection_plan.__wrapped__(flat.shape[-1], self._levels)  # traced, not cached
         else:
             plan = selection_plan(flat.shape[-1], self._levels)
-        values = select_order_statistics(flat, plan) @ self._coefficients(plan, flat).mT
+        levels = interpolate(select_order_statistics(flat, plan), plan, self._plan_tensors(plan, flat))
+        parts = []
+        if self.quantile is not None:
+            parts.append(levels[..., :1])
+        if self.width is not None:
+            parts.append(levels[..., -1:] - levels[..., -2:-1])
+        values = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         if self.smoothed:
             values = bias_corrected_ema_(self.estimate, self.trace, values, self.step_size)
             if values.dtype != loss.dtype:

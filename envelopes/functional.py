@@ -139,15 +139,20 @@ class SelectionPlan(NamedTuple):
 
     ``mode`` is ``"top"`` (``topk`` of the ``size`` largest, descending),
     ``"bottom"`` (``topk`` of the ``size`` smallest, ascending) or
-    ``"select"`` (one ``kthvalue`` per entry of ``ranks``). ``rows[j]`` holds
-    the coefficients that turn the selected vector into level ``j``'s
-    quantile (linear interpolation is linear in the order statistics).
+    ``"select"`` (one ``kthvalue`` per entry of ``ranks``). Level ``j``'s
+    quantile is ``lerp(selected[lower[j]], selected[upper[j]], fraction[j])``
+    (``upper == lower`` and fraction 0 where the position is a whole rank).
+    ``torch.lerp`` of two equal values returns that value exactly, so tied
+    order statistics give their tied value, as ``torch.quantile`` does; a sum
+    of coefficient products need not (it can land one ulp off).
     """
 
     mode: str
     size: int
     ranks: tuple[int, ...]
-    rows: tuple[tuple[float, ...], ...]
+    lower: tuple[int, ...]
+    upper: tuple[int, ...]
+    fraction: tuple[float, ...]
 
 
 @functools.lru_cache(maxsize=256)
@@ -171,14 +176,31 @@ def selection_plan(n: int, levels: tuple[float, ...]) -> SelectionPlan:
             mode, size, slot = "bottom", from_bottom, {r: r for r in ranks}
     else:
         mode, size, slot = "select", len(ranks), {r: i for i, r in enumerate(ranks)}
-    rows = []
-    for lo, hi, frac in spans:
-        row = [0.0] * size
-        row[slot[lo]] += 1.0 - frac
-        if frac:
-            row[slot[hi]] += frac
-        rows.append(tuple(row))
-    return SelectionPlan(mode, size, tuple(ranks), tuple(rows))
+    lower = tuple(slot[lo] for lo, hi, frac in spans)
+    upper = tuple(slot[hi] if frac else slot[lo] for lo, hi, frac in spans)
+    fraction = tuple(float(frac) for lo, hi, frac in spans)
+    return SelectionPlan(mode, size, tuple(ranks), lower, upper, fraction)
+
+
+def interpolate(selected: Tensor, plan: SelectionPlan, index: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """The plan's quantiles from its selected order statistics (last dimension), by ``torch.lerp``.
+
+    ``index`` holds the plan's ``(lower, upper, fraction)`` as tensors on
+    ``selected``'s device (callers cache them so that a step on a GPU makes
+    no host-to-device copy); without it they are built here.
+    """
+    if index is None:
+        index = plan_tensors(plan, selected)
+    lower, upper, fraction = index
+    return torch.lerp(selected.index_select(-1, lower), selected.index_select(-1, upper), fraction)
+
+
+def plan_tensors(plan: SelectionPlan, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lower, upper, fraction)`` of a plan as tensors on ``like``'s device, fraction in its dtype."""
+    def index(values):
+        return torch.tensor(values, dtype=torch.long, device=like.device)
+
+    return index(plan.lower), index(plan.upper), torch.tensor(plan.fraction, dtype=like.dtype, device=like.device)
 
 
 def select_order_statistics(flat: Tensor, plan: SelectionPlan) -> Tensor:
@@ -226,14 +248,7 @@ def quantiles(values: Tensor, levels: Sequence[float]) -> Tensor:
         A 1-d tensor of ``len(levels)`` quantiles, dtype of ``values``.
     """
     flat, plan = _plan_for(values, levels)
-    selected = select_order_statistics(flat, plan)
-    out = []
-    for row in plan.rows:
-        # one or two nonzero coefficients summing to 1: lerp(a, b, c_b) = c_a a + c_b b
-        terms = [(i, c) for i, c in enumerate(row) if c]
-        first = selected[terms[0][0]]
-        out.append(torch.lerp(first, selected[terms[1][0]], terms[1][1]) if len(terms) == 2 else first)
-    return torch.stack(out)
+    return interpolate(select_order_statistics(flat, plan), plan)
 
 
 def quantile_levels(quantile: float | None, width: float | None) -> list[float]:

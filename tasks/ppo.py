@@ -16,7 +16,8 @@ The total is ``policy + value_coef * value``, **summed** over the minibatch
 as the paper does (``reduction=sum``); ``reduction=mean`` averages instead.
 
 Correctness the paper's code lacked: a time-limit truncation is not a
-termination (the value of the final observation is bootstrapped;
+termination (the value of the final observation is bootstrapped, unless the
+episode also terminated on that step;
 ``truncation=terminate`` restores the paper's behaviour), a rollout in which
 no episode ends logs no return rather than NaN, and rollouts run without
 gradient tracking.
@@ -111,6 +112,25 @@ def make_envs(env_id: str, num_envs: int, seed: int, max_episode_steps: int | No
     return envs
 
 
+def bootstrap_time_limits(reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, info: dict,
+                          critic: nn.Module, gamma: float) -> np.ndarray:
+    """Rewards with ``gamma * V(final observation)`` added where a time limit alone ended the episode.
+
+    A time limit is not an ending, so its final state is bootstrapped. A
+    time limit reached on the very step the episode terminated sets both
+    flags (gymnasium's TimeLimit does); that state is terminal and nothing
+    is added. ``info["final_obs"]`` holds the final observations (same-step
+    autoreset).
+    """
+    cut = truncated & ~terminated
+    if not cut.any():
+        return reward
+    final = torch.as_tensor(np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)]), dtype=torch.float32)
+    reward = reward.copy()
+    reward[cut] += gamma * critic(final).squeeze(-1).numpy()
+    return reward
+
+
 def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns for (T, N) tensors; ``dones[t]`` ends the trace after step t."""
     advantages = torch.zeros_like(rewards)
@@ -176,10 +196,8 @@ def run(cfg, context) -> dict[str, float]:
                 action = (logits + gumbel[t]).argmax(-1)
                 next_obs, raw_reward, terminated, truncated, info = envs.step(action.numpy())
                 reward = raw_reward.astype(np.float32)
-                if bootstrap and truncated.any():
-                    # a time limit is not an ending: add the discounted value of where the episode stopped
-                    final = torch.as_tensor(np.stack([info["final_obs"][i] for i in np.flatnonzero(truncated)]), dtype=torch.float32)
-                    reward[truncated] += task_cfg.gamma * rollout_critic(final).squeeze(-1).numpy()
+                if bootstrap:
+                    reward = bootstrap_time_limits(reward, terminated, truncated, info, rollout_critic, task_cfg.gamma)
                 done = terminated | truncated
                 obs_buf[t], actions_buf[t], logits_buf[t], values_buf[t] = obs, action, logits, value
                 rewards_buf[t] = torch.from_numpy(reward)

@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
 from runner.config import ConfigError, validate
 from runner.job import run_job
-from tasks.ppo import gae
+from tasks.ppo import bootstrap_time_limits, gae, make_envs
 
 pytest.importorskip("gymnasium")
 
@@ -61,6 +63,27 @@ def test_truncation_bootstrap_differs_from_the_papers_termination(compose, tmp_p
     # the same episodes (same seed, same first policy), but bootstrapped value targets
     assert a[0]["charts_episodic_return"] == b[0]["charts_episodic_return"]
     assert a[0]["train_value_raw_loss_mean"] != b[0]["train_value_raw_loss_mean"]
+
+
+def test_a_step_that_terminates_at_the_time_limit_is_not_bootstrapped():
+    # CartPole-v1, seed 0, constant action 0 terminates at step 11: with an 11-step
+    # limit, TimeLimit sets truncated too, and the state is terminal all the same.
+    class ValueOne(torch.nn.Module):
+        def forward(self, obs):
+            return torch.ones(obs.shape[0], 1)
+
+    def feed(limit):
+        envs = make_envs("CartPole-v1", 1, 0, limit)
+        envs.reset(seed=0)
+        for step in range(1, 100):
+            _, reward, terminated, truncated, info = envs.step(np.zeros(1, dtype=np.int64))
+            if terminated[0] or truncated[0]:
+                fed = bootstrap_time_limits(reward.astype(np.float32), terminated, truncated, info, ValueOne(), 0.99)
+                return step, bool(terminated[0]), bool(truncated[0]), float(fed[0])
+
+    assert feed(11) == (11, True, True, 1.0)
+    assert feed(None) == (11, True, False, 1.0)
+    assert feed(5) == (5, False, True, pytest.approx(1.99))  # cut by the limit alone: bootstrapped
 
 
 def test_a_rollout_without_an_ending_logs_no_nan(compose, tmp_path):
