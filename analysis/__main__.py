@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         write_report(args.sweeps, args.out or args.sweeps[0], args.metric, args.mode, not args.no_figures)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # NoRunsError among them
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -98,10 +98,23 @@ def _markdown_frame(frame: pd.DataFrame) -> str:
     return header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
 
 
+class NoRunsError(ValueError):
+    """The directories given hold no runs (nothing to report, and no report is written)."""
+
+
 def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = None, mode: str | None = None,
-                 make_figures: bool = True) -> Path:
-    """Write table.md, table.tex, jobs.csv, configs.csv, figures/ and report.md into ``out_dir``; print the table."""
-    jobs = load_jobs(*sweep_dirs)
+                 make_figures: bool = True, jobs: pd.DataFrame | None = None) -> Path:
+    """Write table.md, table.tex, jobs.csv, configs.csv, figures/ and report.md into ``out_dir``; print the table.
+
+    ``jobs`` is ``load_jobs(*sweep_dirs)`` when the caller has it already.
+    Directories without a single run raise :class:`NoRunsError` before
+    anything is written, so an existing report is never replaced by an
+    empty one.
+    """
+    jobs = load_jobs(*sweep_dirs) if jobs is None else jobs
+    if jobs.empty:
+        raise NoRunsError(f"no runs in {', '.join(str(d) for d in sweep_dirs)} (a run is a directory with "
+                          ".hydra/overrides.yaml); nothing written")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs.to_csv(out_dir / "jobs.csv", index=False)
     counts = jobs["status"].value_counts().to_dict() if not jobs.empty else {}

@@ -26,6 +26,21 @@ from .functional import (
 )
 
 
+def check_ranges(threshold=None, quantile=None, inverse_slope=None, width=None, gamma=None, fraction=None) -> None:
+    """Raise ``ValueError`` naming the first given parameter outside its range (None: not given)."""
+    if threshold is not None:
+        check_finite(threshold, "threshold")
+    if quantile is not None:
+        check_probability(quantile, "quantile")
+    if inverse_slope is not None:
+        check_positive(inverse_slope, "inverse_slope")
+    for name, value in (("width", width), ("fraction", fraction)):
+        if value is not None and check_positive(value, name) > 1.0:
+            raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+    if gamma is not None and check_finite(gamma, "gamma") < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+
+
 class Envelope(nn.Module):
     r"""Loss Attenuation Envelope: ``forward(l) = w(l) * l`` with ``w`` detached.
 
@@ -85,6 +100,9 @@ class Envelope(nn.Module):
     ) -> None:
         super().__init__()
         self.shape = check_shape(shape)
+        # Every value given is range-checked, also one this shape ignores (and then drops).
+        check_ranges(threshold=threshold, quantile=quantile, inverse_slope=inverse_slope, width=width, gamma=gamma,
+                     fraction=fraction)
         if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
             raise ValueError(f"groups must be a positive integer or None, got {groups!r}")
         self.groups = groups

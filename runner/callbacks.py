@@ -97,7 +97,12 @@ def check_sweep(config: DictConfig) -> tuple[int, int, int]:
             invalid += 1
         else:
             effective, seed_batch = checked[seedless]
-            first = int(next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), effective["seed"]))
+            given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), effective["seed"])
+            try:
+                first = int(given)
+            except ValueError:
+                loader.load_sweep_config(config, overrides)  # raises Hydra's own message for the bad value
+                raise ConfigError(f"seed must be an integer, got {given!r}") from None
             # a seed-batched job trains seeds first .. first + seed_batch - 1, each its own run
             run_ids.update(config_id({**effective, "seed": seed}, with_seed=True) for seed in range(first, first + seed_batch))
             runs += seed_batch
@@ -107,12 +112,47 @@ def check_sweep(config: DictConfig) -> tuple[int, int, int]:
     return len(jobs), runs, len(run_ids)
 
 
+def fail(message: str) -> None:
+    """Print one message and end the process with status 2.
+
+    Hydra turns a callback's exception into a warning and goes on;
+    ``SystemExit`` is not an ``Exception`` and stops it.
+    """
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def writable_dir(path: Path) -> None:
+    """Create ``path`` (and parents) and check that a file can be written in it, or fail with one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_check.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        fail(f"Error: cannot write the output directory {path}: {error.strerror or error} "
+             f"(set hydra.run.dir or hydra.sweep.dir to a writable place)")
+
+
 class SweepCallback(Callback):
     """Validates every job before the first one trains; prints a summary at the end."""
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: check its config, then its output directory, before Hydra creates anything.
+
+        An invalid config prints one line (key, value, what is allowed) and
+        leaves no run directory behind; so does an output directory that
+        cannot be written.
+        """
+        try:
+            validate(config)
+        except ConfigError as error:
+            fail(f"Error: {error}")
+        writable_dir(Path(config.hydra.run.dir))
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # before the sweeper starts: the Optuna preset keeps its study in the sweep directory
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        writable_dir(Path(config.hydra.sweep.dir))
         if config.hydra.launcher.get("_target_") == RAY_LAUNCHER and config.hydra.launcher.ray.init.get("_temp_dir"):
             keep_ray_inside(Path(config.hydra.launcher.ray.init._temp_dir))
         if config.hydra.sweeper.get("_target_") not in (BASIC_SWEEPER, CHECKED_SWEEPER):
@@ -120,9 +160,10 @@ class SweepCallback(Callback):
         try:
             jobs, runs, distinct = check_sweep(config)
         except ConfigError as error:
-            # Hydra turns a callback's exception into a warning and goes on; stop here instead.
-            print(f"Error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(f"Error: {error}")
+        except Exception as error:  # Hydra's own composition errors (a value of the wrong type, an unknown key)
+            cause = f"\n{error.__cause__}" if error.__cause__ is not None else ""
+            fail(f"Error: {error}{cause}")
         _checked_sweeps.add(str(config.hydra.sweep.dir))
         message = f"Sweep: {jobs} jobs" + (f" ({runs} runs: seeds batched)" if runs != jobs else "") + ", all configs valid"
         if distinct < runs and config.get("deduplicate", True):
@@ -130,10 +171,22 @@ class SweepCallback(Callback):
         log.info(message)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write the sweep's report, then exit non-zero if any run failed or the report could not be written.
+
+        Hydra would turn an exception here into a warning; ``SystemExit`` is
+        not an ``Exception`` and ends the process with its status.
+        """
+        from analysis.load import load_jobs
         from analysis.report import write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            write_report([sweep_dir], sweep_dir)
+            jobs = load_jobs(sweep_dir)
+            write_report([sweep_dir], sweep_dir, jobs=jobs)
         except Exception as error:  # the jobs' results are on disk whatever happens here
             log.exception("analysis of %s failed: %s; run python -m analysis %s", sweep_dir, error, sweep_dir)
+            raise SystemExit(1) from None
+        failed = int(jobs["status"].isin(["failed", "unfinished"]).sum())
+        if failed:
+            print(f"Error: {failed} of {len(jobs)} runs did not complete (listed above)", file=sys.stderr)
+            raise SystemExit(1)

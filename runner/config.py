@@ -119,8 +119,8 @@ def build_envelopes(cfg: DictConfig) -> dict[str, Envelope]:
     return out
 
 
-def controller_settings(cfg: DictConfig) -> ControllerSettings:
-    return ControllerSettings(**OmegaConf.to_container(cfg.controller, resolve=True))
+def controller_settings(cfg: DictConfig, **replace: Any) -> ControllerSettings:
+    return ControllerSettings(**{**OmegaConf.to_container(cfg.controller, resolve=True), **replace})
 
 
 def validate(cfg: DictConfig) -> dict[str, Envelope]:
@@ -141,11 +141,21 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
         if cfg.vwpr.enabled:
             raise ConfigError(f"seed_batch: VWPR (vwpr.enabled=true) trains one seed per job; use seed_batch=1, "
                               f"got seed_batch={cfg.seed_batch}")
-    if cfg.vwpr.enabled:
-        try:
-            check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr)
-        except ValueError as error:
-            raise ConfigError(f"vwpr.{error}") from None
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda was asked for but torch sees no CUDA device on this machine; "
+                              "allowed here: auto (picks CUDA when present) or cpu, got 'cuda'")
+    # every setting given is range-checked, also while its method is off
+    try:
+        check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr)
+    except ValueError as error:
+        raise ConfigError(f"vwpr.{error}") from None
+    try:
+        check_controller_settings(controller_settings(cfg, mode=cfg.controller.mode or "full"))
+    except ValueError as error:
+        raise ConfigError(f"controller.{error}") from None
     if cfg.controller.mode is not None:
         module = task_module(cfg.task.name)
         if not hasattr(module, "AUX_LOSSES"):
@@ -155,10 +165,6 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
         if cfg.seed_batch > 1:
             raise ConfigError(f"seed_batch: the loss controller trains one seed per job; use seed_batch=1, "
                               f"got seed_batch={cfg.seed_batch}")
-        try:
-            check_controller_settings(controller_settings(cfg))
-        except ValueError as error:
-            raise ConfigError(f"controller.{error}") from None
         if cfg.task.name == "vae" and cfg.task.kl_annealing_steps:
             raise ConfigError(f"task.kl_annealing_steps: the loss controller sets the KL weight itself; use 0 with "
                               f"controller.mode={cfg.controller.mode}, got {cfg.task.kl_annealing_steps}")

@@ -14,7 +14,6 @@ slashes become underscores (``val_loss``), so pandas and shells can use them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -24,9 +23,21 @@ from typing import Any, Iterable, Mapping
 
 from tqdm import tqdm
 
+from tasks.common import DivergedError, divergence
+
 
 def file_key(tag: str) -> str:
     return tag.replace("/", "_")
+
+
+def _file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
 
 
 def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
@@ -34,6 +45,7 @@ def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> None:
     path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.fchmod(handle, _FILE_MODE)  # mkstemp makes 0600; the result reads like the run's other files
         with os.fdopen(handle, "w") as out:
             json.dump(payload, out, indent=2, sort_keys=True, default=_json_default)
             out.write("\n")
@@ -49,10 +61,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -110,13 +118,20 @@ class Recorder:
         return tqdm(iterable, total=total, unit=unit, disable=not self.progress_enabled, dynamic_ncols=True, leave=False)
 
     def log(self, step: int, metrics: Mapping[str, float], step_name: str = "epoch") -> None:
-        """Record one row: TensorBoard scalars at ``step`` and one JSON line."""
+        """Record one row: TensorBoard scalars at ``step`` and one JSON line.
+
+        A non-finite value raises :class:`DivergedError` naming the metric:
+        the run has diverged, and nothing of the row is written.
+        """
         if self._metrics_file is None:
             self._open()
         row = {step_name: step}
+        reason = divergence(metrics, f"{step_name} {step}")
+        if reason is not None:  # a task checks before logging; this catches one that did not
+            raise DivergedError(reason)
         for tag, value in metrics.items():
             value = float(value)
-            row[file_key(tag)] = _finite_or_none(value)
+            row[file_key(tag)] = value
             if self.writer is not None:
                 self.writer.add_scalar(tag, value, step)
         self._metrics_file.write(json.dumps(row) + "\n")

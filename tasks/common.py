@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from envelopes import Envelope
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+class DivergedError(RuntimeError):
+    """Training produced a NaN or infinite value in a recorded metric: the run failed."""
+
+
+def divergence(metrics: Mapping[str, float], step: str) -> str | None:
+    """``"diverged at <step>: <metric> is <value>"`` for the first non-finite metric, else None."""
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            return f"diverged at {step}: {name} is {value}"
+    return None
 
 
 def check(condition: bool, key: str, allowed: str, value) -> None:
@@ -63,7 +73,8 @@ class MeanStd:
     def add(self, values: torch.Tensor) -> None:
         values = values.detach()
         values = values.reshape(-1) if self.groups is None else values.reshape(self.groups, -1)
-        self.total += torch.stack((values.sum(-1), values.square().sum(-1)), dim=-1).double()
+        values = values.double()  # squares of float32 losses above 1.8e19 would overflow
+        self.total += torch.stack((values.sum(-1), values.square().sum(-1)), dim=-1)
         self.count += values.shape[-1]
 
     def summary(self, prefix: str, group: int | None = None) -> dict[str, float]:

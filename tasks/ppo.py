@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.common import EnvelopeMeter, MeanStd, NonFiniteLossError, adam, check
+from tasks.common import EnvelopeMeter, DivergedError, MeanStd, adam, check, divergence
 
 OBJECTIVE = ("charts/return_ma100", "max")
 ENVIRONMENTS = ("LunarLander-v3", "Acrobot-v1", "CartPole-v1")
@@ -81,6 +81,9 @@ def validate(task_cfg) -> None:
     check(0 < task_cfg.gamma <= 1, "gamma", "must lie in (0, 1]", task_cfg.gamma)
     check(0 <= task_cfg.gae_lambda <= 1, "gae_lambda", "must lie in [0, 1]", task_cfg.gae_lambda)
     check(task_cfg.clip > 0, "clip", "must be > 0", task_cfg.clip)
+    check(task_cfg.value_coef >= 0, "value_coef", "must be >= 0", task_cfg.value_coef)
+    check(len(task_cfg.hidden) > 0 and all(h > 0 for h in task_cfg.hidden), "hidden",
+          "must be a non-empty list of positive layer widths", list(task_cfg.hidden))
     check(task_cfg.reduction in ("sum", "mean"), "reduction", "must be one of ['sum', 'mean']", task_cfg.reduction)
     check(task_cfg.truncation in ("bootstrap", "terminate"), "truncation", "must be one of ['bootstrap', 'terminate']", task_cfg.truncation)
     check(task_cfg.kl_penalty in ("none", "fixed", "adaptive"), "kl_penalty", "must be one of ['none', 'fixed', 'adaptive']", task_cfg.kl_penalty)
@@ -270,8 +273,6 @@ def run(cfg, context) -> dict[str, float]:
         for name, meter in stats.items():
             loss_name, kind = name.split("_")
             metrics.update(meter.summary(f"train/{loss_name}_{kind}_loss"))
-        if not np.isfinite(metrics["train/policy_raw_loss_mean"]) or not np.isfinite(metrics["train/value_raw_loss_mean"]):
-            raise NonFiniteLossError(f"non-finite loss at update {update} ({global_step} steps)")
         for name, meter in meters.items():
             metrics.update(meter.summary(f"envelope/{name}"))
         variance = b_returns.var()
@@ -289,7 +290,12 @@ def run(cfg, context) -> dict[str, float]:
         if recent:
             metrics["charts/return_ma100"] = float(np.mean(recent))
             history.append((global_step, metrics["charts/return_ma100"]))
-        recorder.log(global_step, {k: v for k, v in metrics.items() if np.isfinite(v)}, step_name="step")
+        if variance == 0:  # returns without spread: explained variance is undefined, not a divergence
+            del metrics["train/explained_variance"]
+        reason = divergence(metrics, f"update {update} ({global_step} steps)")
+        if reason is not None:
+            raise DivergedError(reason)
+        recorder.log(global_step, metrics, step_name="step")
         if recent:
             bar.set_postfix(return_ma=f"{metrics['charts/return_ma100']:.1f}", sps=f"{metrics['charts/sps']:.0f}")
     envs.close()

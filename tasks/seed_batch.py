@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_map
 
-from tasks.common import NonFiniteLossError
+from tasks.common import DivergedError
 
 
 class ModelGroup:
@@ -103,4 +103,4 @@ def stack_seeds(per_seed: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 def seed_outcomes(extras: Sequence[dict[str, float]], failed: dict[int, str]) -> list[dict[str, float] | Exception]:
     """Each seed's final extra metrics, or the error that ended it (``failed``: seed index to reason)."""
-    return [NonFiniteLossError(failed[s]) if s in failed else extra for s, extra in enumerate(extras)]
+    return [DivergedError(failed[s]) if s in failed else extra for s, extra in enumerate(extras)]

@@ -9,14 +9,13 @@ statistics on the device and logs one row per epoch and seed.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 from envelopes import Envelope
-from tasks.common import ControlledLoss, EnvelopeMeter, MeanStd, NonFiniteLossError, VWPRMonitor, optimise
+from tasks.common import ControlledLoss, DivergedError, EnvelopeMeter, MeanStd, VWPRMonitor, divergence, optimise
 from tasks.seed_batch import ModelGroup, generators, permutations, take
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,9 +62,9 @@ def fit(
 
     ``train`` holds (S, n, ...) inputs and (S, n) targets; ``envelope`` has
     ``groups=S`` when S > 1; ``evaluate()`` returns one dict per seed.
-    A seed whose epoch loss is not finite stops being logged while the
+    A seed with a non-finite value in any recorded metric stops being logged while the
     others train on (seeds are independent). Returns ``{seed index: reason}``
-    for such seeds; raises :class:`NonFiniteLossError` when none is left.
+    for such seeds; raises :class:`DivergedError` when none is left.
     """
     train_x, train_y = train
     device = train_x.device
@@ -91,15 +90,16 @@ def fit(
             if s in failed:
                 continue
             metrics = {**raw.summary("train/raw_loss", s), **shaped.summary("train/shaped_loss", s)}
-            if not math.isfinite(metrics["train/raw_loss_mean"]):
-                failed[s] = f"non-finite training loss at epoch {epoch}"
-                continue
             metrics.update(meter.summary(f"envelope/{loss_name}", s))
             metrics.update(method_metrics)
             metrics.update(evaluation[s])
+            reason = divergence(metrics, f"epoch {epoch}")
+            if reason is not None:  # any recorded value, not only the loss: the run failed
+                failed[s] = reason
+                continue
             recorder.log(epoch, metrics)
         if len(failed) == len(seeds):
-            raise NonFiniteLossError(failed[0] if len(seeds) == 1 else f"every seed diverged: {failed}")
+            raise DivergedError(failed[0] if len(seeds) == 1 else f"every seed diverged: {failed}")
         bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(evaluation[0].items())[:2]})
     if vwpr is not None:
         vwpr.save_figure(recorders[0].job_dir)

@@ -30,12 +30,13 @@ from torch import nn
 
 from tasks.common import (
     ControlledLoss,
+    DivergedError,
     EnvelopeMeter,
     MeanStd,
-    NonFiniteLossError,
     VWPRMonitor,
     adam,
     check,
+    divergence,
     optimise,
     resolve_path,
 )
@@ -326,9 +327,6 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             metrics = {}
             for name, meter in meters.items():
                 metrics.update(meter.summary(f"train/{name}", s))
-            if not math.isfinite(metrics["train/total_mean"]):
-                failed[s] = f"non-finite training loss at epoch {epoch}"
-                continue
             metrics["train/kl_weight"] = kl_weight
             metrics["train/samples"] = meters["total"].count
             for name, meter in envelope_meters.items():
@@ -338,9 +336,13 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             if drift:
                 metrics.update({f"val/recon_{label}": values[s] for label, values in reweighted.items()})
                 metrics.update({f"drift/class_weight_{c}": w for c, w in enumerate(weights[s].tolist())})
+            reason = divergence(metrics, f"epoch {epoch}")
+            if reason is not None:  # any recorded value, not only the loss: the run failed
+                failed[s] = reason
+                continue
             recorder.log(epoch, metrics)
         if len(failed) == n_seeds:
-            raise NonFiniteLossError(failed[0] if n_seeds == 1 else f"every seed diverged: {failed}")
+            raise DivergedError(failed[0] if n_seeds == 1 else f"every seed diverged: {failed}")
         bar.set_postfix(val_recon=f"{val[0]['val/recon']:.2f}", kl=f"{val[0]['val/kl']:.2f}")
 
     if vwpr is not None:

@@ -171,3 +171,13 @@ def test_command_line(sweep, tmp_path):
     assert f"Results: {out} (report.md, table.md/.tex, configs.csv, jobs.csv)" in proc.stdout  # what was written
     bad = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_a_directory_without_runs_is_an_error_and_keeps_its_report(tmp_path):
+    # a results directory holds a report and tables but no runs: the analysis must not overwrite them
+    (tmp_path / "report.md").write_text("the real report\n")
+    proc = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: no runs in {tmp_path}")
+    assert (tmp_path / "report.md").read_text() == "the real report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]

@@ -37,11 +37,11 @@ def test_envelope_changes_training(compose, tmp_path):
 
 
 def test_non_finite_loss_fails_with_reason(compose, tmp_path):
-    with pytest.raises(RuntimeError, match="non-finite training loss at epoch 1"):
+    with pytest.raises(RuntimeError, match="diverged at epoch 1: train/raw_loss_mean is nan"):
         run_job(compose("task.lr=1e30", "task.epochs=3", "tensorboard=false"), tmp_path, None, [], reraise=True)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "failed"
-    assert result["error"] == "NonFiniteLossError: non-finite training loss at epoch 1"
+    assert result["error"] == "DivergedError: diverged at epoch 1: train/raw_loss_mean is nan"
 
 
 def test_in_a_sweep_a_failure_is_recorded_not_raised(compose, tmp_path):

@@ -35,7 +35,9 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
         "task.epochs=2",
         f"hydra.sweep.dir={sweep}",
     )
-    assert proc.returncode == 0, proc.stderr
+    # the report is written, the failed runs are named, and the exit status says a run failed
+    assert proc.returncode == 1, proc.stderr
+    assert "Error: 2 of 4 runs did not complete (listed above)" in proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 4
     statuses = {}
@@ -48,7 +50,7 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
         assert len(result["config_id"]) == 16 and len(result["run_id"]) == 16
         assert result["wall_time_s"] > 0
         if result["status"] == "failed":
-            assert result["error"] == "NonFiniteLossError: non-finite training loss at epoch 1"
+            assert result["error"] == "DivergedError: diverged at epoch 1: train/raw_loss_mean is nan"
             continue
         rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2]
@@ -69,7 +71,7 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
     # the end-of-sweep summary ran although jobs failed
     for name in ("report.md", "table.md", "table.tex", "configs.csv", "jobs.csv", "figures/envelope_shapes.png"):
         assert (sweep / name).exists(), name
-    assert "4 runs: 2 completed, 2 failed" in proc.stdout and "(failed): NonFiniteLossError" in proc.stdout
+    assert "4 runs: 2 completed, 2 failed" in proc.stdout and "(failed): DivergedError" in proc.stdout
     assert f"Results: {sweep}" in proc.stdout
 
 
@@ -139,8 +141,48 @@ def test_an_experiment_preset_that_picks_its_own_sweeper_keeps_it(compose, tmp_p
 def test_single_run_failure_exits_non_zero(tmp_path):
     proc = run_cli("task.lr=1e30", "task.epochs=1", "tensorboard=false", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
-    assert "non-finite training loss" in proc.stderr
+    assert "diverged at epoch 1" in proc.stderr
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+
+
+def test_single_run_config_error_is_one_line_and_leaves_no_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("envelope@envelopes.classification=step", "envelopes.classification.quantile=1.5", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "Error: envelopes.classification: quantile must lie in [0, 1], got 1.5"
+    assert not run_dir.exists()
+
+
+def test_unwritable_output_directory_is_one_line(tmp_path):
+    # a path below a regular file cannot be created, as root too (a read-only directory is the same OSError)
+    (tmp_path / "file").write_text("")
+    for args in (["hydra.run.dir=" + str(tmp_path / "file" / "run")], ["-m", "hydra.sweep.dir=" + str(tmp_path / "file" / "sweep")]):
+        proc = run_cli(*args, "tensorboard=false")
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == f"Error: cannot write the output directory {tmp_path / 'file' / args[-1].split('/')[-1]}: " \
+                                      "Not a directory (set hydra.run.dir or hydra.sweep.dir to a writable place)"
+
+
+def test_sweep_with_a_bad_seed_leads_with_hydras_message(tmp_path):
+    proc = run_cli("-m", "seed=0,abc", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Error: Error merging override seed=abc\nValue 'abc' of type 'str' could not be converted to Integer")
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sweep_whose_every_run_failed_exits_non_zero(tmp_path):
+    proc = run_cli("-m", "task.lr=1e30", "seed=0,1", "task.epochs=1", "tensorboard=false", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 1
+    assert "Error: 2 of 2 runs did not complete (listed above)" in proc.stderr
+    assert proc.stdout.count("(failed): DivergedError: diverged at epoch 1") == 2
+    assert (tmp_path / "report.md").exists()
+
+
+def test_result_file_has_the_mode_of_the_other_files(tmp_path):
+    proc = run_cli("task.epochs=1", "tensorboard=false", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("result.json", "metrics.jsonl", "config.yaml")}
+    assert modes["result.json"] == modes["metrics.jsonl"] == modes["config.yaml"], modes
 
 
 def test_bad_config_key_exits_with_hydra_message(tmp_path):

@@ -128,12 +128,20 @@ def test_missing_loss_name_is_an_error(compose):
         ("task.subsets=[val]", "task.subsets must be a non-empty list drawn from ['train', 'test'], got ['val']"),
         ("task.epochs=0", "task.epochs must be a positive integer, got 0"),
         ("task.lr=-1", "task.lr must be > 0, got -1.0"),
+        # a value the chosen shape or method ignores is range-checked all the same
+        ("envelope@envelopes.classification=identity envelopes.classification.quantile=1.5",
+         "envelopes.classification: quantile must lie in [0, 1], got 1.5"),
+        ("envelope@envelopes.classification=step envelopes.classification.width=2.0",
+         "envelopes.classification: width must lie in (0, 1], got 2.0"),
+        ("envelopes.classification.gamma=-1", "envelopes.classification: gamma must be >= 0, got -1.0"),
+        ("vwpr.l1=-0.1", "vwpr.l1 must be >= 0, got -0.1"),
+        ("controller.gamma=1.5", "controller.gamma must lie in [0, 1), got 1.5"),
     ],
 )
 def test_range_errors_name_key_value_and_allowed(compose, override, message):
-    extra = ["envelope@envelopes.classification=sigmoid"]
+    extra = [] if override.startswith("envelope@") else ["envelope@envelopes.classification=sigmoid"]
     with pytest.raises(ConfigError) as info:
-        validate(compose(*extra, override))
+        validate(compose(*extra, *override.split()))
     assert str(info.value) == message
 
 
@@ -156,3 +164,12 @@ def test_ignored_parameters_do_not_change_the_config_id(compose):
     seeded = ids("seed=3")
     assert seeded[0] == identity[0] and seeded[1] != identity[1]
     assert ids("task.lr=0.01")[0] != identity[0]
+
+
+def test_device_cuda_without_cuda_is_a_config_error(compose, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device: cuda was asked for but torch sees no CUDA device"):
+        validate(compose("device=cuda"))
+    validate(compose("device=auto"))
