@@ -4,7 +4,7 @@ Writes a synthetic sweep in the runner's layout (20 epochs per job) to a
 temporary directory, then times ``load_jobs``, ``load_metrics`` and the
 paper table.
 
-    python bench/analysis_load.py [--jobs 1000]
+    python bench/analysis_load.py [--jobs 1000] [--smoke]
 """
 
 import argparse
@@ -42,7 +42,10 @@ def write_sweep(root: Path, jobs: int, epochs: int = 20) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--smoke", action="store_true", help="a tiny setting that checks the script runs (8 jobs)")
     args = parser.parse_args()
+    if args.smoke:
+        args.jobs = 8
     with tempfile.TemporaryDirectory() as tmp:
         write_sweep(Path(tmp), args.jobs)
         start = time.perf_counter()

@@ -9,7 +9,7 @@ validation every epoch, test at the end: the real command line, run
 Needs Fashion-MNIST: apt-get install dataset-fashion-mnist, or
 data_root=<dir holding fashion-mnist/>.
 
-    python bench/classification_run.py [--repeats 2] [--envelopes identity sigmoid]
+    python bench/classification_run.py [--repeats 2] [--envelopes identity sigmoid] [--smoke]
 """
 
 import argparse
@@ -29,7 +29,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--envelopes", nargs="+", default=["identity", "sigmoid"])
     parser.add_argument("overrides", nargs="*", help="extra overrides, e.g. device=cuda")
+    parser.add_argument("--smoke", action="store_true", help="a tiny setting that checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
+        args.overrides += ["task.train_size=1000", "task.val_size=200", "task.epochs=1", "tensorboard=false"]
     rows = {name: [] for name in args.envelopes}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
@@ -44,7 +48,8 @@ def main() -> None:
                 process = time.perf_counter() - start
                 result = json.loads((run_dir / "result.json").read_text())
                 rows[name].append((result["wall_time_s"], process, result["final"]["test_accuracy"]))
-    print("Fashion-MNIST, 55,000 train images, 20 epochs, batch 1,000, validation every epoch")
+    print("Fashion-MNIST, 55,000 train images, 20 epochs, batch 1,000, validation every epoch"
+          + (f" (overridden: {' '.join(args.overrides)})" if args.overrides else ""))
     for name, values in rows.items():
         jobs = [v[0] for v in values]
         processes = [v[1] for v in values]

@@ -14,7 +14,7 @@ Two measurements, in one process:
    for identity, timed in a tight loop on a batch of 1,000 real losses, as
    a fraction of the median identity step.
 
-    python bench/envelope_overhead.py [--rounds 30] [--steps 25] [--device cpu]
+    python bench/envelope_overhead.py [--rounds 30] [--steps 25] [--device cpu] [--smoke]
 """
 
 import argparse
@@ -62,7 +62,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormals (the runner's flush_denormal=false)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny setting that checks the script runs")
     args = parser.parse_args()
+    isolation = (2000, 200, 5)  # timed repeats, warm-up repeats, best of
+    if args.smoke:
+        args.rounds, args.steps, isolation = 2, 2, (20, 2, 1)
     device = torch.device(args.device)
     # As the runner does by default: tiny sigmoid weights make denormal gradients, slow on CPUs.
     torch.set_flush_denormal(not args.keep_denormals)
@@ -85,7 +89,7 @@ def main() -> None:
             begin = ((offset + step) * batch) % (len(x) - batch)
             train_step(model, optimizer, envelope, x[None, begin : begin + batch], y[None, begin : begin + batch], raw, shaped,
                        meter, per_sample_cross_entropy)
-        raw.summary("raw")  # one host sync per epoch, as in the task
+        raw.summary("raw", 0)  # one host sync per epoch, as in the task (one seed: group 0)
         sync(device)
         return (time.perf_counter() - start) / args.steps
 
@@ -111,7 +115,7 @@ def main() -> None:
     # 2. The envelope's own work on real per-sample losses of the trained model.
     model = variants["identity"][0]
     with torch.no_grad():
-        losses = F.cross_entropy(model(x[:batch]), y[:batch], reduction="none")
+        losses = F.cross_entropy(model(x[None, :batch])[0], y[:batch], reduction="none")
 
     def envelope_work(envelope: Envelope, repeats: int) -> float:
         meter = EnvelopeMeter(envelope, device)
@@ -127,11 +131,11 @@ def main() -> None:
     work = {}
     for name, make in (("identity", lambda: Envelope("identity")), ("adaptive sigmoid", adaptive_sigmoid)):
         envelope = make().to(device)
-        envelope_work(envelope, 200)
-        work[name] = min(envelope_work(envelope, 2000) for _ in range(5))
+        envelope_work(envelope, isolation[1])
+        work[name] = min(envelope_work(envelope, isolation[0]) for _ in range(isolation[2]))
     extra = work["adaptive sigmoid"] - work["identity"]
     step = statistics.median(times["identity"])
-    print("2. envelope work in isolation (forward, backward of the product, statistics; best of 5 x 2000):")
+    print(f"2. envelope work in isolation (forward, backward of the product, statistics; best of {isolation[2]} x {isolation[0]}):")
     print(f"   identity {work['identity'] * 1e6:.1f} us, adaptive sigmoid {work['adaptive sigmoid'] * 1e6:.1f} us: "
           f"{extra * 1e6:.1f} us more = {100 * extra / step:.2f}% of a {step * 1e3:.2f} ms identity step")
 

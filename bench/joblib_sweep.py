@@ -6,6 +6,7 @@ Under joblib each job gets cores // n_jobs torch threads (run_ablation.parallel_
 
     python bench/joblib_sweep.py                                  # california_quick (12 jobs)
     python bench/joblib_sweep.py --experiment quick_digits        # jobs of about a second
+    python bench/joblib_sweep.py --smoke                          # a tiny setting that checks the script runs
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def main() -> None:
     parser.add_argument("--experiment", default="california_quick")
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--data-root", default=DATA)
+    parser.add_argument("--smoke", action="store_true", help="quick_digits with 1 epoch: checks the script runs")
     args = parser.parse_args()
     common = [f"experiment={args.experiment}", f"data_root={args.data_root}", "progress=false"]
+    if args.smoke:
+        common = ["experiment=quick_digits", "task.epochs=1", "tensorboard=false", "progress=false"]
     out = Path(tempfile.mkdtemp(prefix="lae_bench_joblib_"))
     try:
         serial = timed_sweep(common, out / "serial")
@@ -47,7 +51,7 @@ def main() -> None:
         jobs = len([p for p in (out / "serial").iterdir() if (p / "result.json").exists()])
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    print(f"experiment={args.experiment}: {jobs} jobs, {os.cpu_count()} cores")
+    print(f"{' '.join(common[:-1])}: {jobs} jobs, {os.cpu_count()} cores")
     print(f"serial:              {serial:.1f} s")
     print(f"joblib n_jobs={args.n_jobs}:     {parallel:.1f} s")
     print(f"speed-up:            {serial / parallel:.2f}x")

@@ -8,6 +8,7 @@ the largest per-seed difference in the objective.
 
     python bench/seed_batch.py --task vae          # the VAE over-parameterised setting (paper size)
     python bench/seed_batch.py --task regression   # California Housing (paper size: 100 epochs)
+    python bench/seed_batch.py --smoke             # 2 seeds, 1 epoch: checks the script runs
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=None, help="default: the task's (paper) setting")
     parser.add_argument("--data-root", default=DATA)
+    parser.add_argument("--smoke", action="store_true", help="2 seeds, 1 epoch: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.epochs = 2, 1
     register_configs()
     base = [TASKS[args.task], f"data_root={args.data_root}", "progress=false"]
     if args.epochs is not None:

@@ -7,8 +7,10 @@ figures are copied into the new job's directory, and its ``result.json``
 says where they came from (``cached_from``). Completed runs are stored
 after they end; failed runs never are.
 
-The code version is a hash of the project's Python sources and the torch
-version, so an edit to a task or an envelope, or another torch, starts a
+The code version is a hash of the project's Python sources and the versions
+of torch, numpy, scikit-learn, gymnasium and the environment back ends
+(Box2D, EnvPool) where installed, so an edit to a task or an envelope, or
+another version of one of these libraries, starts a
 fresh cache entry instead of serving stale results. Entries are written to
 a temporary directory and renamed into place, so a reader never sees a
 half-written one, with any number of concurrent writers.
@@ -34,12 +36,27 @@ CACHED_DIRS = ("tb", "figures")
 log = logging.getLogger(__name__)
 
 
+# Libraries whose version can change what a run computes: numerics, data and splits, environments.
+VERSIONED = ("torch", "numpy", "scikit-learn", "gymnasium", "Box2D", "envpool")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed version of each library in :data:`VERSIONED` (those not installed are left out)."""
+    from importlib import metadata
+
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A short hash of every ``.py`` file the runs execute, and the torch version."""
-    import torch
-
-    digest = hashlib.sha256(torch.__version__.encode())
+    """A short hash of every ``.py`` file the runs execute and of the libraries' versions."""
+    digest = hashlib.sha256(json.dumps(library_versions(), sort_keys=True).encode())
     paths = [ROOT / "run_ablation.py"] + sorted(p for package in SOURCES for p in (ROOT / package).rglob("*.py"))
     for path in paths:
         digest.update(str(path.relative_to(ROOT)).encode())

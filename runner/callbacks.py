@@ -64,8 +64,12 @@ def was_checked(config: DictConfig) -> bool:
     return str(config.hydra.sweep.dir) in _checked_sweeps
 
 
-def check_sweep(config: DictConfig) -> tuple[int, int, int]:
-    """Validate every job's config; return (jobs, runs, distinct runs). Raises ConfigError listing failures.
+def check_sweep(config: DictConfig, data: bool = True) -> tuple[int, int, int]:
+    """Validate every job's config and data; return (jobs, runs, distinct runs). Raises ConfigError listing failures.
+
+    Each distinct data source is read once (``runner.data``); a source that
+    is missing or unreadable is listed once, with the number of jobs that
+    need it. ``data=False`` checks the configs alone.
 
     A job trains ``seed_batch`` runs (seeds); runs that repeat an effective
     config and seed already in the sweep are not distinct.
@@ -78,7 +82,8 @@ def check_sweep(config: DictConfig) -> tuple[int, int, int]:
     errors: list[str] = []
     run_ids: set[str] = set()
     runs = invalid = 0
-    checked: dict[tuple[str, ...], tuple[dict, int] | None] = {}
+    checked: dict[tuple[str, ...], tuple[dict, int] | str | None] = {}  # None: invalid config; str: data error
+    data_errors: dict[str, int] = {}
     jobs = expand_sweep(config)
     # composing a job takes Hydra about 0.15 s: minutes for a paper grid
     show = sys.stderr.isatty() if config.get("progress") is None else bool(config.progress)
@@ -89,11 +94,20 @@ def check_sweep(config: DictConfig) -> tuple[int, int, int]:
         if seedless not in checked:
             job_cfg = loader.load_sweep_config(config, overrides)
             try:
-                checked[seedless] = effective_config(job_cfg, validate(job_cfg)), job_cfg.seed_batch
+                envelopes = validate(job_cfg)
             except ConfigError as error:
                 checked[seedless] = None
                 errors.append(f"  {' '.join(overrides)}\n    {error}")
-        if checked[seedless] is None:
+            else:
+                try:
+                    checked[seedless] = effective_config(job_cfg, envelopes, data=data), job_cfg.seed_batch
+                except (OSError, ValueError) as error:  # missing or unreadable data: one entry per source
+                    checked[seedless] = str(error)
+                    data_errors.setdefault(str(error), 0)
+        if isinstance(checked[seedless], str):
+            data_errors[checked[seedless]] += 1
+            invalid += 1
+        elif checked[seedless] is None:
             invalid += 1
         else:
             effective, seed_batch = checked[seedless]
@@ -106,10 +120,27 @@ def check_sweep(config: DictConfig) -> tuple[int, int, int]:
             # a seed-batched job trains seeds first .. first + seed_batch - 1, each its own run
             run_ids.update(config_id({**effective, "seed": seed}, with_seed=True) for seed in range(first, first + seed_batch))
             runs += seed_batch
-    if errors:
+    if errors or data_errors:
         shown = "\n".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
-        raise ConfigError(f"{invalid} of {len(jobs)} jobs have an invalid config; nothing was run:\n{shown}")
+        shown += "".join(f"\n  data of {n} job{'s' if n > 1 else ''}:\n    {message}" for message, n in data_errors.items())
+        what = "an invalid config" + (" or unusable data" if data_errors else "")
+        raise ConfigError(f"{invalid} of {len(jobs)} jobs have {what}; nothing was run:\n{shown.lstrip(chr(10))}")
     return len(jobs), runs, len(run_ids)
+
+
+def wait_for_other_processes(sweep_dir: Path, poll_s: float = 2.0) -> None:
+    """Wait while another live process trains runs of this sweep (a concurrent sweep into the same
+    directory), so that the report counts their results instead of calling them unfinished."""
+    import time
+
+    from runner.job import live_claims
+
+    announced = None
+    while live := live_claims(sweep_dir):
+        if len(live) != announced:
+            log.info("waiting for %d run(s) that another process is training in %s", len(live), sweep_dir)
+            announced = len(live)
+        time.sleep(poll_s)
 
 
 def fail(message: str) -> None:
@@ -138,15 +169,21 @@ class SweepCallback(Callback):
     """Validates every job before the first one trains; prints a summary at the end."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """A single run: check its config, then its output directory, before Hydra creates anything.
+        """A single run: check its config, its data, then its output directory, before Hydra creates anything.
 
         An invalid config prints one line (key, value, what is allowed) and
-        leaves no run directory behind; so does an output directory that
-        cannot be written.
+        leaves no run directory behind; so does missing or unreadable data
+        and an output directory that cannot be written.
         """
         try:
             validate(config)
         except ConfigError as error:
+            fail(f"Error: {error}")
+        from runner.data import data_identity
+
+        try:
+            data_identity(config.task)
+        except (OSError, ValueError) as error:  # missing or unreadable data, named by its file
             fail(f"Error: {error}")
         writable_dir(Path(config.hydra.run.dir))
 
@@ -180,6 +217,7 @@ class SweepCallback(Callback):
         from analysis.report import write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        wait_for_other_processes(sweep_dir)
         try:
             jobs = load_jobs(sweep_dir)
             write_report([sweep_dir], sweep_dir, jobs=jobs)

@@ -180,12 +180,16 @@ _NOT_EFFECTIVE = {"seed_batch", "cache_dir", "device", "threads", "data_root", "
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
 
-def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope]) -> dict[str, Any]:
+def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope], data: bool = True) -> dict[str, Any]:
     """The parameters that determine a run's results, in canonical form.
 
     Envelope parameters a shape ignores (identity's threshold, step's width,
     a static envelope's step size) are dropped, so two configs that train
-    the same thing map to the same dict.
+    the same thing map to the same dict. Where the data is read from is
+    left out, but what is read is in: ``data`` holds the digest of every
+    file the task reads (:func:`runner.data.data_identity`, which raises if
+    the data is missing or unreadable). ``data=False`` leaves it out, for
+    checking configs without their data.
     """
     # Key by key: a job config composed by the sweeper still has a ``hydra`` node
     # with values (the job number) that only exist once the job starts.
@@ -197,6 +201,12 @@ def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope]) -> dict[st
     out = {key: value for key, value in container.items() if key not in _NOT_EFFECTIVE | {"envelopes"}}
     out["task"] = {key: value for key, value in container["task"].items() if key not in _TASK_NOT_EFFECTIVE}
     out["envelopes"] = {name: envelope.config() for name, envelope in sorted(envelopes.items())}
+    if data:
+        from runner.data import data_identity
+
+        identity = data_identity(cfg.task)
+        if identity is not None:
+            out["data"] = identity
     # VWPR's settings matter only when it is on
     out["vwpr"] = container["vwpr"] if container["vwpr"]["enabled"] else {"enabled": False}
     # the controller's only when it is on (a run without it keeps the id it always had)

@@ -78,29 +78,146 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def claim(sweep_dir: Path, run_id: str, job_dir: Path) -> Path | None:
-    """Atomically claim ``run_id`` for ``job_dir``; return the owner's dir if another job has it.
+# Claims this process holds: claim file -> (open descriptor holding its lock, owner run directory).
+_held: dict[str, tuple[int, Path]] = {}
 
-    The claim file is created complete (a written temporary file hard-linked
-    into place, which fails if the claim exists), so a concurrent job never
-    reads a half-written claim, with any launcher and on shared file systems.
-    A claim owned by this very job (a re-run of the same sweep) is kept; an
-    owner that was interrupted is redone when the sweep is re-run, so its
-    duplicates stay duplicates.
+
+@dataclass
+class Claim:
+    """Who trains a run: ``mine`` (this process, now), ``duplicate`` (another run directory with the
+    same run id, completed or being trained by a live process) or ``busy`` (this very run directory,
+    being trained by another live process: a concurrent sweep into the same directory)."""
+
+    status: str
+    owner: Path | None = None
+
+
+def _owner_of(fd: int) -> Path | None:
+    text = os.pread(fd, 4096, 0).decode(errors="replace")
+    first = text.splitlines()[0].strip() if text.strip() else ""
+    return Path(first) if first else None
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def claim(sweep_dir: Path, key: str, run_dir: Path, run_id: str | None = None) -> Claim:
+    """Claim the run ``key`` (its run id) of a sweep for ``run_dir``, for as long as this process lives.
+
+    A claim is a file in ``<sweep>/.claims/`` naming the run directory that
+    trains the run, and an exclusive ``flock`` on it held by the process
+    that trains it; the operating system drops the lock when that process
+    ends, however it ends. So a claim belongs to a live process or to none:
+
+    - no claim yet: it is created complete and already locked (a locked
+      temporary file hard-linked into place), and is this process's;
+    - a claim locked by another process: that process is training the run;
+      ``busy`` if it is this very directory (two sweeps into one
+      directory: this one skips it and waits at its end), else ``duplicate``;
+    - a claim nobody holds: its owner finished or died. If the owner
+      completed the run, ``duplicate`` (or, for this very directory, the
+      caller has already found its result); if it died or failed, the claim
+      is taken over and the run is trained again. A failed run never makes
+      another skip as its duplicate.
+
+    ``flock`` also works between the nodes of a cluster where the shared
+    file system supports locks (NFSv4 and Lustre do; Linux maps ``flock``
+    to NFS byte-range locks). The claim is given up with :func:`release`.
     """
+    import fcntl
+    import socket
+
     claims = sweep_dir / CLAIMS_DIR
     claims.mkdir(parents=True, exist_ok=True)
-    path = claims / run_id
-    tmp = claims / f".{run_id}.{os.getpid()}.{uuid.uuid4().hex}"
-    tmp.write_text(str(job_dir))
-    try:
-        os.link(tmp, path)
-        return None
-    except FileExistsError:
-        owner = Path(path.read_text().strip())
-        return None if owner.resolve() == job_dir.resolve() else owner
-    finally:
-        tmp.unlink(missing_ok=True)
+    path = claims / key
+    if str(path) in _held:
+        owner = _held[str(path)][1]
+        return Claim("mine") if _same(owner, run_dir) else Claim("duplicate", owner)
+    content = f"{run_dir}\n{socket.gethostname()} {os.getpid()}\n".encode()
+    for _ in range(1000):
+        tmp = claims / f".{key}.{os.getpid()}.{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, content)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
+        try:
+            os.link(tmp, path)
+            _held[str(path)] = (fd, run_dir)
+            return Claim("mine")
+        except FileExistsError:
+            os.close(fd)
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live process holds it
+            owner = _owner_of(fd)
+            os.close(fd)
+            if owner is None:  # being rewritten by the process that took it over
+                time.sleep(0.01)
+                continue
+            return Claim("busy" if _same(owner, run_dir) else "duplicate", owner)
+        try:
+            replaced = os.stat(path).st_ino != os.fstat(fd).st_ino
+        except FileNotFoundError:
+            replaced = True
+        if replaced:  # locked a file that is no longer the claim: look again
+            os.close(fd)
+            continue
+        owner = _owner_of(fd)
+        if owner is not None and not _same(owner, run_dir) and previous_result(owner, run_id or key) is not None:
+            os.close(fd)
+            return Claim("duplicate", owner)
+        # its owner died or failed (or is this directory's interrupted attempt): take it over
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, content, 0)
+        _held[str(path)] = (fd, run_dir)
+        return Claim("mine")
+    raise RuntimeError(f"could not claim {path}: it kept changing hands")
+
+
+def release(run_dir: Path) -> None:
+    """Give up this process's claims on runs trained in ``run_dir`` (after their results are written)."""
+    for path, (fd, owner) in list(_held.items()):
+        if _same(owner, run_dir):
+            os.close(fd)
+            del _held[path]
+
+
+def live_claims(sweep_dir: Path) -> list[Path]:
+    """Run directories of the sweep that another live process is training now."""
+    import fcntl
+
+    live = []
+    for path in sorted((sweep_dir / CLAIMS_DIR).glob("[!.]*")):
+        if str(path) in _held:
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner_of(fd)
+            if owner is not None:
+                live.append(owner)
+        finally:
+            os.close(fd)
+    return live
+
+
+def claim_key(run_id: str, run_dir: Path, deduplicate: bool) -> str:
+    """The claim's name: the run id, or, without de-duplication, the run id and its directory."""
+    if deduplicate:
+        return run_id
+    import hashlib
+
+    return f"{run_id}.{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
 
 
 def previous_result(job_dir: Path, run_id: str) -> dict[str, Any] | None:
@@ -184,6 +301,7 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
     runs: list[SeedRun] = []
     pending: list[SeedRun] = []
     recorders: list[Recorder] = []
+    claimed: list[Path] = []
     try:
         envelopes = validate(cfg)
         cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
@@ -197,14 +315,20 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
                 log.info("seed %d already completed in %s; not re-running", seed, run.dir)
                 run.result = done
                 continue  # its files are already there: a resumed sweep passes over it quickly
-            write_config(run, batched)
-            if sweep_dir is not None and cfg.deduplicate:
-                owner = claim(sweep_dir, run.result["run_id"], run.dir)
-                if owner is not None:
-                    log.info("same effective config as %s; skipping", owner)
-                    run.result.update(status="duplicate", duplicate_of=str(owner), wall_time_s=time.time() - start)
+            if sweep_dir is not None:
+                key = claim_key(run.result["run_id"], run.dir, cfg.deduplicate)
+                taken = claim(sweep_dir, key, run.dir, run.result["run_id"])
+                if taken.status == "busy":
+                    log.info("seed %d: another live process is training %s; skipping it here", seed, run.dir)
+                    continue  # its files are that process's to write
+                claimed.append(run.dir)
+                if taken.status == "duplicate":
+                    write_config(run, batched)
+                    log.info("same effective config as %s; skipping", taken.owner)
+                    run.result.update(status="duplicate", duplicate_of=str(taken.owner), wall_time_s=time.time() - start)
                     write_json_atomic(run.dir / RESULT_FILE, run.result)
                     continue
+            write_config(run, batched)
             cached = None if cache is None else cache.fetch(run.result["run_id"], run.dir)
             if cached is not None:
                 log.info("seed %d: results cached in %s; not re-running", seed, cached["cached_from"])
@@ -236,6 +360,8 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
     finally:
         for recorder in recorders:
             recorder.close()
+        for run_dir in claimed:  # results written: the claims' owners no longer live here
+            release(run_dir)
     if batched:
         job_result.update(status="batch", seeds=[run.seed for run in runs], trained=[run.seed for run in pending],
                           runs=[run.dir.name for run in runs], wall_time_s=time.time() - start)

@@ -17,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,21 +65,33 @@ class DataNotFoundError(FileNotFoundError):
     """A data file is missing; the message says where it was looked for and how to get it."""
 
 
+class DataError(ValueError):
+    """A data file is unreadable or inconsistent; the message starts with the file's path."""
+
+
+def unreadable(path: Path, error: BaseException) -> DataError:
+    return DataError(f"{path}: cannot be read ({type(error).__name__}: {error}); the file is truncated or corrupt: "
+                     f"replace it with an intact copy (task.download=true fetches one, MD5-checked)")
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzipped or not) into a numpy array of its declared shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise unreadable(path, error) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4]!r})")
+        raise DataError(f"{path}: not an IDX file (bad magic number {data[:4]!r})")
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     ndim = data[3]
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(data) - header != expected:
-        raise ValueError(f"{path}: IDX header declares shape {dims} ({expected} bytes) but holds {len(data) - header}")
+        raise DataError(f"{path}: IDX header declares shape {dims} ({expected} bytes) but holds {len(data) - header}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -135,12 +148,17 @@ def find_idx_file(dataset: str, data_dir: str | Path, stem: str, download: bool 
 
 def load_idx_dataset(dataset: str, data_dir: str | Path, subset: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W) uint8 and labels (N,) int64 of one official subset."""
-    images_stem, labels_stem = IDX_FILES[subset]
-    images = read_idx(find_idx_file(dataset, data_dir, images_stem, download))
-    labels = read_idx(find_idx_file(dataset, data_dir, labels_stem, download)).astype(np.int64)
+    images_path, labels_path = (find_idx_file(dataset, data_dir, stem, download) for stem in IDX_FILES[subset])
+    images = read_idx(images_path)
+    labels = read_idx(labels_path).astype(np.int64)
     if len(images) != len(labels):
-        raise ValueError(f"{dataset} {subset}: {len(images)} images but {len(labels)} labels")
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
     return images, labels
+
+
+def idx_files(dataset: str, data_dir: str | Path, subsets: list[str], download: bool = False) -> list[Path]:
+    """The IDX files of the given subsets (downloaded first with ``download``); raises DataNotFoundError."""
+    return [find_idx_file(dataset, data_dir, stem, download) for subset in subsets for stem in IDX_FILES[subset]]
 
 
 CIFAR10 = {
@@ -159,8 +177,28 @@ def load_cifar10(data_dir: str | Path, subset: str, download: bool = False) -> t
     ``labels``) under ``data_dir``; with ``download``, fetches and unpacks
     the official archive, MD5-checked.
     """
+    images, labels = [], []
+    for path in cifar10_files(data_dir, [subset], download):
+        try:
+            with path.open("rb") as handle:
+                batch = pickle.load(handle, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+            raise unreadable(path, error) from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
+        if len(data) != len(batch_labels):
+            raise DataError(f"{path}: {len(data)} images but {len(batch_labels)} labels")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def cifar10_files(data_dir: str | Path, subsets: list[str], download: bool = False) -> list[Path]:
+    """The ``cifar-10-batches-py`` files of the given subsets (the archive fetched first with ``download``)."""
     root = Path(data_dir) / CIFAR10["dir"]
-    names = CIFAR10["subsets"][subset]
+    names = [name for subset in subsets for name in CIFAR10["subsets"][subset]]
     if not all((root / name).is_file() for name in names):
         if not download:
             raise DataNotFoundError(
@@ -170,16 +208,16 @@ def load_cifar10(data_dir: str | Path, subset: str, download: bool = False) -> t
         archive = download_verified([CIFAR10["url"]], Path(data_dir) / "cifar-10-python.tar.gz", CIFAR10["md5"])
         with tarfile.open(archive) as tar:
             tar.extractall(Path(data_dir), filter="data")
-    images, labels = [], []
-    for name in names:
-        with (root / name).open("rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{root / name}: expected data of shape (N, 3072), got {data.shape}")
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-    return np.concatenate(images), np.concatenate(labels)
+    return [root / name for name in names]
+
+
+def image_files(dataset: str, data_dir: str | Path, subsets: list[str], download: bool = False) -> list[Path]:
+    """The files :func:`load_classification_pool` reads ([] for scikit-learn's bundled digits)."""
+    if dataset == "digits":
+        return []
+    if dataset == "cifar10":
+        return cifar10_files(data_dir, subsets, download)
+    return idx_files(dataset, data_dir, subsets, download)
 
 
 @dataclass

@@ -89,20 +89,52 @@ def load_california_housing(data_dir: str | Path, download: bool = False) -> tup
     """Features (N, 8) and target (N,) as float64, from the raw CSV or scikit-learn's fetcher."""
     path = Path(data_dir) / CSV_NAME
     if path.is_file():
+        from tasks.datasets import DataError
+
         with path.open() as handle:
-            header = next(csv.reader(handle))
+            header = next(csv.reader(handle), [])
         if tuple(header) != RAW_COLUMNS:
-            raise ValueError(f"{path}: expected columns {list(RAW_COLUMNS)}, got {header}")
-        return features_from_raw(np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64))
+            raise DataError(f"{path}: expected columns {list(RAW_COLUMNS)}, got {header}")
+        try:
+            raw = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+        except ValueError as error:  # numpy names the row and column of a cell that is not a number
+            raise DataError(f"{path}: {error}") from None
+        if raw.shape[1] != len(RAW_COLUMNS):
+            raise DataError(f"{path}: expected {len(RAW_COLUMNS)} columns per row, got {raw.shape[1]}")
+        if not np.isfinite(raw).all():
+            row = int(np.flatnonzero(~np.isfinite(raw).all(1))[0]) + 2  # 1-based, after the header
+            raise DataError(f"{path}: a value that is not a finite number on line {row}")
+        return features_from_raw(raw)
     if download:
         from sklearn.datasets import fetch_california_housing
 
         bunch = fetch_california_housing(data_home=str(data_dir), download_if_missing=True)
         return bunch.data.astype(np.float64), bunch.target.astype(np.float64)
-    raise FileNotFoundError(
+    from tasks.datasets import DataNotFoundError
+
+    raise DataNotFoundError(
         f"california_housing: {path} not found. Put the raw CSV there (columns {', '.join(RAW_COLUMNS)}), "
         f"set task.data_dir, or run with task.download=true to use scikit-learn's fetcher."
     )
+
+
+def data_files(task_cfg) -> list[Path]:
+    """The file this task reads (scikit-learn's copy, fetched first, with ``download`` and no CSV)."""
+    data_dir = resolve_path(task_cfg.data_dir)
+    path = data_dir / CSV_NAME
+    if path.is_file() or not task_cfg.download:
+        if not path.is_file():
+            load_california_housing(data_dir)  # raises the missing-file message
+        return [path]
+    from sklearn.datasets import fetch_california_housing
+
+    fetch_california_housing(data_home=str(data_dir), download_if_missing=True)
+    return sorted(data_dir.glob("cal_housing*.pkz"))
+
+
+def check_data(task_cfg) -> None:
+    """Read the data once, so that an unreadable file fails before a sweep starts."""
+    load_california_housing(resolve_path(task_cfg.data_dir), task_cfg.download)
 
 
 def split_and_standardise(features: np.ndarray, target: np.ndarray, val_fraction: float, test_fraction: float,

@@ -84,6 +84,20 @@ def loss_names(task_cfg) -> tuple[str, ...]:
     return ("recon", "prior", "total")
 
 
+def data_files(task_cfg) -> list:
+    """The files this task reads ([] for scikit-learn's bundled digits); with ``download``, fetched first."""
+    from tasks.datasets import image_files
+
+    return image_files(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+
+
+def check_data(task_cfg) -> None:
+    """Read the data once, so that an unreadable file fails before a sweep starts."""
+    from tasks.datasets import load_classification_pool
+
+    load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+
+
 def validate(task_cfg) -> None:
     check(task_cfg.setting in SETTINGS, "setting", f"must be one of {list(SETTINGS)}", task_cfg.setting)
     check(task_cfg.dataset in ("mnist", "fashion_mnist"), "dataset", "must be one of ['mnist', 'fashion_mnist']", task_cfg.dataset)

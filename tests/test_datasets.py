@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tasks.datasets import (
+    DataError,
     DataNotFoundError,
     download_verified,
     find_idx_file,
@@ -43,6 +44,26 @@ def test_read_idx_rejects_bad_files(tmp_path):
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
     with pytest.raises(ValueError, match=r"declares shape \(4, 2\) \(8 bytes\) but holds 5"):
         read_idx(tmp_path / "short")
+
+
+def test_a_truncated_gzip_names_its_file(tmp_path):
+    write_idx(tmp_path / "images.gz", np.zeros((50, 28, 28), dtype=np.uint8), gzipped=True)
+    data = (tmp_path / "images.gz").read_bytes()
+    (tmp_path / "images.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"^{tmp_path / 'images.gz'}: cannot be read \\(EOFError: .*truncated or corrupt"):
+        read_idx(tmp_path / "images.gz")
+    (tmp_path / "images.gz").write_bytes(data[:10] + b"\xff" * 40)  # a corrupt stream: zlib's error, same message
+    with pytest.raises(DataError, match=f"^{tmp_path / 'images.gz'}: cannot be read"):
+        read_idx(tmp_path / "images.gz")
+
+
+def test_an_image_label_count_mismatch_names_both_files(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 4, 4), dtype=np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4, dtype=np.uint8))
+    with pytest.raises(DataError) as info:
+        load_classification_pool("mnist", tmp_path, ["test"])
+    assert str(info.value) == (f"{tmp_path / 't10k-images-idx3-ubyte'} holds 5 images but "
+                               f"{tmp_path / 't10k-labels-idx1-ubyte'} holds 4 labels")
 
 
 @needs_mnist

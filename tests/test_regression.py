@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from runner.job import run_job
+from tasks.datasets import DataError
 from tasks.regression import (
     CSV_NAME,
     FEATURES,
@@ -52,6 +53,16 @@ def test_missing_data_names_the_path_and_the_fix(tmp_path):
 def test_wrong_columns_are_rejected(tmp_path):
     (tmp_path / CSV_NAME).write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="expected columns"):
+        load_california_housing(tmp_path)
+
+
+def test_a_cell_that_is_not_a_number_names_the_file_and_where(tmp_path):
+    header = "longitude,latitude,housing_median_age,total_rooms,total_bedrooms,population,households,median_income,median_house_value"
+    (tmp_path / CSV_NAME).write_text(f"{header}\n-122,37,41,880,129,322,126,8.3,452600\n-122,37,21,abc,1106,2401,1138,8.3,358500\n")
+    with pytest.raises(DataError, match=f"^{tmp_path / CSV_NAME}: could not convert string 'abc' to float64 at row 1, column 4"):
+        load_california_housing(tmp_path)
+    (tmp_path / CSV_NAME).write_text(f"{header}\n-122,37,41,880,129,322,126,8.3,nan\n")
+    with pytest.raises(DataError, match=f"^{tmp_path / CSV_NAME}: a value that is not a finite number on line 2"):
         load_california_housing(tmp_path)
 
 
