@@ -10,12 +10,13 @@ from envelopes import Envelope, quantiles
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-levels = st.floats(0.0, 1.0, allow_nan=False)
+# Subnormals left out: the runner flushes them to zero (torch.set_flush_denormal), process-wide.
+levels = st.floats(0.0, 1.0, allow_nan=False, allow_subnormal=False)
 widths = st.floats(0.01, 1.0, allow_nan=False)
 step_sizes = st.sampled_from([1.0, 0.5, 0.1])
 dtypes = st.sampled_from(sorted(DTYPES))
 # Finite losses of ordinary magnitude, with repeats drawn on purpose: ties are the hard case.
-values = st.floats(-50.0, 50.0, allow_nan=False, width=32)
+values = st.floats(-50.0, 50.0, allow_nan=False, width=32, allow_subnormal=False)
 losses = st.lists(st.one_of(values, st.sampled_from([0.0, 0.1, 0.3, 1 / 3, 2.7])), min_size=1, max_size=40)
 
 
