@@ -7,6 +7,7 @@ Depends on torch alone; copy this folder into a project and write::
     loss = envelope(per_sample_loss).mean()
 """
 
+from .bank import EnvelopeBank
 from .envelope import Envelope
 from .functional import (
     SHAPES,
@@ -21,6 +22,7 @@ from .functional import (
 
 __all__ = [
     "Envelope",
+    "EnvelopeBank",
     "SHAPES",
     "SHAPES_WITH_WIDTH",
     "bias_corrected_ema_",

@@ -1,0 +1,197 @@
+"""``EnvelopeBank``: G envelopes with their own settings, applied to G groups of losses in one call.
+
+A grid of runs trained as one batched model (configurations x seeds) needs
+each run's envelope on that run's losses: one may be an identity, the next
+a step at a static threshold, the next a sigmoid whose threshold and width
+are smoothed quantiles at other levels and step sizes. A bank holds every
+group's parameters as tensors and computes all weights at once:
+
+- quantiles: one sort of each group's losses, then for each group and level
+  ``lerp(sorted[lo], sorted[hi], fraction)`` with ``lo``, ``hi`` and
+  ``fraction`` the positions :func:`~envelopes.functional.selection_plan`
+  gives that level (``torch.quantile``'s linear interpolation), computed in
+  Python doubles once per batch size, so each group's value is the one its
+  own :class:`~envelopes.Envelope` computes, exact where order statistics tie;
+- smoothing: a bias-corrected EMA per group with its own step size (a step
+  size of 1 passes the batch's value through unchanged);
+- weights: every shape's formula, selected per group.
+
+Nothing is read back to the host. Each group's thresholds and widths equal
+those of a separate ``Envelope`` with the same settings fed the same
+losses bit for bit, and so do its weights for identity, step, linear and
+hard mining; sigmoid and focal weights agree to rounding (torch's
+vectorised ``exp`` can round an element differently at another place in
+memory).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .envelope import Envelope
+from .functional import ATTENUATION_CUTOFF, quantile_levels
+
+SHAPE_CODES = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4}
+
+
+class EnvelopeBank(nn.Module):
+    """G envelopes (any mix of shapes and settings) for losses of shape (G, ...), one per group.
+
+    Build it from envelopes or their configs::
+
+        bank = EnvelopeBank([Envelope("identity"), Envelope("step", quantile=0.5, step_size=0.1)])
+        loss = bank(per_sample_losses).sum()        # per_sample_losses: (2, batch)
+
+    ``hard_mining`` is the unsmoothed adaptive step it is defined as; focal
+    loss's modulating factor is supported as an envelope (detached), not
+    with ``full_gradient``.
+    """
+
+    def __init__(self, envelopes: Sequence[Envelope | Mapping[str, Any]]):
+        super().__init__()
+        envelopes = [e if isinstance(e, Envelope) else Envelope.from_config(e) for e in envelopes]
+        if not envelopes:
+            raise ValueError("an EnvelopeBank needs at least one envelope")
+        for i, envelope in enumerate(envelopes):
+            if envelope.full_gradient:
+                raise ValueError(f"envelope {i}: full_gradient focal loss is not an envelope and cannot be banked")
+            if envelope.groups is not None:
+                raise ValueError(f"envelope {i}: give plain envelopes (groups=None); the bank makes one group of each")
+        self.configs = [e.config() for e in envelopes]
+        self.groups = len(envelopes)
+        shapes = ["step" if e.shape == "hard_mining" else e.shape for e in envelopes]
+        self.shape_names = shapes
+        self.levels = [tuple(quantile_levels(e.quantile, e.width)) for e in envelopes]
+        self.has_quantile = [e.quantile is not None for e in envelopes]
+        self.has_width = [e.width is not None for e in envelopes]
+        self.adaptive = any(self.levels)
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype)
+
+        self.register_buffer("shape_code", column([SHAPE_CODES[s] for s in shapes], torch.long))
+        # Static values in double, cast to the losses' dtype when used, as a Python number would be.
+        double = torch.float64
+        self.register_buffer("static_threshold", column([e.threshold_value if e.threshold_value is not None else 0.0 for e in envelopes], double))
+        self.register_buffer("static_span", column([e.inverse_slope_value if e.inverse_slope_value is not None else 1.0 for e in envelopes], double))
+        self.register_buffer("gamma", column([e.gamma if e.gamma is not None else 2.0 for e in envelopes], double))
+        self.register_buffer("adaptive_threshold", column(self.has_quantile, torch.bool))
+        self.register_buffer("adaptive_span", column(self.has_width, torch.bool))
+        self.register_buffer("cutoff", column([ATTENUATION_CUTOFF[e.shape] for e in envelopes], double))
+        step_sizes = [e.step_size if e.adaptive else 1.0 for e in envelopes]
+        # (1 - a) in double, as an Envelope's Python-scalar update computes it
+        self.register_buffer("step_size", column(step_sizes))
+        self.register_buffer("keep", column([1.0 - a for a in step_sizes]))
+        self.register_buffer("smoothed_group", column([e.smoothed for e in envelopes], torch.bool))
+        self.register_buffer("estimate", torch.zeros(self.groups, 2))
+        self.register_buffer("trace", torch.zeros(self.groups))
+        self.smoothed = any(e.smoothed for e in envelopes)
+        self.has_focal = "focal" in shapes
+        self._positions: dict = {}
+        self.weight: Tensor | None = None
+        self.threshold: Tensor | None = None
+        self.inverse_slope: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, shapes={sorted(set(self.shape_names))}"
+
+    def _interpolation(self, n: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(G, 3) indices ``lo``, ``hi`` and fractions: slot 0 the threshold's level, 1 and 2 the width's."""
+        key = (n, like.dtype, like.get_device())
+        if key not in self._positions:
+            lo, hi, frac = [], [], []
+            for levels, has_q in zip(self.levels, self.has_quantile):
+                slots = list(levels) if has_q else [0.0, *levels]  # no adaptive threshold: slot 0 unused
+                slots += [0.0] * (3 - len(slots))  # no adaptive width: slots 1 and 2 unused
+                row_lo, row_hi, row_frac = [], [], []
+                for q in slots:
+                    pos = q * (n - 1)
+                    low = min(int(math.floor(pos)), n - 1)
+                    fraction = pos - low
+                    row_lo.append(low)
+                    row_hi.append(min(low + 1, n - 1) if fraction else low)
+                    row_frac.append(fraction)
+                lo.append(row_lo)
+                hi.append(row_hi)
+                frac.append(row_frac)
+            device = like.device
+            self._positions[key] = (torch.tensor(lo, device=device), torch.tensor(hi, device=device),
+                                    torch.tensor(frac, dtype=like.dtype, device=device))
+        return self._positions[key]
+
+    def _values(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """(G,) threshold and span for this batch: static values, or (smoothed) batch quantiles."""
+        static_t = self.static_threshold.to(flat.dtype)
+        static_s = self.static_span.to(flat.dtype)
+        if not self.adaptive:
+            return static_t, static_s
+        lo, hi, frac = self._interpolation(flat.shape[-1], flat)
+        ordered = flat.sort(dim=-1).values
+        levels = torch.lerp(ordered.gather(-1, lo), ordered.gather(-1, hi), frac)  # (G, 3)
+        observed = torch.stack((levels[:, 0], levels[:, 2] - levels[:, 1]), dim=-1)
+        if self.smoothed:
+            self.trace.mul_(self.keep).add_(self.step_size)
+            # a / o as an Envelope computes ``step_size / trace`` (a Python number over a tensor: o⁻¹ a)
+            self.estimate.lerp_(observed.to(self.estimate.dtype), (self.trace.reciprocal() * self.step_size)[:, None])
+            # groups without smoothing keep the batch's value in its own dtype (the estimate is float32)
+            observed = torch.where(self.smoothed_group[:, None], self.estimate.to(flat.dtype), observed)
+        threshold = torch.where(self.adaptive_threshold, observed[:, 0], static_t)
+        span = torch.where(self.adaptive_span, observed[:, 1], static_s)
+        return threshold, span
+
+    def compute_weight(self, loss: Tensor) -> Tensor:
+        """The detached weights (G, ...) of losses (G, ...), updating each group's adaptive state."""
+        loss = loss.detach()
+        if loss.dim() == 0 or loss.shape[0] != self.groups:
+            raise ValueError(f"an EnvelopeBank of {self.groups} envelopes needs losses of shape ({self.groups}, ...), "
+                             f"got {tuple(loss.shape)}")
+        flat = loss.reshape(self.groups, -1)
+        threshold, span = self._values(flat)
+        self.threshold, self.inverse_slope = threshold, span
+        per_group = (self.groups,) + (1,) * (loss.dim() - 1)
+        t = threshold.reshape(per_group)
+        s = span.clamp_min(torch.finfo(span.dtype).tiny).reshape(per_group)
+        code = self.shape_code.reshape(per_group)
+        scaled = (loss - t) / s
+        weight = torch.where(code == 1, (loss >= t).to(loss.dtype), torch.ones_like(loss))
+        weight = torch.where(code == 2, (scaled + 0.5).clamp(0.0, 1.0), weight)
+        weight = torch.where(code == 3, torch.sigmoid(scaled * 4.0), weight)
+        if self.has_focal:
+            focal = (-torch.expm1(-loss.clamp_min(0.0))).pow(self.gamma.to(loss.dtype).reshape(per_group))
+            weight = torch.where(code == 4, focal, weight)
+        self.weight = weight
+        return weight
+
+    def forward(self, loss: Tensor) -> Tensor:
+        return loss * self.compute_weight(loss)
+
+    def statistics(self) -> dict[str, Tensor]:
+        """Per group (G,): mean weight, fraction attenuated, threshold and width of the last call.
+
+        Thresholds and widths of groups whose shape has none (identity, and
+        the width of a step) are NaN: :meth:`applies` says which apply.
+        """
+        weight = self.weight.reshape(self.groups, -1)
+        nan = torch.full_like(self.threshold, math.nan)
+        code = self.shape_code
+        return {
+            "mean_weight": weight.mean(-1),
+            "fraction_attenuated": torch.mean(weight <= self.cutoff.to(weight.dtype)[:, None], dim=-1, dtype=weight.dtype),
+            "threshold": torch.where((code >= 1) & (code <= 3), self.threshold, nan),
+            "inverse_slope": torch.where((code == 2) | (code == 3), self.inverse_slope, nan),
+        }
+
+    def applies(self, group: int) -> tuple[str, ...]:
+        """The statistics that mean something for ``group``'s shape (an Envelope's statistics keys)."""
+        shape = self.shape_names[group]
+        if shape == "identity":
+            return ("mean_weight", "fraction_attenuated")
+        if shape in ("step",):
+            return ("mean_weight", "fraction_attenuated", "threshold")
+        if shape == "focal":
+            return ("mean_weight", "fraction_attenuated")
+        return ("mean_weight", "fraction_attenuated", "threshold", "inverse_slope")
