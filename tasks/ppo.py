@@ -25,6 +25,7 @@ gradient tracking.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,10 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.common import EnvelopeMeter, DivergedError, MeanStd, adam, check, divergence
+from envelopes import EnvelopeBank
+from tasks.common import DivergedError, MeanStd, adam, check, divergence
+from tasks.seed_batch import seed_outcomes
 
 OBJECTIVE = ("charts/return_ma100", "max")
 ENVIRONMENTS = ("LunarLander-v3", "Acrobot-v1", "CartPole-v1")
+BACKENDS = ("gymnasium", "envpool")
+SEED_BATCH = True
 
 
 @dataclass
@@ -64,6 +69,7 @@ class PPOConfig:
     kl_target: float = 0.01
     moving_average: int = 100
     max_episode_steps: Optional[int] = None  # override the environment's time limit
+    backend: str = "gymnasium"  # gymnasium | envpool (C++ batched environments)
 
 
 Config = PPOConfig
@@ -86,6 +92,13 @@ def validate(task_cfg) -> None:
           "must be a non-empty list of positive layer widths", list(task_cfg.hidden))
     check(task_cfg.reduction in ("sum", "mean"), "reduction", "must be one of ['sum', 'mean']", task_cfg.reduction)
     check(task_cfg.truncation in ("bootstrap", "terminate"), "truncation", "must be one of ['bootstrap', 'terminate']", task_cfg.truncation)
+    check(task_cfg.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}", task_cfg.backend)
+    if task_cfg.backend == "envpool":
+        import importlib.util
+
+        check(importlib.util.find_spec("envpool") is not None, "backend",
+              "envpool needs the envpool package (pip install -r requirements-envpool.txt); allowed here: ['gymnasium']",
+              task_cfg.backend)
     check(task_cfg.kl_penalty in ("none", "fixed", "adaptive"), "kl_penalty", "must be one of ['none', 'fixed', 'adaptive']", task_cfg.kl_penalty)
     check(task_cfg.kl_coef >= 0, "kl_coef", "must be >= 0", task_cfg.kl_coef)
     check(task_cfg.kl_target > 0, "kl_target", "must be > 0", task_cfg.kl_target)
@@ -105,7 +118,111 @@ def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+class AgentStack:
+    """K MLPs of one architecture as stacked tensors: weights (K, in, out), biases (K, out).
+
+    Agent k's layers are built as a single run of its seed builds them
+    (``torch.manual_seed(seed)``, then the actor, then the critic) and
+    stacked; ``forward`` computes all K with batched matrix products, so
+    each agent sees only its own parameters and inputs.
+    """
+
+    def __init__(self, modules: list[nn.Sequential], device: torch.device):
+        linears = [[m for m in module if isinstance(m, nn.Linear)] for module in modules]
+        self.weights = [torch.stack([agent[i].weight.detach().T for agent in linears]).contiguous().to(device).requires_grad_()
+                        for i in range(len(linears[0]))]
+        self.biases = [torch.stack([agent[i].bias.detach() for agent in linears]).to(device).requires_grad_()
+                       for i in range(len(linears[0]))]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.weights, self.biases) for t in pair]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, B, in) to (K, B, out): tanh between layers, none after the last."""
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias[:, None, :], x, weight)
+            if i < len(self.weights) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+class Environments:
+    """K agents x N environments, stepped as one batch; same-step autoreset on either back end.
+
+    ``step`` returns the observation to act on next (a new episode's first
+    where one ended), the reward, ``terminated``, ``truncated`` and the
+    final observation of every environment (equal to the next observation
+    where no episode ended), all (K * N, ...). Agent k owns environments
+    ``k * N .. k * N + N - 1``.
+
+    - ``gymnasium``: one synchronous vector env with same-step autoreset;
+      agent k's environment j is seeded ``seed_k + j``, as in a run alone.
+    - ``envpool``: one C++ pool; EnvPool resets an ended episode on the next
+      ``step`` (that step ignores its action and returns reward 0), so
+      ended environments are reset at once with ``reset(env_id)`` instead,
+      which gives the same-step convention. EnvPool also reports an episode
+      that terminates on the step its time limit is reached as truncated
+      alone (CartPole-v1, seed 0, action 0 and a limit of 8 steps), which
+      would bootstrap a terminal state; the time limit is therefore applied
+      here, as gymnasium's TimeLimit does: ``truncated`` at the limit,
+      ``terminated`` as the environment says. EnvPool seeds environment i of a
+      pool ``seed + i``, so a batch's environments are seeded from its first
+      agent's seed: runs are equal in distribution to runs alone, not equal.
+    """
+
+    def __init__(self, backend: str, env_id: str, seeds: list[int], num_envs: int, max_episode_steps: int | None):
+        self.backend, self.count = backend, len(seeds) * num_envs
+        kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+        if backend == "envpool":
+            import envpool
+            import gymnasium as gym
+
+            # EnvPool reports an episode that terminates on its time limit's step as truncated
+            # only: the time limit is applied here instead, past which the pool never gets.
+            self.limit = max_episode_steps if max_episode_steps is not None else gym.spec(env_id).max_episode_steps
+            self.envs = envpool.make_gymnasium(env_id, num_envs=self.count, seed=int(seeds[0]),
+                                               max_episode_steps=self.limit + 1)
+            self.elapsed = np.zeros(self.count, dtype=np.int64)
+            self.reset_seeds = None
+        else:
+            import gymnasium as gym
+
+            self.envs = gym.make_vec(env_id, num_envs=self.count, vectorization_mode="sync",
+                                     vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **kwargs)
+            self.reset_seeds = [int(seed) + j for seed in seeds for j in range(num_envs)]
+        self.observation_size = int(np.prod(self.envs.single_observation_space.shape))
+        self.actions = int(self.envs.single_action_space.n)
+
+    def reset(self) -> np.ndarray:
+        obs, _ = self.envs.reset() if self.reset_seeds is None else self.envs.reset(seed=self.reset_seeds)
+        return np.asarray(obs, dtype=np.float32)
+
+    def step(self, actions: np.ndarray):
+        obs, reward, terminated, truncated, info = self.envs.step(actions)
+        obs = np.asarray(obs, dtype=np.float32)
+        if self.backend == "envpool":
+            self.elapsed += 1
+            truncated = self.elapsed >= self.limit  # both flags where it also terminated, as gymnasium's TimeLimit
+        done = terminated | truncated
+        final = obs
+        if done.any():
+            if self.backend == "envpool":
+                self.elapsed[done] = 0
+                final = obs.copy()
+                ids = np.flatnonzero(done).astype(np.int32)
+                fresh, fresh_info = self.envs.reset(ids)
+                obs[fresh_info["env_id"]] = fresh
+            else:
+                final = obs.copy()
+                final[done] = np.stack([info["final_obs"][i] for i in np.flatnonzero(done)])
+        return obs, np.asarray(reward, dtype=np.float32), terminated, truncated, final
+
+    def close(self) -> None:
+        self.envs.close()
+
+
 def make_envs(env_id: str, num_envs: int, seed: int, max_episode_steps: int | None = None):
+    """A gymnasium vector env of ``num_envs`` with same-step autoreset (one agent's environments)."""
     import gymnasium as gym
 
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
@@ -116,14 +233,14 @@ def make_envs(env_id: str, num_envs: int, seed: int, max_episode_steps: int | No
 
 
 def bootstrap_time_limits(reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, info: dict,
-                          critic: nn.Module, gamma: float) -> np.ndarray:
+                          critic, gamma: float) -> np.ndarray:
     """Rewards with ``gamma * V(final observation)`` added where a time limit alone ended the episode.
 
     A time limit is not an ending, so its final state is bootstrapped. A
     time limit reached on the very step the episode terminated sets both
     flags (gymnasium's TimeLimit does); that state is terminal and nothing
     is added. ``info["final_obs"]`` holds the final observations (same-step
-    autoreset).
+    autoreset); ``critic`` maps (M, obs) to (M, 1).
     """
     cut = truncated & ~terminated
     if not cut.any():
@@ -135,7 +252,7 @@ def bootstrap_time_limits(reward: np.ndarray, terminated: np.ndarray, truncated:
 
 
 def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns for (T, N) tensors; ``dones[t]`` ends the trace after step t."""
+    """Advantages and returns for (T, ...) tensors; ``dones[t]`` ends the trace after step t."""
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -147,111 +264,140 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[t
     return advantages, advantages + values
 
 
-def run(cfg, context) -> dict[str, float]:
-    task_cfg, device, recorder = cfg.task, context.device, context.recorder
-    policy_envelope, value_envelope = context.envelopes["policy"], context.envelopes["value"]
+class BankMeter:
+    """Per-update envelope statistics of an :class:`EnvelopeBank`, per agent, accumulated on the device."""
 
-    # Environments and networks. Rollouts run on the CPU, next to the environments.
-    envs = make_envs(task_cfg.env_id, task_cfg.num_envs, cfg.seed, task_cfg.max_episode_steps)
-    obs_dim = int(np.prod(envs.single_observation_space.shape))
-    n_actions = int(envs.single_action_space.n)
-    actor = mlp([obs_dim, *task_cfg.hidden, n_actions], 0.01).to(device)
-    critic = mlp([obs_dim, *task_cfg.hidden, 1], 1.0).to(device)
-    optimizer = adam(list(actor.parameters()) + list(critic.parameters()), task_cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    def __init__(self, bank: EnvelopeBank):
+        self.bank, self.total, self.steps = bank, None, 0
 
-    T, N = task_cfg.rollout_steps, task_cfg.num_envs
-    obs_buf = torch.zeros(T, N, obs_dim)
-    actions_buf = torch.zeros(T, N, dtype=torch.long)
-    logits_buf = torch.zeros(T, N, n_actions)
-    rewards_buf = torch.zeros(T, N)
-    dones_buf = torch.zeros(T, N)
-    values_buf = torch.zeros(T, N)
+    def add(self) -> None:
+        stats = torch.stack(list(self.bank.statistics().values()))  # (4, K)
+        self.total = stats.clone() if self.total is None else self.total + stats
+        self.steps += 1
 
-    obs, _ = envs.reset(seed=cfg.seed)
-    obs = torch.as_tensor(obs, dtype=torch.float32)
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
-    recent = deque(maxlen=task_cfg.moving_average)
-    history: list[tuple[int, float]] = []
-    kl_coef = task_cfg.kl_coef
+    def summaries(self, prefix: str) -> list[dict[str, float]]:
+        names = list(self.bank.statistics().keys())
+        values = (self.total / self.steps).T.tolist()  # one host transfer for all agents
+        return [{f"{prefix}/{name}": v for name, v in zip(names, row) if name in self.bank.applies(k)}
+                for k, row in enumerate(values)]
+
+
+def run(cfg, context) -> list[dict[str, float] | Exception]:
+    """Train one PPO agent per seed in ``context.seeds``, all in one process, each as it would train alone.
+
+    Returns one dict of final metrics per agent, or the error that ended it
+    (an agent whose values stop being finite is marked failed; the others
+    train on).
+    """
+    task_cfg, device = cfg.task, context.device
+    seeds, recorders = list(context.seeds), context.recorders
+    K, N, T = len(seeds), task_cfg.num_envs, task_cfg.rollout_steps
+    per_run = getattr(context, "run_envelopes", None) or [context.envelopes] * K
+    policy_bank = EnvelopeBank([envelopes["policy"] for envelopes in per_run]).to(device)
+    value_bank = EnvelopeBank([envelopes["value"] for envelopes in per_run]).to(device)
+
+    envs = Environments(task_cfg.backend, task_cfg.env_id, seeds, N, task_cfg.max_episode_steps)
+    obs_dim, n_actions = envs.observation_size, envs.actions
+    actors, critics = [], []
+    for seed in seeds:  # as a run alone: seeded, then its actor, then its critic
+        torch.manual_seed(seed)
+        actors.append(mlp([obs_dim, *task_cfg.hidden, n_actions], 0.01))
+        critics.append(mlp([obs_dim, *task_cfg.hidden, 1], 1.0))
+    actor, critic = AgentStack(actors, device), AgentStack(critics, device)
+    optimizer = adam(actor.parameters() + critic.parameters(), task_cfg.lr)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    obs_buf = torch.zeros(T, K, N, obs_dim, device=device)
+    actions_buf = torch.zeros(T, K, N, dtype=torch.long, device=device)
+    logits_buf = torch.zeros(T, K, N, n_actions, device=device)
+    rewards_buf = torch.zeros(T, K, N, device=device)
+    dones_buf = torch.zeros(T, K, N, device=device)
+    values_buf = torch.zeros(T, K, N, device=device)
+
+    obs = torch.as_tensor(envs.reset(), device=device).reshape(K, N, obs_dim)
+    episode_return, episode_length = np.zeros(K * N), np.zeros(K * N, dtype=np.int64)
+    recent = [deque(maxlen=task_cfg.moving_average) for _ in range(K)]
+    history: list[list[tuple[int, float]]] = [[] for _ in range(K)]
+    failed: dict[int, str] = {}
+    kl_coef = torch.full((K,), float(task_cfg.kl_coef), device=device)
     bootstrap = task_cfg.truncation == "bootstrap"
+    reduce = torch.sum if task_cfg.reduction == "sum" else torch.mean
     global_step, updates = 0, max(1, task_cfg.total_steps // (T * N))
-    cpu_actor, cpu_critic = (actor, critic) if device.type == "cpu" else (None, None)
+    batch = T * N
+    agent_of_env = np.repeat(np.arange(K), N)
 
-    bar = recorder.progress(range(1, updates + 1), total=updates, unit="update")
+    bar = recorders[0].progress(range(1, updates + 1), total=updates, unit="update")
     for update in bar:
         start = time.perf_counter()
-        finished_returns, finished_lengths = [], []
-        if cpu_actor is None:  # a CUDA model: act with a CPU copy (no per-step device round trip)
-            import copy
-
-            rollout_actor, rollout_critic = copy.deepcopy(actor).cpu(), copy.deepcopy(critic).cpu()
-        else:
-            rollout_actor, rollout_critic = cpu_actor, cpu_critic
-
-        # Rollout: no autograd. Actions are Gumbel-max samples; the noise for the whole
-        # rollout is drawn in one call rather than per step.
+        finished: list[list[tuple[float, int]]] = [[] for _ in range(K)]
+        # Rollout: no autograd; actions are Gumbel-max samples, each agent's noise from its own stream.
         with torch.inference_mode():
-            gumbel = -torch.log(-torch.log(torch.rand(T, N, n_actions, generator=generator).clamp_min(1e-20)))
+            gumbel = torch.stack([-torch.log(-torch.log(torch.rand(T, N, n_actions, generator=g).clamp_min(1e-20)))
+                                  for g in generators], dim=1).to(device)
             for t in range(T):
-                logits = rollout_actor(obs)
-                value = rollout_critic(obs).squeeze(-1)
+                logits = actor(obs)
+                value = critic(obs).squeeze(-1)
                 action = (logits + gumbel[t]).argmax(-1)
-                next_obs, raw_reward, terminated, truncated, info = envs.step(action.numpy())
-                reward = raw_reward.astype(np.float32)
-                if bootstrap:
-                    reward = bootstrap_time_limits(reward, terminated, truncated, info, rollout_critic, task_cfg.gamma)
+                next_obs, raw_reward, terminated, truncated, final = envs.step(action.reshape(-1).cpu().numpy())
+                reward = raw_reward
+                cut = truncated & ~terminated
+                if bootstrap and cut.any():
+                    # a time limit alone is not an ending: add the discounted value of where the episode stopped
+                    final_value = critic(torch.as_tensor(final, device=device).reshape(K, N, obs_dim)).reshape(-1)
+                    reward = reward + np.where(cut, task_cfg.gamma * final_value.cpu().numpy(), 0.0).astype(np.float32)
                 done = terminated | truncated
                 obs_buf[t], actions_buf[t], logits_buf[t], values_buf[t] = obs, action, logits, value
-                rewards_buf[t] = torch.from_numpy(reward)
-                dones_buf[t] = torch.from_numpy(done.astype(np.float32))
+                rewards_buf[t] = torch.as_tensor(reward, device=device).reshape(K, N)
+                dones_buf[t] = torch.as_tensor(done, dtype=torch.float32, device=device).reshape(K, N)
                 episode_return += raw_reward  # the episode's own rewards, without the bootstrap term
                 episode_length += 1
                 for i in np.flatnonzero(done):
-                    finished_returns.append(float(episode_return[i]))
-                    finished_lengths.append(int(episode_length[i]))
+                    finished[agent_of_env[i]].append((float(episode_return[i]), int(episode_length[i])))
                     episode_return[i], episode_length[i] = 0.0, 0
-                obs = torch.as_tensor(next_obs, dtype=torch.float32)
-            global_step += T * N
-            next_value = rollout_critic(obs).squeeze(-1)
+                obs = torch.as_tensor(next_obs, device=device).reshape(K, N, obs_dim)
+            global_step += batch
+            next_value = critic(obs).squeeze(-1)
         rollout_seconds = time.perf_counter() - start
 
         advantages, returns = gae(rewards_buf, values_buf, dones_buf, next_value, task_cfg.gamma, task_cfg.gae_lambda)
-        b_obs = obs_buf.reshape(T * N, obs_dim).to(device)
-        b_actions = actions_buf.reshape(-1).to(device)
-        b_old_logits = logits_buf.reshape(T * N, n_actions).to(device)
-        b_old_logprob = F.log_softmax(b_old_logits, -1).gather(1, b_actions[:, None]).squeeze(1)
-        b_adv = advantages.reshape(-1).to(device)
-        b_returns = returns.reshape(-1).to(device)
-        b_values = values_buf.reshape(-1).to(device)
+        # per agent: (K, T * N, ...)
+        b_obs = obs_buf.transpose(0, 1).reshape(K, batch, obs_dim)
+        b_actions = actions_buf.transpose(0, 1).reshape(K, batch)
+        b_old_logits = logits_buf.transpose(0, 1).reshape(K, batch, n_actions)
+        b_old_logprob = F.log_softmax(b_old_logits, -1).gather(2, b_actions[..., None]).squeeze(2)
+        b_adv = advantages.transpose(0, 1).reshape(K, batch)
+        b_returns = returns.transpose(0, 1).reshape(K, batch)
+        b_values = values_buf.transpose(0, 1).reshape(K, batch)
         if task_cfg.normalise_advantages:
-            b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+            b_adv = (b_adv - b_adv.mean(1, keepdim=True)) / (b_adv.std(1, keepdim=True) + 1e-8)
 
-        # PPO update with the two envelopes.
-        stats = {name: MeanStd(device) for name in ("policy_raw", "policy_shaped", "value_raw", "value_shaped")}
-        meters = {"policy": EnvelopeMeter(policy_envelope, device), "value": EnvelopeMeter(value_envelope, device)}
-        kl_sum = torch.zeros((), device=device)
-        clipped = torch.zeros((), device=device)
+        # PPO update with the two envelopes, every agent at once.
+        stats = {name: MeanStd(device, K) for name in ("policy_raw", "policy_shaped", "value_raw", "value_shaped")}
+        meters = {"policy": BankMeter(policy_bank), "value": BankMeter(value_bank)}
+        kl_sum = torch.zeros(K, device=device)
+        clipped = torch.zeros(K, device=device)
         batches = 0
         for _ in range(task_cfg.update_epochs):
-            order = torch.randperm(T * N, generator=generator).to(device)
-            for begin in range(0, T * N, task_cfg.minibatch_size):
-                idx = order[begin : begin + task_cfg.minibatch_size]
-                new_logprobs_all = F.log_softmax(actor(b_obs[idx]), -1)
-                new_logprob = new_logprobs_all.gather(1, b_actions[idx, None]).squeeze(1)
-                log_ratio = new_logprob - b_old_logprob[idx]
+            order = torch.stack([torch.randperm(batch, generator=g) for g in generators]).to(device)
+            for begin in range(0, batch, task_cfg.minibatch_size):
+                idx = order[:, begin : begin + task_cfg.minibatch_size]
+                mb_obs = b_obs.gather(1, idx[..., None].expand(-1, -1, obs_dim))
+                mb_actions = b_actions.gather(1, idx)
+                new_logprobs_all = F.log_softmax(actor(mb_obs), -1)
+                new_logprob = new_logprobs_all.gather(2, mb_actions[..., None]).squeeze(2)
+                log_ratio = new_logprob - b_old_logprob.gather(1, idx)
                 ratio = log_ratio.exp()
-                adv = b_adv[idx]
-                old_logprobs_all = F.log_softmax(b_old_logits[idx], -1)
+                adv = b_adv.gather(1, idx)
+                old_logprobs_all = F.log_softmax(b_old_logits.gather(1, idx[..., None].expand(-1, -1, n_actions)), -1)
                 exact_kl = (old_logprobs_all.exp() * (old_logprobs_all - new_logprobs_all)).sum(-1)
                 if task_cfg.kl_penalty == "none":
                     policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - task_cfg.clip, 1 + task_cfg.clip) * adv)
                 else:
-                    policy_loss = -ratio * adv + kl_coef * exact_kl
-                value_loss = (critic(b_obs[idx]).squeeze(-1) - b_returns[idx]).square()
-                shaped_policy, shaped_value = policy_envelope(policy_loss), value_envelope(value_loss)
-                reduce = torch.sum if task_cfg.reduction == "sum" else torch.mean
-                loss = reduce(shaped_policy) + task_cfg.value_coef * reduce(shaped_value)
+                    policy_loss = -ratio * adv + kl_coef[:, None] * exact_kl
+                value_loss = (critic(mb_obs).squeeze(-1) - b_returns.gather(1, idx)).square()
+                shaped_policy, shaped_value = policy_bank(policy_loss), value_bank(value_loss)
+                # each agent's loss; their sum's gradient for an agent's parameters is that agent's own
+                loss = (reduce(shaped_policy, dim=1) + task_cfg.value_coef * reduce(shaped_value, dim=1)).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -261,45 +407,62 @@ def run(cfg, context) -> dict[str, float]:
                 meters["policy"].add()
                 meters["value"].add()
                 with torch.no_grad():
-                    kl_sum += ((ratio - 1) - log_ratio).mean()
-                    clipped += ((ratio - 1).abs() > task_cfg.clip).float().mean()
+                    kl_sum += ((ratio - 1) - log_ratio).mean(1)
+                    clipped += ((ratio - 1).abs() > task_cfg.clip).float().mean(1)
                 batches += 1
 
-        # Logging, against environment steps (one host sync per update).
-        approx_kl = (kl_sum / batches).item()
+        # Logging, against environment steps: one host transfer per quantity per update, for all agents.
+        approx_kl = (kl_sum / batches).tolist()
+        clip_fraction = (clipped / batches).tolist()
+        coefs = kl_coef.tolist()
         if task_cfg.kl_penalty == "adaptive":
-            kl_coef = kl_coef * 2 if approx_kl > 1.5 * task_cfg.kl_target else kl_coef / 2 if approx_kl < task_cfg.kl_target / 1.5 else kl_coef
-        metrics = {}
-        for name, meter in stats.items():
-            loss_name, kind = name.split("_")
-            metrics.update(meter.summary(f"train/{loss_name}_{kind}_loss"))
-        for name, meter in meters.items():
-            metrics.update(meter.summary(f"envelope/{name}"))
-        variance = b_returns.var()
-        metrics["train/explained_variance"] = (1 - (b_returns - b_values).var() / variance).item() if variance > 0 else float("nan")
-        metrics["train/approx_kl"] = approx_kl
-        metrics["train/clip_fraction"] = (clipped / batches).item()
-        metrics["train/kl_coef"] = kl_coef if task_cfg.kl_penalty != "none" else 0.0
-        metrics["charts/sps"] = T * N / rollout_seconds
-        metrics["charts/sps_with_update"] = T * N / (time.perf_counter() - start)
-        if finished_returns:  # no episode ended in this rollout: log no return rather than NaN
-            recent.extend(finished_returns)
-            metrics["charts/episodic_return"] = float(np.mean(finished_returns))
-            metrics["charts/episodic_length"] = float(np.mean(finished_lengths))
-            metrics["charts/episodes"] = len(finished_returns)
-        if recent:
-            metrics["charts/return_ma100"] = float(np.mean(recent))
-            history.append((global_step, metrics["charts/return_ma100"]))
-        if variance == 0:  # returns without spread: explained variance is undefined, not a divergence
-            del metrics["train/explained_variance"]
-        reason = divergence(metrics, f"update {update} ({global_step} steps)")
-        if reason is not None:
-            raise DivergedError(reason)
-        recorder.log(global_step, metrics, step_name="step")
-        if recent:
-            bar.set_postfix(return_ma=f"{metrics['charts/return_ma100']:.1f}", sps=f"{metrics['charts/sps']:.0f}")
+            target = task_cfg.kl_target
+            factor = [2.0 if kl > 1.5 * target else 0.5 if kl < target / 1.5 else 1.0 for kl in approx_kl]
+            kl_coef = kl_coef * torch.tensor(factor, device=device)
+            coefs = kl_coef.tolist()
+        variance = b_returns.var(1)
+        explained = torch.where(variance > 0, 1 - (b_returns - b_values).var(1) / variance, torch.nan).tolist()
+        envelope_stats = {name: meter.summaries(f"envelope/{name}") for name, meter in meters.items()}
+        elapsed = time.perf_counter() - start
+        for k, recorder in enumerate(recorders):
+            if k in failed:
+                continue
+            metrics = {}
+            for name, meter in stats.items():
+                loss_name, kind = name.split("_")
+                metrics.update(meter.summary(f"train/{loss_name}_{kind}_loss", k))
+            metrics.update(envelope_stats["policy"][k])
+            metrics.update(envelope_stats["value"][k])
+            if math.isfinite(explained[k]):  # returns without spread: explained variance is undefined, not a divergence
+                metrics["train/explained_variance"] = explained[k]
+            metrics["train/approx_kl"] = approx_kl[k]
+            metrics["train/clip_fraction"] = clip_fraction[k]
+            metrics["train/kl_coef"] = coefs[k] if task_cfg.kl_penalty != "none" else 0.0
+            metrics["charts/sps"] = batch * K / rollout_seconds
+            metrics["charts/sps_with_update"] = batch * K / elapsed
+            if finished[k]:  # no episode ended in this rollout: log no return rather than NaN
+                returns_k = [r for r, _ in finished[k]]
+                recent[k].extend(returns_k)
+                metrics["charts/episodic_return"] = float(np.mean(returns_k))
+                metrics["charts/episodic_length"] = float(np.mean([n for _, n in finished[k]]))
+                metrics["charts/episodes"] = len(returns_k)
+            if recent[k]:
+                metrics["charts/return_ma100"] = float(np.mean(recent[k]))
+                history[k].append((global_step, metrics["charts/return_ma100"]))
+            reason = divergence(metrics, f"update {update} ({global_step} steps)")
+            if reason is not None:
+                failed[k] = reason
+                continue
+            recorder.log(global_step, metrics, step_name="step")
+        if len(failed) == K:
+            raise DivergedError(failed[0] if K == 1 else f"every agent diverged: {failed}")
+        if recent[0]:
+            bar.set_postfix(return_ma=f"{np.mean(recent[0]):.1f}", sps=f"{batch * K / rollout_seconds:.0f}")
     envs.close()
 
-    final_phase = [ma for step, ma in history if step >= 0.9 * global_step]
-    return {"return_ma100_final_phase": float(np.mean(final_phase)) if final_phase else float("nan"),
-            "env_steps": global_step}
+    extras = []
+    for k in range(K):
+        final_phase = [ma for step, ma in history[k] if step >= 0.9 * global_step]
+        extras.append({"return_ma100_final_phase": float(np.mean(final_phase)) if final_phase else float("nan"),
+                       "env_steps": global_step})
+    return seed_outcomes(extras, failed)

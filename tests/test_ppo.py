@@ -134,3 +134,125 @@ def test_config_errors(compose, override, message):
     with pytest.raises(ConfigError) as info:
         validate(compose("task=cartpole", override))
     assert str(info.value) == message
+
+
+needs_envpool = pytest.mark.skipif(__import__("importlib").util.find_spec("envpool") is None,
+                                   reason="pip install -r requirements-envpool.txt")
+
+
+@needs_envpool
+def test_envpool_terminal_step_at_the_time_limit_is_terminal_and_not_bootstrapped():
+    # EnvPool itself reports this step as truncated only; the wrapper applies the limit as TimeLimit does
+    from tasks.ppo import Environments
+
+    def ending(backend, limit):
+        envs = Environments(backend, "CartPole-v1", [0], 1, limit)
+        envs.reset()
+        for step in range(1, 600):
+            _, _, terminated, truncated, _ = envs.step(np.zeros(1, dtype=np.int64))
+            if terminated[0] or truncated[0]:
+                return step, bool(terminated[0]), bool(truncated[0])
+
+    natural = ending("envpool", None)
+    assert natural[1:] == (True, False)
+    assert ending("envpool", natural[0]) == (natural[0], True, True)
+    assert ending("envpool", natural[0] - 1) == (natural[0] - 1, False, True)
+
+
+def episodes(backend, env_id, count, seed=0, envs_per_batch=16):
+    """Returns and lengths of ``count`` episodes under a fixed random policy (a NumPy stream)."""
+    from tasks.ppo import Environments
+
+    envs = Environments(backend, env_id, [seed], envs_per_batch, None)
+    envs.reset()
+    rng = np.random.default_rng(seed)
+    ret, length, out = np.zeros(envs_per_batch), np.zeros(envs_per_batch, dtype=int), []
+    while len(out) < count:
+        _, reward, terminated, truncated, _ = envs.step(rng.integers(0, envs.actions, envs_per_batch))
+        ret += reward
+        length += 1
+        for i in np.flatnonzero(terminated | truncated):
+            out.append((ret[i], length[i]))
+            ret[i], length[i] = 0.0, 0
+    envs.close()
+    return np.array(out[:count])
+
+
+@needs_envpool
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "LunarLander-v3"])
+def test_envpool_and_gymnasium_give_the_same_episodes_in_distribution(env_id):
+    from scipy.stats import ks_2samp
+
+    if env_id == "LunarLander-v3":
+        pytest.importorskip("Box2D")
+    count = 200 if env_id != "Acrobot-v1" else 48  # a random Acrobot policy almost always runs the full 500 steps
+    ours, theirs = episodes("gymnasium", env_id, count), episodes("envpool", env_id, count, seed=1)
+    for column, name in ((0, "return"), (1, "length")):
+        a, b = ours[:, column], theirs[:, column]
+        if np.ptp(a) == 0 and np.ptp(b) == 0:
+            assert a[0] == b[0], name
+        else:
+            assert ks_2samp(a, b).pvalue > 1e-3, (env_id, name, a.mean(), b.mean())
+
+
+@needs_envpool
+def test_envpool_and_gymnasium_step_the_same_dynamics_from_the_same_state():
+    import gymnasium as gym
+    import envpool
+
+    rng = np.random.default_rng(0)
+    # Acrobot: EnvPool exposes its angles (the velocities are observed); gymnasium's state can be set
+    pool = envpool.make_gymnasium("Acrobot-v1", num_envs=1, seed=3)
+    obs_pool, info = pool.reset()
+    env = gym.make("Acrobot-v1").unwrapped
+    env.reset(seed=0)
+    for _ in range(50):
+        env.state = np.array([*info["state"][0], *obs_pool[0, 4:]], dtype=np.float64)
+        action = int(rng.integers(0, 3))
+        obs_pool, _, _, _, info = pool.step(np.array([action]))
+        obs_gym, *_ = env.step(action)
+        np.testing.assert_allclose(obs_pool[0], obs_gym, rtol=1e-5, atol=1e-5)
+    # CartPole: the observation is the state
+    pool = envpool.make_gymnasium("CartPole-v1", num_envs=1, seed=3)
+    obs_pool, _ = pool.reset()
+    env = gym.make("CartPole-v1").unwrapped
+    env.reset(seed=0)
+    for _ in range(8):
+        env.state = np.asarray(obs_pool[0], dtype=np.float64)
+        action = int(rng.integers(0, 2))
+        obs_pool, *_ = pool.step(np.array([action]))
+        obs_gym, *_ = env.step(action)
+        np.testing.assert_allclose(obs_pool[0], obs_gym, rtol=1e-5, atol=1e-6)
+
+
+def test_seed_batched_agents_train_as_they_would_alone(compose, tmp_path):
+    # Same episodes (actions agree), losses equal to rounding: a batch's matrix products round differently
+    args = ("task=cartpole", *SMALL, "task.total_steps=1000", "envelope@envelopes.policy=sigmoid",
+            "envelope@envelopes.value=step")
+    run_job(compose(*args, "seed_batch=3"), tmp_path / "batch", None, [], reraise=True)
+    for seed in range(3):
+        run_job(compose(*args, f"seed={seed}"), tmp_path / f"single_{seed}", None, [], reraise=True)
+        batched, single = rows_of(tmp_path / "batch" / f"seed_{seed}"), rows_of(tmp_path / f"single_{seed}")
+        assert len(batched) == len(single) == 10
+        for a, b in zip(batched, single):
+            assert a["charts_episodic_return"] == b["charts_episodic_return"]
+            assert a["envelope_value_fraction_attenuated"] == b["envelope_value_fraction_attenuated"]
+            for key in ("train_policy_raw_loss_mean", "train_value_raw_loss_mean", "envelope_policy_threshold"):
+                assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+    results = [json.loads((tmp_path / "batch" / f"seed_{s}" / "result.json").read_text()) for s in range(3)]
+    assert len({r["run_id"] for r in results}) == 3 and all(r["status"] == "completed" for r in results)
+
+
+@needs_envpool
+def test_the_envpool_backend_trains_four_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", "task=acrobot", "task.backend=envpool",
+                           "envelope@envelopes.policy=identity,step", "seed=0,1", "task.total_steps=1000",
+                           "task.rollout_steps=100", "tensorboard=false", f"hydra.sweep.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 runs: 4 completed" in proc.stdout
