@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from envelopes import Envelope
+from envelopes import Envelope, EnvelopeBank
 from methods.loss_controller import ControllerSettings
 from runner.cache import ResultsCache
 from runner.config import config_id, controller_settings, effective_config, validate
@@ -53,6 +53,14 @@ class RunContext:
     seeds: list[int]
     vwpr: Any = None  # the vwpr config node (None: off)
     controller: ControllerSettings | None = None  # the loss controller's settings (None: off)
+    run_envelopes: list[dict[str, Envelope]] | None = None  # one dict per run when runs differ in envelopes
+
+    def envelope(self, loss: str) -> Envelope | EnvelopeBank:
+        """The envelope of ``loss`` for this job's runs: the run's own for one run, else a bank of one per run."""
+        per_run = self.run_envelopes or [self.envelopes] * len(self.seeds)
+        if len(per_run) == 1:
+            return per_run[0][loss]
+        return EnvelopeBank([envelopes[loss] for envelopes in per_run]).to(self.device)
 
     @property
     def recorder(self) -> Recorder:
@@ -245,6 +253,8 @@ class SeedRun:
     overrides: list[str]
     result: dict[str, Any]
     config: DictConfig
+    envelopes: dict[str, Envelope]
+    member: Any = None  # the Member (job) it belongs to
 
 
 def seed_overrides(overrides: list[str], seed: int) -> list[str]:
@@ -263,7 +273,7 @@ def prepare(cfg: DictConfig, envelopes: dict[str, Envelope], job_dir: Path, over
     effective = effective_config(seed_cfg, envelopes)
     result = {"overrides": run_overrides, "task": cfg.task.name, "seed": seed, "config_id": config_id(effective),
               "run_id": config_id(effective, with_seed=True), "effective": effective}
-    return SeedRun(seed, run_dir, run_overrides, result, seed_cfg)
+    return SeedRun(seed, run_dir, run_overrides, result, seed_cfg, envelopes)
 
 
 def write_config(run: SeedRun, batched: bool) -> None:
@@ -277,6 +287,23 @@ def write_config(run: SeedRun, batched: bool) -> None:
 def objective_value(result: dict[str, Any]) -> float:
     value = (result.get("objective") or {}).get("value")
     return math.nan if value is None else float(value)
+
+
+@dataclass
+class Member:
+    """One job of a sweep as the runner trains it: a config, its directory and overrides.
+
+    A job trains the seeds ``seed .. seed + seed_batch - 1`` (one, or
+    several as a seed batch, each in ``seed_<s>/``). ``write_hydra_files``
+    is set for jobs that Hydra's own ``run_job`` did not start (the batching
+    launcher's), which then get ``.hydra/overrides.yaml`` as Hydra would
+    write it.
+    """
+
+    cfg: DictConfig
+    dir: Path
+    overrides: list[str]
+    write_hydra_files: bool = False
 
 
 def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: list[str], reraise: bool,
@@ -294,87 +321,145 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
     An interruption (Ctrl-C, a kill) writes no result: the job did not end,
     and re-running the sweep redoes it.
     """
+    return run_members([Member(cfg, job_dir, overrides)], sweep_dir, reraise, default_threads)[0]
+
+
+def run_members(members: list[Member], sweep_dir: Path | None, reraise: bool,
+                default_threads: int | None = None) -> list[float]:
+    """Train the runs of several jobs as one batched model; return each job's objective (NaN if none).
+
+    The jobs must differ only in their envelopes and seeds (the batching
+    launcher groups them so). Each run is prepared as a job alone prepares
+    it (validated, its directory and run id, skipped if completed, a
+    duplicate or claimed by a live process, copied from the results cache),
+    then the pending runs of every job train together. A job whose config
+    is invalid fails alone, before anything trains; a run that diverges
+    fails alone; an error of the batch as a whole fails its pending runs.
+    """
     start = time.time()
-    job_dir.mkdir(parents=True, exist_ok=True)
-    batched = cfg.seed_batch > 1
-    job_result: dict[str, Any] = {"overrides": overrides, "task": cfg.task.name, "seed": cfg.seed}
-    runs: list[SeedRun] = []
+    outcomes: list[float] = [math.nan] * len(members)
+    prepared: list[tuple[int, list[SeedRun]]] = []
     pending: list[SeedRun] = []
     recorders: list[Recorder] = []
     claimed: list[Path] = []
     try:
-        envelopes = validate(cfg)
-        cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
-        if batched:
-            (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        for seed in range(cfg.seed, cfg.seed + cfg.seed_batch):
-            run = prepare(cfg, envelopes, job_dir, overrides, batched, seed)
-            runs.append(run)
-            done = previous_result(run.dir, run.result["run_id"])
-            if done is not None:
-                log.info("seed %d already completed in %s; not re-running", seed, run.dir)
-                run.result = done
-                continue  # its files are already there: a resumed sweep passes over it quickly
-            if sweep_dir is not None:
-                key = claim_key(run.result["run_id"], run.dir, cfg.deduplicate)
-                taken = claim(sweep_dir, key, run.dir, run.result["run_id"])
-                if taken.status == "busy":
-                    log.info("seed %d: another live process is training %s; skipping it here", seed, run.dir)
-                    continue  # its files are that process's to write
-                claimed.append(run.dir)
-                if taken.status == "duplicate":
-                    write_config(run, batched)
-                    log.info("same effective config as %s; skipping", taken.owner)
-                    run.result.update(status="duplicate", duplicate_of=str(taken.owner), wall_time_s=time.time() - start)
-                    write_json_atomic(run.dir / RESULT_FILE, run.result)
-                    continue
-            write_config(run, batched)
-            cached = None if cache is None else cache.fetch(run.result["run_id"], run.dir)
-            if cached is not None:
-                log.info("seed %d: results cached in %s; not re-running", seed, cached["cached_from"])
-                run.result = {**cached, "overrides": run.overrides}
-                write_json_atomic(run.dir / RESULT_FILE, run.result)
+        for index, member in enumerate(members):
+            try:
+                runs = prepare_member(member, sweep_dir, pending, claimed, start)
+            except Exception as error:
+                fail_runs(member, [], [], error, start, batched=member.cfg.seed_batch > 1)
+                if reraise:
+                    raise
                 continue
-            pending.append(run)
+            prepared.append((index, runs))
         if pending:
-            train(cfg, envelopes, pending, recorders, default_threads)
+            try:
+                train(pending, recorders, default_threads)
+            except Exception as error:
+                for member in {id(m): m for m in (run.member for run in pending)}.values():
+                    member_pending = [run for run in pending if run.member is member]
+                    fail_runs(member, member_pending, recorders, error, start, batched=member.cfg.seed_batch > 1)
+                if reraise:
+                    raise
+                return outcomes
+            cache = None if members[0].cfg.cache_dir is None else ResultsCache(resolve_path(members[0].cfg.cache_dir))
             if cache is not None:
                 for run in pending:
                     if run.result.get("status") == "completed":
                         cache.store(run.result["run_id"], run.dir)
-    except Exception as error:
-        failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
-                   "wall_time_s": time.time() - start}
-        log.error("job failed: %s", failure["error"])
-        for run, recorder in zip(pending, recorders + [None] * len(pending)):
-            run.result.update(failure)
-            if recorder is not None:
-                run.result.update(final=recorder.final, best=recorder.best)
-            write_json_atomic(run.dir / RESULT_FILE, run.result)
-        if not pending or batched:
-            job_result.update(failure)
-            write_json_atomic(job_dir / RESULT_FILE, job_result)
-        if reraise:
-            raise
-        return math.nan
     finally:
         for recorder in recorders:
             recorder.close()
         for run_dir in claimed:  # results written: the claims' owners no longer live here
             release(run_dir)
+    for index, runs in prepared:
+        member = members[index]
+        if member.cfg.seed_batch > 1:
+            job_result = {"overrides": member.overrides, "task": member.cfg.task.name, "seed": member.cfg.seed,
+                          "status": "batch", "seeds": [run.seed for run in runs],
+                          "trained": [run.seed for run in runs if run in pending],
+                          "runs": [run.dir.name for run in runs], "wall_time_s": time.time() - start}
+            write_json_atomic(member.dir / RESULT_FILE, job_result)
+        values = [objective_value(run.result) for run in runs if run.result.get("status") == "completed"]
+        finite = [v for v in values if math.isfinite(v)]
+        outcomes[index] = sum(finite) / len(finite) if finite else math.nan
+    return outcomes
+
+
+def prepare_member(member: Member, sweep_dir: Path | None, pending: list[SeedRun], claimed: list[Path],
+                   start: float) -> list[SeedRun]:
+    """A job's runs, each completed before, a duplicate, busy elsewhere, cached, or appended to ``pending``."""
+    cfg, job_dir = member.cfg, member.dir
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if member.write_hydra_files:
+        (job_dir / ".hydra").mkdir(exist_ok=True)
+        (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in member.overrides))
+    batched = cfg.seed_batch > 1
+    envelopes = validate(cfg)
+    cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
     if batched:
-        job_result.update(status="batch", seeds=[run.seed for run in runs], trained=[run.seed for run in pending],
-                          runs=[run.dir.name for run in runs], wall_time_s=time.time() - start)
-        write_json_atomic(job_dir / RESULT_FILE, job_result)
-    values = [objective_value(run.result) for run in runs if run.result.get("status") == "completed"]
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+        (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    runs = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seed_batch):
+        run = prepare(cfg, envelopes, job_dir, member.overrides, batched, seed)
+        run.member = member
+        runs.append(run)
+        done = previous_result(run.dir, run.result["run_id"])
+        if done is not None:
+            log.info("seed %d already completed in %s; not re-running", seed, run.dir)
+            run.result = done
+            continue  # its files are already there: a resumed sweep passes over it quickly
+        if sweep_dir is not None:
+            key = claim_key(run.result["run_id"], run.dir, cfg.deduplicate)
+            taken = claim(sweep_dir, key, run.dir, run.result["run_id"])
+            if taken.status == "busy":
+                log.info("seed %d: another live process is training %s; skipping it here", seed, run.dir)
+                continue  # its files are that process's to write
+            claimed.append(run.dir)
+            if taken.status == "duplicate":
+                write_config(run, batched)
+                log.info("same effective config as %s; skipping", taken.owner)
+                run.result.update(status="duplicate", duplicate_of=str(taken.owner), wall_time_s=time.time() - start)
+                write_json_atomic(run.dir / RESULT_FILE, run.result)
+                continue
+        write_config(run, batched)
+        cached = None if cache is None else cache.fetch(run.result["run_id"], run.dir)
+        if cached is not None:
+            log.info("seed %d: results cached in %s; not re-running", seed, cached["cached_from"])
+            run.result = {**cached, "overrides": run.overrides}
+            write_json_atomic(run.dir / RESULT_FILE, run.result)
+            continue
+        pending.append(run)
+    return runs
 
 
-def train(cfg: DictConfig, envelopes: dict[str, Envelope], runs: list[SeedRun], recorders: list[Recorder],
-          default_threads: int | None) -> None:
-    """Train the given seeds (one, or several as a batch) and write each one's completed result."""
+def fail_runs(member: Member, runs: list[SeedRun], recorders: list[Recorder], error: Exception, start: float,
+              batched: bool) -> None:
+    """Write a failed result for each of ``runs`` (and the job's own for a failure before any run)."""
+    failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
+               "wall_time_s": time.time() - start}
+    log.error("job %s failed: %s", member.dir, failure["error"])
+    by_dir = {recorder.job_dir: recorder for recorder in recorders}
+    for run in runs:
+        run.result.update(failure)
+        recorder = by_dir.get(run.dir)
+        if recorder is not None:
+            run.result.update(final=recorder.final, best=recorder.best)
+        write_json_atomic(run.dir / RESULT_FILE, run.result)
+    if not runs or batched:
+        job_result = {"overrides": member.overrides, "task": member.cfg.task.name, "seed": member.cfg.seed, **failure}
+        member.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(member.dir / RESULT_FILE, job_result)
+
+
+def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int | None) -> None:
+    """Train the given runs (one, or several as one batched model) and write each one's completed result.
+
+    The runs share their task and every setting but their envelopes and
+    seeds; the first run's config stands for what they share.
+    """
     start = time.time()
+    cfg = runs[0].config
     module = task_module(cfg.task.name)
     device = resolve_device(cfg.device)
     threads = cfg.threads if cfg.threads is not None else default_threads
@@ -382,18 +467,20 @@ def train(cfg: DictConfig, envelopes: dict[str, Envelope], runs: list[SeedRun], 
         torch.set_num_threads(threads)
     torch.set_flush_denormal(cfg.flush_denormal)
     seed_everything(runs[0].seed)
-    envelopes = {name: envelope.to(device) for name, envelope in envelopes.items()}
     for i, run in enumerate(runs):
         # one progress bar per job: the first seed's
         recorders.append(Recorder(run.dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress if i == 0 else False))
-    context = RunContext(device, envelopes, recorders, [run.seed for run in runs], cfg.vwpr if cfg.vwpr.enabled else None,
-                         None if cfg.controller.mode is None else controller_settings(cfg))
+    per_run = [{name: envelope.to(device) for name, envelope in run.envelopes.items()} for run in runs]
+    same = all(run.envelopes is runs[0].envelopes for run in runs)
+    context = RunContext(device, per_run[0], recorders, [run.seed for run in runs], cfg.vwpr if cfg.vwpr.enabled else None,
+                         None if cfg.controller.mode is None else controller_settings(cfg),
+                         run_envelopes=None if same else per_run)
     extras = module.run(cfg, context)
     extras = [extras] if isinstance(extras, dict) else extras
     wall_time = time.time() - start
     objective_key = file_key(module.OBJECTIVE[0])
     for run, recorder, extra in zip(runs, recorders, extras):
-        if isinstance(extra, Exception):  # this seed failed; the batch's other seeds did not
+        if isinstance(extra, Exception):  # this run failed; the batch's others did not
             run.result.update(status="failed", error=f"{type(extra).__name__}: {extra}", final=recorder.final,
                               best=recorder.best, wall_time_s=wall_time / len(runs))
             write_json_atomic(run.dir / RESULT_FILE, run.result)
@@ -408,7 +495,7 @@ def train(cfg: DictConfig, envelopes: dict[str, Envelope], runs: list[SeedRun], 
             final=final,
             best=recorder.best,
             objective={"metric": objective_key, "mode": module.OBJECTIVE[1], "value": value},
-            # a batch's seeds share its time: each is charged its share
+            # a batch's runs share its time: each is charged its share
             wall_time_s=wall_time / len(runs),
         )
         if len(runs) > 1:

@@ -180,8 +180,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         return [{"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
                 for val in evaluate(group, *data["val"], task_cfg.eval_batch_size)]
 
-    envelope = context.envelopes["classification"]
-    failed = fit(group, optimizer, envelope if len(seeds) == 1 else envelope.grouped(len(seeds)), "classification",
+    failed = fit(group, optimizer, context.envelope("classification"), "classification",
                  data["train"], per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, seeds,
                  context.recorders, None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module), controlled)
     if task_cfg.test_size == 0:

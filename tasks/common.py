@@ -119,7 +119,9 @@ class EnvelopeMeter:
         if self.total is not None:
             total = self.total if group is None or self.total.dim() == 1 else self.total[:, group]
             values = (total / self.steps).tolist()
-            out.update({f"{prefix}/{name}": value for name, value in zip(self.names, values)})
+            # a bank's groups differ in shape: only the statistics of this group's shape
+            keep = self.envelope.applies(group) if hasattr(self.envelope, "applies") and group is not None else self.names
+            out.update({f"{prefix}/{name}": value for name, value in zip(self.names, values) if name in keep})
         return out
 
 

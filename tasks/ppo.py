@@ -292,7 +292,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     task_cfg, device = cfg.task, context.device
     seeds, recorders = list(context.seeds), context.recorders
     K, N, T = len(seeds), task_cfg.num_envs, task_cfg.rollout_steps
-    per_run = getattr(context, "run_envelopes", None) or [context.envelopes] * K
+    per_run = context.run_envelopes or [context.envelopes] * K
     policy_bank = EnvelopeBank([envelopes["policy"] for envelopes in per_run]).to(device)
     value_bank = EnvelopeBank([envelopes["value"] for envelopes in per_run]).to(device)
 

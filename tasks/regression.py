@@ -183,8 +183,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
     group = ModelGroup(lambda: build_mlp(len(FEATURES), list(task_cfg.hidden), 1), seeds, device)
     optimizer = adam(group.parameters(), task_cfg.lr)
-    envelope = context.envelopes["mse"]
-    failed = fit(group, optimizer, envelope if len(seeds) == 1 else envelope.grouped(len(seeds)), "mse", data["train"],
+    failed = fit(group, optimizer, context.envelope("mse"), "mse", data["train"],
                  per_sample_squared_error, lambda: error_metrics(group, *data["val"], target_std, "val"),
                  task_cfg.epochs, task_cfg.batch_size, seeds, context.recorders,
                  None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module))

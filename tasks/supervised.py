@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from envelopes import Envelope
+from envelopes import Envelope, EnvelopeBank
 from tasks.common import ControlledLoss, DivergedError, EnvelopeMeter, MeanStd, VWPRMonitor, divergence, optimise
 from tasks.seed_batch import ModelGroup, generators, permutations, take
 
@@ -46,7 +46,7 @@ def train_step(group: ModelGroup, optimizer, envelope, x, y, raw: MeanStd, shape
 def fit(
     group: ModelGroup,
     optimizer: torch.optim.Optimizer,
-    envelope: Envelope,
+    envelope: Envelope | EnvelopeBank,
     loss_name: str,
     train: tuple[torch.Tensor, torch.Tensor],
     per_sample_loss: PerSampleLoss,
@@ -60,8 +60,9 @@ def fit(
 ) -> dict[int, str]:
     """Train for ``epochs``, logging train/, envelope/<loss_name>/, vwpr/ and ``evaluate()``'s metrics per epoch and seed.
 
-    ``train`` holds (S, n, ...) inputs and (S, n) targets; ``envelope`` has
-    ``groups=S`` when S > 1; ``evaluate()`` returns one dict per seed.
+    ``train`` holds (S, n, ...) inputs and (S, n) targets; ``envelope`` is
+    a bank of one envelope per run when S > 1 (runs may differ in their
+    envelopes); ``evaluate()`` returns one dict per seed.
     A seed with a non-finite value in any recorded metric stops being logged while the
     others train on (seeds are independent). Returns ``{seed index: reason}``
     for such seeds; raises :class:`DivergedError` when none is left.

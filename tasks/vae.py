@@ -257,7 +257,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     task_cfg, device, recorders, seeds = cfg.task, context.device, context.recorders, context.seeds
     n_seeds = len(seeds)
     data = stack_seeds([load_data(task_cfg, seed, device) for seed in seeds])
-    envelopes = {name: e if n_seeds == 1 else e.grouped(n_seeds) for name, e in context.envelopes.items()}
+    envelopes = {name: context.envelope(name) for name in context.envelopes}
     group = ModelGroup(lambda: VAE(data["train_x"].shape[-1], list(task_cfg.hidden), task_cfg.latent_dim), seeds, device)
     optimizer = adam(group.parameters(), task_cfg.lr)
     gens = generators(seeds, device)

@@ -1,0 +1,121 @@
+"""The batching launcher: a sweep's jobs that differ only in envelopes and seeds train as one model.
+
+    python run_ablation.py -m experiment=acrobot_paper hydra/launcher=batched task.backend=envpool
+
+Hydra hands a launcher the override lists of a sweep's jobs. This one
+composes each job's config (as the basic launcher does), groups the jobs
+whose configs are equal once their envelopes and seed are set aside, and
+trains each group, up to ``max_batch`` runs at a time, in this process as
+one batched model (:func:`runner.job.run_members`): stacked parameters,
+one envelope per run (``EnvelopeBank``), each run with its own data order,
+noise and environments. Every run keeps what a job alone has: its
+directory (the one the basic launcher would give it), config, overrides,
+metrics, TensorBoard events, ``result.json`` and ``run_id``; resume,
+de-duplication, the results cache and the analysis see runs as usual.
+
+Jobs that cannot share a model (VWPR on, the loss controller on) run one
+by one, as under the basic launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def group_key(cfg: DictConfig) -> str | None:
+    """What the runs of a group must share: the whole config but envelopes and seed (None: runs alone)."""
+    if cfg.vwpr.enabled or cfg.controller.mode is not None:
+        return None
+    container = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                 for key in cfg if key not in ("hydra", "envelopes", "seed")}
+    return json.dumps(container, sort_keys=True, default=str)
+
+
+class BatchedLauncher(Launcher):
+    def __init__(self, max_batch: int = 256) -> None:
+        super().__init__()
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"hydra.launcher.max_batch must be a positive integer, got {max_batch!r}")
+        self.max_batch = max_batch
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from runner.job import Member, run_members
+
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        jobs: List[tuple[int, DictConfig, Member]] = []
+        for offset, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + offset
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = idx
+                cfg.hydra.job.num = idx
+            HydraConfig.instance().set_config(cfg)
+            job_dir = sweep_dir / str(cfg.hydra.sweep.subdir)
+            jobs.append((idx, cfg, Member(self._job_config(cfg), job_dir, list(overrides), write_hydra_files=True)))
+        groups: dict[str | None, list[int]] = {}
+        alone: list[int] = []
+        for position, (_, cfg, _) in enumerate(jobs):
+            key = group_key(cfg)
+            (alone if key is None else groups.setdefault(key, [])).append(position)
+        batches = [chunk for positions in groups.values() for chunk in self._split(positions, jobs)]
+        batches += [[position] for position in alone]
+        log.info("Launching %d jobs in %d batched groups (at most %d runs each)", len(jobs), len(batches), self.max_batch)
+        returns: dict[int, Any] = {}
+        for number, batch in enumerate(batches, 1):
+            members = [jobs[p][2] for p in batch]
+            runs = sum(m.cfg.seed_batch for m in members)
+            log.info("group %d/%d: %d jobs, %d runs (#%s)", number, len(batches), len(members), runs,
+                     ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""))
+            values = run_members(members, sweep_dir, reraise=False)
+            for position, value in zip(batch, values):
+                returns[position] = value
+        out = []
+        for position, (idx, cfg, member) in enumerate(jobs):
+            ret = JobReturn(overrides=member.overrides, cfg=member.cfg, hydra_cfg=cfg, working_dir=str(member.dir),
+                            task_name=str(cfg.hydra.job.name), status=JobStatus.COMPLETED)
+            ret.return_value = returns[position]
+            out.append(ret)
+        return out
+
+    def _split(self, positions: list[int], jobs) -> list[list[int]]:
+        """Consecutive chunks of at most ``max_batch`` runs (a seed-batched job counts its seeds)."""
+        chunks, current, size = [], [], 0
+        for position in positions:
+            runs = jobs[position][2].cfg.seed_batch
+            if current and size + runs > self.max_batch:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(position)
+            size += runs
+        if current:
+            chunks.append(current)
+        return chunks
+
+    @staticmethod
+    def _job_config(cfg: DictConfig) -> DictConfig:
+        """The job's config as the task sees it (the ``hydra`` node removed, as Hydra's run_job does)."""
+        job_cfg = cfg.copy()
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]
+        return job_cfg

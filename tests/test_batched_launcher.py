@@ -1,0 +1,104 @@
+"""The batching launcher: a sweep's runs trained as groups, every run still a run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.load import load_jobs
+from tests.conftest import ROOT
+
+MIXED = ("-m", "task=digits", "envelope@envelopes.classification=identity,step,sigmoid",
+         "envelopes.classification.quantile=0.1,0.5", "seed=0,1", "task.epochs=2", "tensorboard=false")
+
+
+def sweep(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), *args, f"hydra.sweep.dir={tmp_path / name}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def results(directory: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(directory.glob("*/result.json"))}
+
+
+def test_a_mixed_sweep_gives_the_runs_of_the_basic_launcher(tmp_path):
+    basic, batched = sweep(tmp_path, "basic", *MIXED), sweep(tmp_path, "batched", *MIXED, "hydra/launcher=batched")
+    assert basic.returncode == 0 and batched.returncode == 0, batched.stderr[-2000:]
+    assert "Launching 12 jobs in 1 batched groups" in batched.stderr + batched.stdout
+    ours, theirs = results(tmp_path / "batched"), results(tmp_path / "basic")
+    assert sorted(ours) == sorted(theirs) and len(ours) == 12  # the same directories
+    for job, result in ours.items():
+        other = theirs[job]
+        assert (result["run_id"], result["status"], result["overrides"]) == (other["run_id"], other["status"], other["overrides"])
+        assert (tmp_path / "batched" / job / ".hydra" / "overrides.yaml").read_text() == \
+               (tmp_path / "basic" / job / ".hydra" / "overrides.yaml").read_text()
+        if result["status"] == "completed":
+            # the batch's matrix products round differently from a model alone
+            for key in ("val_loss", "val_accuracy", "train_raw_loss_mean"):
+                assert result["final"][key] == pytest.approx(other["final"][key], rel=1e-4), (job, key)
+            assert result["batch"]["seeds"] == [0, 1] * 5
+    assert load_jobs(tmp_path / "batched")["status"].value_counts().to_dict() == {"completed": 10, "duplicate": 2}
+
+
+def test_max_batch_splits_a_group(tmp_path):
+    proc = sweep(tmp_path, "split", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Launching 12 jobs in 3 batched groups (at most 5 runs each)" in proc.stderr + proc.stdout
+    assert len(results(tmp_path / "split")) == 12
+
+
+def test_a_run_that_fails_inside_a_group_leaves_the_others_completed(compose, tmp_path, monkeypatch):
+    import tasks.supervised as supervised
+    from runner.job import Member, run_members
+
+    calls: dict[str, int] = {}
+    real = supervised.divergence
+
+    def second_run_diverges(metrics, step):  # the loop checks runs in order: the second one fails at epoch 1
+        calls[step] = calls.get(step, 0) + 1
+        return "diverged at epoch 1: injected" if (step, calls[step]) == ("epoch 1", 2) else real(metrics, step)
+
+    monkeypatch.setattr(supervised, "divergence", second_run_diverges)
+    members = [Member(compose("task.epochs=2", "tensorboard=false", f"seed={seed}", *extra), tmp_path / str(i),
+                      [f"seed={seed}", *extra], write_hydra_files=True)
+               for i, (seed, extra) in enumerate([(0, []), (1, ["envelope@envelopes.classification=step"]),
+                                                   (2, ["envelope@envelopes.classification=sigmoid"])])]
+    values = run_members(members, tmp_path, reraise=False)
+    statuses = [json.loads((tmp_path / str(i) / "result.json").read_text())["status"] for i in range(3)]
+    assert statuses == ["completed", "failed", "completed"]
+    failed = json.loads((tmp_path / "1" / "result.json").read_text())
+    assert failed["error"] == "DivergedError: diverged at epoch 1: injected"
+    assert values[0] == values[0] and values[1] != values[1] and values[2] == values[2]  # NaN only for the failed job
+
+
+def test_an_interrupted_batched_sweep_resumes(tmp_path):
+    args = (*MIXED, "hydra/launcher=batched")
+    assert sweep(tmp_path, "s", *args).returncode == 0
+    before = results(tmp_path / "s")
+    # jobs 4 and 9 were "interrupted": no result, a partial metrics file
+    for job in ("4", "9"):
+        (tmp_path / "s" / job / "result.json").unlink()
+        (tmp_path / "s" / job / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 99.0}\n')
+    kept = (tmp_path / "s" / "0" / "metrics.jsonl").stat().st_mtime_ns
+    proc = sweep(tmp_path, "s", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = results(tmp_path / "s")
+    assert (tmp_path / "s" / "0" / "metrics.jsonl").stat().st_mtime_ns == kept  # finished runs left alone
+    for job in ("4", "9"):
+        assert after[job]["status"] == "completed" and after[job]["run_id"] == before[job]["run_id"]
+        rows = (tmp_path / "s" / job / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+        assert after[job]["batch"]["seeds"] == [0, 1]  # only the two unfinished runs trained, as one group
+    assert {k: v["status"] for k, v in after.items()} == {k: v["status"] for k, v in before.items()}
+
+
+def test_the_acrobot_envpool_command_writes_four_completed_runs(tmp_path):
+    pytest.importorskip("envpool")
+    proc = sweep(tmp_path, "rl", "-m", "task=acrobot", "task.backend=envpool", "envelope@envelopes.policy=identity,step",
+                 "seed=0,1", "task.total_steps=1000", "task.rollout_steps=100", "tensorboard=false", "hydra/launcher=batched")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = results(tmp_path / "rl")
+    assert [r["status"] for r in found.values()] == ["completed"] * 4
+    assert all(r["batch"]["seeds"] == [0, 1, 0, 1] and r["final"]["env_steps"] == 1000 for r in found.values())
