@@ -130,7 +130,16 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
         (out_dir / "report.md").write_text("".join(lines))
         return out_dir / "report.md"
 
-    spec = default_spec(jobs, metric, mode)
+    try:
+        spec = default_spec(jobs, metric, mode)
+    except ValueError as error:
+        if metric is not None:  # asked for by name: the caller's error
+            raise
+        # no completed run logged the objective (a PPO run in which no episode ended, say)
+        lines.append(f"\nNo table: {error}\n".replace("--metric ", "the objective "))
+        print(f"No table: the objective is in no completed run's final metrics ({error})")
+        (out_dir / "report.md").write_text("".join(lines))
+        return out_dir / "report.md"
     done = jobs[jobs["status"] == "completed"]
     groups = split_by_task_parameters(done)
     metrics = load_metrics(done) if make_figures else pd.DataFrame()

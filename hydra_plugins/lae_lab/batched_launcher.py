@@ -64,10 +64,20 @@ class BatchedLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         jobs: List[tuple[int, DictConfig, Member]] = []
+        composed: dict[tuple[str, ...], DictConfig] = {}
         for offset, overrides in enumerate(job_overrides):
             idx = initial_job_idx + offset
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            # Jobs that differ only in their seed share one composition (about 0.15 s each): the seed
+            # is a plain top-level value, so setting it on a copy is what composing it would give.
+            seedless = tuple(o for o in overrides if o.split("=", 1)[0] != "seed")
+            seed = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), None)
+            if seedless not in composed:
+                composed[seedless] = self.hydra_context.config_loader.load_sweep_config(self.config, list(seedless))
+            cfg = composed[seedless].copy()
             with open_dict(cfg):
+                if seed is not None:
+                    cfg.seed = int(seed)
+                    cfg.hydra.overrides.task = list(overrides)
                 cfg.hydra.job.id = idx
                 cfg.hydra.job.num = idx
             HydraConfig.instance().set_config(cfg)

@@ -1,0 +1,85 @@
+"""Environment steps per second of a slice of the paper's PPO grids, batched and one agent per job.
+
+For each environment, the slice is seed 0 of the paper grid: its 121
+distinct policy x value envelope pairs (10% of the Acrobot grid's 1,210
+runs, 5% of LunarLander's 2,420), each for ``--updates`` PPO updates of the
+paper's protocol (rollout 500, 4 epochs of minibatches of 100).
+
+- batched: the whole slice as one command with ``hydra/launcher=batched``
+  and ``task.backend=envpool`` (one process, one model for all 121 runs);
+- one agent per job: ``--single`` of the slice's runs, each its own job
+  under the basic launcher with the gymnasium back end, as a sweep ran
+  them before the batching launcher.
+
+Rates are the median over updates of what each run logs
+(``charts/sps_with_update``: environment steps of all the group's agents
+per second of rollout plus update), so start-up is left out; the
+command's whole wall time is printed too. The extrapolation divides the
+paper grid's environment steps by the rate (one process on this machine).
+
+    python bench/ppo_grid.py [--env acrobot lunarlander] [--updates 2] [--single 4]
+    python bench/ppo_grid.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# runs and environment steps of each paper grid (distinct envelope pairs x seeds x steps)
+GRIDS = {"acrobot": (121 * 10, 200_000, "acrobot_paper"), "lunarlander": (121 * 20, 500_000, "lunarlander_paper")}
+
+
+def sweep(args: list[str], out: Path) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", *args, f"hydra.sweep.dir={out}",
+                           "tensorboard=false", "progress=false"], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"sweep failed:\n{proc.stderr[-3000:]}")
+    rates = []
+    for metrics in sorted(out.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rates.append(statistics.median(r["charts_sps_with_update"] for r in rows))
+    return wall, rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", nargs="+", choices=sorted(GRIDS), default=sorted(GRIDS))
+    parser.add_argument("--updates", type=int, default=2)
+    parser.add_argument("--single", type=int, default=4, help="runs of the slice timed one agent per job")
+    parser.add_argument("--smoke", action="store_true", help="Acrobot, 4 runs batched and 2 alone: checks the script runs")
+    args = parser.parse_args()
+    for env in args.env if not args.smoke else ["acrobot"]:
+        runs, steps, preset = GRIDS[env]
+        rollout = 500
+        common = [f"experiment={preset}", f"task.total_steps={args.updates * rollout}", f"task.rollout_steps={rollout}", "seed=0"]
+        if args.smoke:
+            common += ["envelope@envelopes.value=identity", "envelopes.policy.quantile=0.1",
+                       "envelopes.policy.width=0.1"]
+        with tempfile.TemporaryDirectory() as tmp:
+            wall, rates = sweep(common + ["hydra/launcher=batched", "task.backend=envpool"], Path(tmp) / "batched")
+            group = len(rates)
+            batched = statistics.median(rates)  # every run of the group logs the group's rate
+            single_wall, single_rates = sweep(
+                common + ["envelope@envelopes.policy=identity", "envelope@envelopes.value=identity",
+                          f"seed=range({args.single})" if not args.smoke else "seed=0,1"], Path(tmp) / "single")
+            single = statistics.median(single_rates)
+        grid_steps = runs * steps
+        print(f"{env}: slice of {group} runs x {args.updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps")
+        print(f"  batched (one process, EnvPool): {batched:,.0f} env steps/s (command {wall:.0f} s); "
+              f"whole grid {grid_steps / batched / 3600:.2f} h")
+        print(f"  one agent per job (gymnasium):  {single:,.0f} env steps/s per job; "
+              f"whole grid {grid_steps / single / 3600:.2f} h one job at a time")
+
+
+if __name__ == "__main__":
+    main()
