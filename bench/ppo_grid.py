@@ -1,9 +1,10 @@
 """Environment steps per second of a slice of the paper's PPO grids, batched and one agent per job.
 
-For each environment, the slice is seed 0 of the paper grid: its 121
-distinct policy x value envelope pairs (10% of the Acrobot grid's 1,210
-runs, 5% of LunarLander's 2,420), each for ``--updates`` PPO updates of the
-paper's protocol (rollout 500, 4 epochs of minibatches of 100).
+For each environment, the slice is seed 0 of the paper grid (bootstrapped
+truncation): its 121 distinct policy x value envelope pairs (10% of the
+Acrobot grid's 1,210 runs, 5% of LunarLander's 2,420), each for
+``--updates`` x 500 environment steps at the paper's protocol (rollouts of
+100 steps for Acrobot, 500 for LunarLander; 4 epochs of minibatches of 100).
 
 - batched: the whole slice as one command with ``hydra/launcher=batched``
   and ``task.backend=envpool`` (one process, one model for all 121 runs);
@@ -33,8 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# runs and environment steps of each paper grid (distinct envelope pairs x seeds x steps)
-GRIDS = {"acrobot": (121 * 10, 200_000, "acrobot_paper"), "lunarlander": (121 * 20, 500_000, "lunarlander_paper")}
+# runs, environment steps per run, preset and rollout length of each paper grid (Acrobot: 121 envelope
+# pairs x 5 seeds x 2 truncation settings; LunarLander: 121 pairs x 20 seeds)
+GRIDS = {"acrobot": (121 * 5 * 2, 200_000, "acrobot_paper", 100), "lunarlander": (121 * 20, 500_000, "lunarlander_paper", 500)}
 
 
 def sweep(args: list[str], out: Path) -> tuple[float, list[float]]:
@@ -59,9 +61,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="Acrobot, 4 runs batched and 2 alone: checks the script runs")
     args = parser.parse_args()
     for env in args.env if not args.smoke else ["acrobot"]:
-        runs, steps, preset = GRIDS[env]
-        rollout = 500
-        common = [f"experiment={preset}", f"task.total_steps={args.updates * rollout}", f"task.rollout_steps={rollout}", "seed=0"]
+        runs, steps, preset, rollout = GRIDS[env]
+        updates = args.updates * 500 // rollout  # the same environment steps per run for either protocol
+        common = [f"experiment={preset}", f"task.total_steps={updates * rollout}", "seed=0", "task.truncation=bootstrap"]
         if args.smoke:
             common += ["envelope@envelopes.value=identity", "envelopes.policy.quantile=0.1",
                        "envelopes.policy.width=0.1"]
@@ -74,7 +76,7 @@ def main() -> None:
                           f"seed=range({args.single})" if not args.smoke else "seed=0,1"], Path(tmp) / "single")
             single = statistics.median(single_rates)
         grid_steps = runs * steps
-        print(f"{env}: slice of {group} runs x {args.updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps")
+        print(f"{env}: slice of {group} runs x {updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps")
         print(f"  batched (one process, EnvPool): {batched:,.0f} env steps/s (command {wall:.0f} s); "
               f"whole grid {grid_steps / batched / 3600:.2f} h")
         print(f"  one agent per job (gymnasium):  {single:,.0f} env steps/s per job; "

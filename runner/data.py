@@ -17,11 +17,11 @@ replacing a file is noticed, and an unchanged file is hashed once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from tasks import task_module
+from tasks.datasets import md5sum
 
 _digests: dict[tuple[str, int, int], str] = {}
 _checked: set[tuple[tuple[str, int, int], ...]] = set()
@@ -30,14 +30,6 @@ _checked: set[tuple[tuple[str, int, int], ...]] = set()
 def _stat_key(path: Path) -> tuple[str, int, int]:
     stat = os.stat(path)
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_identity(task_cfg) -> dict[str, str] | None:
@@ -62,6 +54,6 @@ def data_identity(task_cfg) -> dict[str, str] | None:
     out = {}
     for path, key in zip(files, keys):
         if key not in _digests:
-            _digests[key] = _md5(path)
+            _digests[key] = md5sum(path)
         out[path.name] = _digests[key]
     return out

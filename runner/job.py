@@ -106,6 +106,24 @@ def _owner_of(fd: int) -> Path | None:
     return Path(first) if first else None
 
 
+def _open_claim(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:  # removed or replaced meanwhile
+        return None
+
+
+def _lock(fd: int) -> bool:
+    """Take the claim's exclusive lock without waiting; False if a live process holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 def _same(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
@@ -156,13 +174,10 @@ def claim(sweep_dir: Path, key: str, run_dir: Path, run_id: str | None = None) -
             os.close(fd)
         finally:
             tmp.unlink(missing_ok=True)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
+        fd = _open_claim(path)
+        if fd is None:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live process holds it
+        if not _lock(fd):  # a live process holds it
             owner = _owner_of(fd)
             os.close(fd)
             if owner is None:  # being rewritten by the process that took it over
@@ -198,24 +213,18 @@ def release(run_dir: Path) -> None:
 
 def live_claims(sweep_dir: Path) -> list[Path]:
     """Run directories of the sweep that another live process is training now."""
-    import fcntl
-
     live = []
     for path in sorted((sweep_dir / CLAIMS_DIR).glob("[!.]*")):
         if str(path) in _held:
             continue
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
+        fd = _open_claim(path)
+        if fd is None:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(fd):
             owner = _owner_of(fd)
             if owner is not None:
                 live.append(owner)
-        finally:
-            os.close(fd)
+        os.close(fd)
     return live
 
 

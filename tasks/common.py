@@ -78,7 +78,14 @@ class MeanStd:
         self.count += values.shape[-1]
 
     def summary(self, prefix: str, group: int | None = None) -> dict[str, float]:
-        total, squares = (self.total if group is None else self.total[group]).tolist()
+        return self._summarise(prefix, (self.total if group is None else self.total[group]).tolist())
+
+    def summaries(self, prefix: str) -> list[dict[str, float]]:
+        """Every group's summary, with one host transfer for all of them."""
+        return [self._summarise(prefix, pair) for pair in self.total.tolist()]
+
+    def _summarise(self, prefix: str, pair: list[float]) -> dict[str, float]:
+        total, squares = pair
         count = max(self.count, 1)
         mean = total / count
         variance = max(squares / count - mean * mean, 0.0)

@@ -423,14 +423,14 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         variance = b_returns.var(1)
         explained = torch.where(variance > 0, 1 - (b_returns - b_values).var(1) / variance, torch.nan).tolist()
         envelope_stats = {name: meter.summaries(f"envelope/{name}") for name, meter in meters.items()}
+        loss_stats = [meter.summaries(f"train/{name.split('_')[0]}_{name.split('_')[1]}_loss") for name, meter in stats.items()]
         elapsed = time.perf_counter() - start
         for k, recorder in enumerate(recorders):
             if k in failed:
                 continue
             metrics = {}
-            for name, meter in stats.items():
-                loss_name, kind = name.split("_")
-                metrics.update(meter.summary(f"train/{loss_name}_{kind}_loss", k))
+            for per_agent in loss_stats:
+                metrics.update(per_agent[k])
             metrics.update(envelope_stats["policy"][k])
             metrics.update(envelope_stats["value"][k])
             if math.isfinite(explained[k]):  # returns without spread: explained variance is undefined, not a divergence
