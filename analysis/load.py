@@ -117,3 +117,32 @@ def load_metrics(jobs: pd.DataFrame) -> pd.DataFrame:
                 record.update(job_dir=job.job_dir, config_id=job.config_id, seed=job.seed)
                 records.append(record)
     return pd.DataFrame.from_records(records)
+
+
+def read_at_step(jobs: pd.DataFrame, step: int) -> pd.DataFrame:
+    """The jobs as they stood at ``step`` environment steps: ``final_*`` from the last row logged at or before it.
+
+    For reading RL runs at a point of training (the paper's Acrobot Table 6
+    is its 200k-step runs at 50k steps). Metrics a run computes only at its
+    end (``return_ma100_final_phase``) are left out; a completed run that
+    logged no row at or before ``step`` gets status ``no_row_at_step``.
+    """
+    jobs = jobs.copy()
+    finals = [c for c in jobs.columns if c.startswith("final_")]
+    jobs[finals] = float("nan")
+    for index, job in jobs.iterrows():
+        if job["status"] != "completed":
+            continue
+        chosen = None
+        for line in (Path(job["job_dir"]) / "metrics.jsonl").read_text().splitlines():
+            if line:
+                row = json.loads(line)
+                if row.get("step", row.get("epoch", 0)) <= step:
+                    chosen = row
+        if chosen is None:
+            jobs.loc[index, "status"] = "no_row_at_step"
+            continue
+        for key, value in chosen.items():
+            jobs.loc[index, f"final_{key}"] = value
+    jobs.attrs["at_step"] = step
+    return jobs

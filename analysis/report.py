@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
-from analysis.load import load_jobs, load_metrics
+from analysis.load import load_jobs, load_metrics, read_at_step
 from analysis.stats import aggregate
 from analysis.tables import (
     contributions_markdown,
@@ -43,30 +43,63 @@ def _same_envelopes(paper: dict, effective: dict) -> bool:
     return True
 
 
-def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS) -> pd.DataFrame:
-    """The paper's rows for the sweep's task and data set, with the reproduced mean ± std (n)."""
+def _protocol_gap(subset: pd.DataFrame, required: dict, read_at: int | None, at_step: int | None) -> str | None:
+    """Why no run of ``subset`` is at the table's protocol (the first key no run matches), or None."""
+    if read_at != at_step and not (read_at is None and at_step is not None and "total_steps" in required
+                                   and at_step >= required["total_steps"]):
+        ours = "the end of training" if at_step is None else f"{at_step:,} steps"
+        theirs = "the end of training" if read_at is None else f"{read_at:,} steps (--at-step {read_at})"
+        return f"not the paper's protocol: read at {ours}, the table reads at {theirs}"
+    params = subset["task_json"].map(json.loads)
+    for key, value in required.items():
+        if not params.map(lambda p, key=key, value=value: p.get(key) == value).any():
+            found = sorted({json.dumps(p.get(key)) for p in params})
+            return f"not the paper's protocol: {key}={', '.join(found)}, the table has {key}={json.dumps(value)}"
+    return None
+
+
+def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table: str | None = None) -> pd.DataFrame:
+    """The paper's rows for the sweep's task and data set, beside the runs at the same protocol.
+
+    A paper row states its protocol (``task_params``: values the run's task
+    config must have, such as epochs, training-set size, environment steps
+    and rollout length; ``read_at_step``: where in training the table reads
+    an RL run). Only runs that match it are put beside it; where the sweep
+    has runs of the task but none at the protocol, the row says which key
+    differs instead of a number. ``table`` keeps one table's rows.
+    """
     if not paper_file.exists() or jobs.empty:
         return pd.DataFrame()
-    paper = pd.read_csv(paper_file)
+    paper = pd.read_csv(paper_file, dtype={"table": str})
+    if table is not None:
+        paper = paper[paper["table"] == str(table)]
     done = jobs[jobs["status"] == "completed"]
+    at_step = jobs.attrs.get("at_step")
     rows = []
     for _, ref in paper.iterrows():
         subset = done[(done["task"] == ref["task"]) & (done["dataset"].astype(str) == str(ref["dataset"]))]
-        required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
-        if required and not subset.empty:
-            params = subset["task_json"].map(json.loads)
-            subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
         if subset.empty:
-            continue
+            continue  # another experiment
+        required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
+        read_at = ref.get("read_at_step")
+        read_at = None if read_at is None or (isinstance(read_at, float) and math.isnan(read_at)) else int(read_at)
+        gap = _protocol_gap(subset, required, read_at, at_step)
         wanted = json.loads(ref["envelopes"])
         column = f"final_{ref['metric']}"
-        matches = [cid for cid, group in subset.groupby("config_id")
-                   if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0]))]
-        reproduced = subset[subset["config_id"].isin(matches)][column] if column in subset.columns else pd.Series(dtype=float)
+        matches: list[str] = []
+        if gap is None:
+            params = subset["task_json"].map(json.loads)
+            subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
+            matches = [cid for cid, group in subset.groupby("config_id")
+                       if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0]))]
+            if column not in subset.columns:
+                gap = f"the runs do not record {ref['metric']} ({ref.get('units') or 'the table' + chr(39) + 's units'})"
+        reproduced = subset[subset["config_id"].isin(matches)][column] if gap is None else pd.Series(dtype=float)
+        n = ref["n"]
         rows.append({
             "table": ref["table"], "paper envelopes": json.dumps(wanted), "metric": ref["metric"],
-            "paper": f"{ref['mean']:g} ± {ref['std']:g}" + ("" if math.isnan(ref["n"]) else f" ({int(ref['n'])})"),
-            "reproduced": "not in this sweep" if reproduced.empty else
+            "paper": f"{ref['mean']:g} ± {ref['std']:g}" + ("" if isinstance(n, float) and math.isnan(n) else f" ({int(n)})"),
+            "reproduced": gap if gap is not None else "not in this sweep" if reproduced.empty else
             f"{reproduced.mean():.4g} ± {reproduced.std(ddof=1):.2g} ({reproduced.count()})",
             "configs matched": len(matches),
         })
@@ -103,7 +136,7 @@ class NoRunsError(ValueError):
 
 
 def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = None, mode: str | None = None,
-                 make_figures: bool = True, jobs: pd.DataFrame | None = None) -> Path:
+                 make_figures: bool = True, jobs: pd.DataFrame | None = None, at_step: int | None = None) -> Path:
     """Write table.md, table.tex, jobs.csv, configs.csv, figures/ and report.md into ``out_dir``; print the table.
 
     ``jobs`` is ``load_jobs(*sweep_dirs)`` when the caller has it already.
@@ -115,11 +148,16 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     if jobs.empty:
         raise NoRunsError(f"no runs in {', '.join(str(d) for d in sweep_dirs)} (a run is a directory with "
                           ".hydra/overrides.yaml); nothing written")
+    if at_step is not None:
+        jobs = read_at_step(jobs, at_step)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs.to_csv(out_dir / "jobs.csv", index=False)
     counts = jobs["status"].value_counts().to_dict() if not jobs.empty else {}
     summary = f"{len(jobs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = ["# Sweep report\n\n", f"Sweeps: {', '.join(str(d) for d in sweep_dirs)}\n\n", f"{summary}\n"]
+    if at_step is not None:
+        lines.append(f"\nRead at {at_step:,} environment steps: every metric is the run's last logged value at or "
+                     f"before that step (`--at-step {at_step}`).\n")
     failed = jobs[jobs["status"].isin(["failed", "unfinished"])] if not jobs.empty else jobs
     failures = [f"- `{r.job_dir}` ({r.status}): {r.error if isinstance(r.error, str) else ''}\n" for r in failed.itertuples()]
     if failures:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis.stats import aggregate, difference_interval, holm, welch_test
+from analysis.stats import aggregate, difference_interval, holm, iqm_interval, welch_test
 
 
 @dataclass
@@ -93,6 +93,9 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
                 for cid, base in zip(best["config_id"], is_base)]
     best["p"] = p_values
     best["p_holm"] = holm(p_values)
+    if (best["task"] == "ppo").all():  # RL: the interquartile mean with its bootstrap interval, beside mean ± std
+        intervals = [iqm_interval(values[cid]) for cid in best["config_id"]]
+        best["iqm"], best["iqm_low"], best["iqm_high"] = (list(x) for x in zip(*intervals))
     base_mean = base_values.mean() if base_values is not None else math.nan
     best["difference"] = [math.nan if base else d for d, base in zip(best[f"{spec.report[0]}_mean"] - base_mean, is_base)]
     better = (best["difference"] < 0) == (spec.mode == "min")
@@ -117,7 +120,14 @@ def _columns(spec: TableSpec, table: pd.DataFrame) -> list[str]:
     names = [f"{m.replace('final_', '')} mean ± std (n)" for m in spec.report]
     losses = table.attrs.get("losses", [])
     shapes = f"shapes ({' / '.join(losses)})" if len(losses) > 1 else "shape"
-    return [shapes, "envelope (selected)", *names, "Δ vs identity", "p (Holm)", "verdict"]
+    iqm = [f"IQM [95% CI] of {spec.report[0].replace('final_', '')}"] if "iqm" in table.columns else []
+    return [shapes, "envelope (selected)", *names, *iqm, "Δ vs identity", "p (Holm)", "verdict"]
+
+
+def _iqm(row, digits: int) -> str:
+    if math.isnan(row["iqm"]):
+        return "-"
+    return f"{row['iqm']:.{digits}f} [{row['iqm_low']:.{digits}f}, {row['iqm_high']:.{digits}f}]"
 
 
 def _cells(table: pd.DataFrame, spec: TableSpec, digits: int) -> list[list[str]]:
@@ -128,6 +138,7 @@ def _cells(table: pd.DataFrame, spec: TableSpec, digits: int) -> list[list[str]]
             row["shapes"],
             row["envelopes"],
             *[_pm(row, m, digits) for m in spec.report],
+            *([_iqm(row, digits)] if "iqm" in table.columns else []),
             "" if math.isnan(diff) else f"{diff:+.{digits}f}",
             "" if math.isnan(row["p_holm"]) else f"{row['p_holm']:.3g}",
             row["verdict"],
@@ -146,6 +157,9 @@ def to_markdown(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
         note += " No test split: the reported metric is the one that selected the row, so it is optimistic."
     note += (f" p: Welch's t-test against identity on `{spec.report[0]}`, Holm-corrected over the rows; "
              f"'within noise' means corrected p ≥ {spec.alpha}.")
+    if "iqm" in table.columns:
+        note += (" IQM: interquartile mean over seeds with a 95% percentile bootstrap interval (2,000 resamples of "
+                 "the runs; Agarwal et al. 2021).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

@@ -134,19 +134,53 @@ def test_unknown_metric_lists_available(sweep):
         default_spec(load_jobs(sweep), metric="val_acc")
 
 
-def test_paper_comparison_matches_stated_parameters(tmp_path, sweep):
+def test_paper_comparison_pairs_only_runs_at_the_papers_protocol(tmp_path, sweep):
     paper = tmp_path / "paper.csv"
     paper.write_text(
-        "experiment,table,task,dataset,task_params,envelopes,metric,mean,std,n,note\n"
-        'x,1,classification,digits,{},"{""classification"": {""shape"": ""step"", ""quantile"": 0.1}}",test_loss,0.5,0.1,10,\n'
-        'x,1,classification,digits,{},"{""classification"": {""shape"": ""linear"", ""quantile"": 0.1}}",test_loss,0.6,0.1,10,\n'
-        'x,1,classification,mnist,{},"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
-        'x,1,classification,digits,"{""epochs"": 99}","{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
+        "experiment,table,task,dataset,task_params,read_at_step,envelopes,metric,mean,std,n,note\n"
+        'x,1,classification,digits,"{""epochs"": 3}",,"{""classification"": {""shape"": ""step"", ""quantile"": 0.1}}",test_loss,0.5,0.1,10,\n'
+        'x,1,classification,digits,{},,"{""classification"": {""shape"": ""linear"", ""quantile"": 0.1}}",test_loss,0.6,0.1,10,\n'
+        'x,1,classification,mnist,{},,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
+        'x,2,classification,digits,"{""epochs"": 99}",,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
+        'x,3,classification,digits,"{""epochs"": 3}",2,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
     )
     comparison = paper_comparison(load_jobs(sweep), paper)
-    assert len(comparison) == 2  # the mnist row is for another data set, the last for other task parameters
-    assert comparison["reproduced"].iloc[0] == "0.8 ± 0.0082 (4)"
-    assert comparison["reproduced"].iloc[1] == "not in this sweep"
+    assert len(comparison) == 4  # the mnist row is another experiment
+    assert comparison["reproduced"].tolist() == [
+        "0.8 ± 0.0082 (4)",
+        "not in this sweep",
+        "not the paper's protocol: epochs=3, the table has epochs=99",  # a run of another protocol is never paired
+        "not the paper's protocol: read at the end of training, the table reads at 2 steps (--at-step 2)",
+    ]
+    assert comparison["configs matched"].tolist() == [1, 0, 0, 0]
+    assert paper_comparison(load_jobs(sweep), paper, table="2")["table"].tolist() == ["2"]
+
+
+def test_reading_runs_at_a_step(sweep):
+    from analysis.load import read_at_step
+
+    jobs = read_at_step(load_jobs(sweep), 2)
+    done = jobs[jobs["status"] == "completed"]
+    # rows hold val_loss + (3 - epoch) * 0.1: at epoch 2, 0.1 above the final value
+    identity = done[done["config_id"] == "identity-None"].sort_values("seed")
+    assert identity["final_val_loss"].round(6).tolist() == [1.15, 1.17, 1.13, 1.16]
+    assert identity["final_epoch"].tolist() == [2, 2, 2, 2]
+    assert "test_loss" not in {c[len("final_"):] for c in done.columns if done[c].notna().any()}  # end-only metrics left out
+    assert (read_at_step(load_jobs(sweep), 0)["status"] == "no_row_at_step").sum() == 13
+
+
+def test_rl_tables_give_the_interquartile_mean_with_a_bootstrap_interval():
+    import numpy as np
+
+    from analysis.stats import iqm_interval
+
+    values = np.array([-500.0, -90.0, -85.0, -84.0, -83.0, -82.0, -80.0, 40.0])
+    assert iqm_interval(values)[0] == pytest.approx(np.mean([-85.0, -84.0, -83.0, -82.0]))  # the middle half
+    values = np.random.default_rng(0).normal(-85.0, 3.0, 20)
+    values[:2] = -500.0, 50.0  # two outlying seeds of 20
+    iqm, low, high = iqm_interval(values)
+    assert -88 < low <= iqm <= high < -82  # they move neither the IQM nor its interval far
+    assert all(np.isnan(iqm_interval(np.array([1.0]))))  # NaN with one value
 
 
 def test_report_writes_tables_figures_and_report(sweep):
