@@ -26,7 +26,7 @@ def results(directory: Path) -> dict[str, dict]:
 def test_a_mixed_sweep_gives_the_runs_of_the_basic_launcher(tmp_path):
     basic, batched = sweep(tmp_path, "basic", *MIXED), sweep(tmp_path, "batched", *MIXED, "hydra/launcher=batched")
     assert basic.returncode == 0 and batched.returncode == 0, batched.stderr[-2000:]
-    assert "Launching 12 jobs in 1 batched groups" in batched.stderr + batched.stdout
+    assert "Launching 12 jobs in 1 batched groups (at most 256 runs to train each)" in batched.stderr + batched.stdout
     ours, theirs = results(tmp_path / "batched"), results(tmp_path / "basic")
     assert sorted(ours) == sorted(theirs) and len(ours) == 12  # the same directories
     for job, result in ours.items():
@@ -42,10 +42,11 @@ def test_a_mixed_sweep_gives_the_runs_of_the_basic_launcher(tmp_path):
     assert load_jobs(tmp_path / "batched")["status"].value_counts().to_dict() == {"completed": 10, "duplicate": 2}
 
 
-def test_max_batch_splits_a_group(tmp_path):
+def test_max_batch_splits_a_group_counting_runs_to_train(tmp_path):
+    # 12 jobs, 10 runs to train (identity's two quantiles are one configuration): 5, 5
     proc = sweep(tmp_path, "split", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Launching 12 jobs in 3 batched groups (at most 5 runs each)" in proc.stderr + proc.stdout
+    assert "Launching 12 jobs in 2 batched groups (at most 5 runs to train each)" in proc.stderr + proc.stdout
     assert len(results(tmp_path / "split")) == 12
 
 

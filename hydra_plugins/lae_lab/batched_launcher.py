@@ -48,6 +48,7 @@ class BatchedLauncher(Launcher):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"hydra.launcher.max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
+        self._seen: set[str] = set()
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -90,7 +91,7 @@ class BatchedLauncher(Launcher):
             (alone if key is None else groups.setdefault(key, [])).append(position)
         batches = [chunk for positions in groups.values() for chunk in self._split(positions, jobs)]
         batches += [[position] for position in alone]
-        log.info("Launching %d jobs in %d batched groups (at most %d runs each)", len(jobs), len(batches), self.max_batch)
+        log.info("Launching %d jobs in %d batched groups (at most %d runs to train each)", len(jobs), len(batches), self.max_batch)
         returns: dict[int, Any] = {}
         for number, batch in enumerate(batches, 1):
             members = [jobs[p][2] for p in batch]
@@ -109,10 +110,22 @@ class BatchedLauncher(Launcher):
         return out
 
     def _split(self, positions: list[int], jobs) -> list[list[int]]:
-        """Consecutive chunks of at most ``max_batch`` runs (a seed-batched job counts its seeds)."""
+        """Consecutive chunks of at most ``max_batch`` runs to train (a seed-batched job counts its seeds).
+
+        A run that repeats an effective config of an earlier job (a paper
+        grid written in full repeats many: identity ignores its threshold)
+        will be skipped as a duplicate and does not count, so each group
+        trains about ``max_batch`` models.
+        """
+        from runner.config import config_id, effective_config, validate
+
         chunks, current, size = [], [], 0
         for position in positions:
-            runs = jobs[position][2].cfg.seed_batch
+            cfg = jobs[position][2].cfg
+            effective = effective_config(cfg, validate(cfg))
+            ids = {config_id({**effective, "seed": seed}, with_seed=True) for seed in range(cfg.seed, cfg.seed + cfg.seed_batch)}
+            runs = len(ids - self._seen) if cfg.deduplicate else len(ids)
+            self._seen |= ids
             if current and size + runs > self.max_batch:
                 chunks.append(current)
                 current, size = [], 0
