@@ -155,8 +155,12 @@ class Environments:
     where no episode ended), all (K * N, ...). Agent k owns environments
     ``k * N .. k * N + N - 1``.
 
-    - ``gymnasium``: one synchronous vector env with same-step autoreset;
-      agent k's environment j is seeded ``seed_k + j``, as in a run alone.
+    Agent k's environment j is seeded ``seed_k + j`` on either back end, as
+    in a run alone, so an agent's episodes do not depend on the batch it is
+    in (each back end draws initial states from its own generator, so the
+    back ends' episodes differ from each other).
+
+    - ``gymnasium``: one synchronous vector env with same-step autoreset.
     - ``envpool``: one C++ pool; EnvPool resets an ended episode on the next
       ``step`` (that step ignores its action and returns reward 0), so
       ended environments are reset at once with ``reset(env_id)`` instead,
@@ -165,9 +169,7 @@ class Environments:
       alone (CartPole-v1, seed 0, action 0 and a limit of 8 steps), which
       would bootstrap a terminal state; the time limit is therefore applied
       here, as gymnasium's TimeLimit does: ``truncated`` at the limit,
-      ``terminated`` as the environment says. EnvPool seeds environment i of a
-      pool ``seed + i``, so a batch's environments are seeded from its first
-      agent's seed: runs are equal in distribution to runs alone, not equal.
+      ``terminated`` as the environment says.
     """
 
     def __init__(self, backend: str, env_id: str, seeds: list[int], num_envs: int, max_episode_steps: int | None):
@@ -180,8 +182,9 @@ class Environments:
             # EnvPool reports an episode that terminates on its time limit's step as truncated
             # only: the time limit is applied here instead, past which the pool never gets.
             self.limit = max_episode_steps if max_episode_steps is not None else gym.spec(env_id).max_episode_steps
-            self.envs = envpool.make_gymnasium(env_id, num_envs=self.count, seed=int(seeds[0]),
-                                               max_episode_steps=self.limit + 1)
+            # agent k's environment j seeded seed_k + j, as in a run alone (and as gymnasium's)
+            self.envs = envpool.make_gymnasium(env_id, num_envs=self.count, max_episode_steps=self.limit + 1,
+                                               env_seed=[int(seed) + j for seed in seeds for j in range(num_envs)])
             self.elapsed = np.zeros(self.count, dtype=np.int64)
             self.reset_seeds = None
         else:

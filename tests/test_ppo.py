@@ -225,10 +225,13 @@ def test_envpool_and_gymnasium_step_the_same_dynamics_from_the_same_state():
         np.testing.assert_allclose(obs_pool[0], obs_gym, rtol=1e-5, atol=1e-6)
 
 
-def test_seed_batched_agents_train_as_they_would_alone(compose, tmp_path):
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
+def test_seed_batched_agents_train_as_they_would_alone(compose, tmp_path, backend):
     # Same episodes (actions agree), losses equal to rounding: a batch's matrix products round differently
+    if backend == "envpool":
+        pytest.importorskip("envpool")
     args = ("task=cartpole", *SMALL, "task.total_steps=1000", "envelope@envelopes.policy=sigmoid",
-            "envelope@envelopes.value=step")
+            "envelope@envelopes.value=step", f"task.backend={backend}")
     run_job(compose(*args, "seed_batch=3"), tmp_path / "batch", None, [], reraise=True)
     for seed in range(3):
         run_job(compose(*args, f"seed={seed}"), tmp_path / f"single_{seed}", None, [], reraise=True)
