@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
+import yaml
 
 SEED_KEYS = ("seed",)
 ENVELOPE_PARAMETERS = ("shape", "quantile", "width", "threshold", "inverse_slope", "step_size", "gamma", "fraction")
@@ -33,15 +34,9 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def _read_overrides(path: Path) -> list[str]:
-    # Hydra writes a YAML list of strings, one "- item" per line; parsing it by hand is 50x faster than yaml.
-    items = []
-    for line in path.read_text().splitlines():
-        if line.startswith("- "):
-            value = line[2:]
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            items.append(value)
-    return items
+    """Hydra's YAML list of override strings, read with libyaml's C loader where PyYAML has it."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [str(item) for item in yaml.load(path.read_text(), Loader=loader) or []]
 
 
 def config_label(overrides: Iterable[str]) -> str:

@@ -84,14 +84,18 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def difference_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Half-width of the Welch confidence interval of ``mean(a) - mean(b)`` and its degrees of freedom."""
+    """Half-width of the Welch confidence interval of ``mean(a) - mean(b)`` and its degrees of freedom.
+
+    scipy's ``ttest_ind(equal_var=False).confidence_interval``; NaN with fewer
+    than two values on a side, 0 (and infinite degrees of freedom) when
+    neither side varies.
+    """
     a, b = np.asarray(a, float), np.asarray(b, float)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
+    if a.var() == 0 and b.var() == 0:
         return 0.0, math.inf
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return float(stats.t.ppf(0.5 + level / 2, df) * se), float(df)
+    result = stats.ttest_ind(a, b, equal_var=False)
+    low, high = result.confidence_interval(confidence_level=level)
+    return float(high - low) / 2, float(result.df)

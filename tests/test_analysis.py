@@ -215,3 +215,17 @@ def test_a_directory_without_runs_is_an_error_and_keeps_its_report(tmp_path):
     assert proc.stderr.startswith(f"error: no runs in {tmp_path}")
     assert (tmp_path / "report.md").read_text() == "the real report\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_welch_interval_is_the_textbook_one():
+    import numpy as np
+    from scipy import stats as sps
+
+    from analysis.stats import difference_interval
+
+    a, b = np.array([1.0, 2.0, 3.0, 4.5]), np.array([0.0, 1.5, 1.0, 2.0, 2.2])
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 5
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 4)
+    half, got_df = difference_interval(a, b)
+    assert half == pytest.approx(sps.t.ppf(0.975, df) * (va + vb) ** 0.5) and got_df == pytest.approx(df)
+    assert difference_interval(np.ones(3), np.ones(4)) == (0.0, float("inf"))
