@@ -104,6 +104,9 @@ def test_regression_run_end_to_end(compose, tmp_path):
     assert 0.2 < final["val_mse"] < 0.6
     assert final["val_rmse"] == pytest.approx(final["val_mse"] ** 0.5)
     assert 30_000 < final["val_rmse_dollars"] < 90_000
+    # the paper's unit: ($100,000)^2, the standardised MSE times the training target's variance (about 1.32)
+    assert final["val_mse_target_units"] == pytest.approx(final["val_mse"] * (final["val_rmse_dollars"] / 1e5 / final["val_rmse"]) ** 2)
+    assert 1.25 < final["val_mse_target_units"] / final["val_mse"] < 1.40
     assert 0.2 < final["test_mse"] < 0.6
     assert final["envelope_mse_mean_weight"] < 1.0
     assert result["effective"]["envelopes"]["mse"] == {"shape": "sigmoid", "quantile": 0.1, "width": 0.1, "step_size": 0.01}
