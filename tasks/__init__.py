@@ -7,8 +7,10 @@ A task module provides:
 - ``OBJECTIVE``: ``(metric, "min" | "max")``, the value a sweep optimises;
 - ``validate(task_cfg)``: range checks, raising ``ValueError("key: ...")``;
 - ``run(cfg, context)``: trains and returns the final metrics (a list, one
-  dict per seed, for a module with ``SEED_BATCH = True``: it trains every
-  seed in ``context.seeds`` at once, see ``tasks/seed_batch.py``).
+  dict per run, for a module with ``SEED_BATCH = True``: it trains every
+  run in ``context.seeds`` at once, see ``tasks/seed_batch.py``; the runs
+  may differ in their envelopes too, and ``context.envelope(loss)`` gives
+  the run's own envelope for one run or an ``EnvelopeBank`` of one per run).
 
 Modules are imported lazily, so a run pays only for the task it runs.
 """
