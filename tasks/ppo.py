@@ -29,7 +29,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -224,34 +224,21 @@ class Environments:
         self.envs.close()
 
 
-def make_envs(env_id: str, num_envs: int, seed: int, max_episode_steps: int | None = None):
-    """A gymnasium vector env of ``num_envs`` with same-step autoreset (one agent's environments)."""
-    import gymnasium as gym
-
-    kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **kwargs)
-    envs.action_space.seed(seed)
-    return envs
-
-
-def bootstrap_time_limits(reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, info: dict,
-                          critic, gamma: float) -> np.ndarray:
+def bootstrap_time_limits(reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+                          final_values: Callable[[], np.ndarray], gamma: float) -> np.ndarray:
     """Rewards with ``gamma * V(final observation)`` added where a time limit alone ended the episode.
 
     A time limit is not an ending, so its final state is bootstrapped. A
     time limit reached on the very step the episode terminated sets both
-    flags (gymnasium's TimeLimit does); that state is terminal and nothing
-    is added. ``info["final_obs"]`` holds the final observations (same-step
-    autoreset); ``critic`` maps (M, obs) to (M, 1).
+    flags (gymnasium's TimeLimit does, and the EnvPool wrapper here too);
+    that state is terminal and nothing is added. ``final_values()`` gives
+    the value of every environment's final observation (called only when
+    some episode was cut).
     """
     cut = truncated & ~terminated
     if not cut.any():
         return reward
-    final = torch.as_tensor(np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)]), dtype=torch.float32)
-    reward = reward.copy()
-    reward[cut] += gamma * critic(final).squeeze(-1).numpy()
-    return reward
+    return reward + np.where(cut, gamma * final_values(), 0.0).astype(np.float32)
 
 
 def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,11 +330,11 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 action = (logits + gumbel[t]).argmax(-1)
                 next_obs, raw_reward, terminated, truncated, final = envs.step(action.reshape(-1).cpu().numpy())
                 reward = raw_reward
-                cut = truncated & ~terminated
-                if bootstrap and cut.any():
-                    # a time limit alone is not an ending: add the discounted value of where the episode stopped
-                    final_value = critic(torch.as_tensor(final, device=device).reshape(K, N, obs_dim)).reshape(-1)
-                    reward = reward + np.where(cut, task_cfg.gamma * final_value.cpu().numpy(), 0.0).astype(np.float32)
+                if bootstrap:  # a time limit alone is not an ending: add the discounted value of where it stopped
+                    def final_values(final=final):
+                        return critic(torch.as_tensor(final, device=device).reshape(K, N, obs_dim)).reshape(-1).cpu().numpy()
+
+                    reward = bootstrap_time_limits(raw_reward, terminated, truncated, final_values, task_cfg.gamma)
                 done = terminated | truncated
                 obs_buf[t], actions_buf[t], logits_buf[t], values_buf[t] = obs, action, logits, value
                 rewards_buf[t] = torch.as_tensor(reward, device=device).reshape(K, N)

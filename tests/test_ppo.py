@@ -9,7 +9,7 @@ import torch
 
 from runner.config import ConfigError, validate
 from runner.job import run_job
-from tasks.ppo import bootstrap_time_limits, gae, make_envs
+from tasks.ppo import bootstrap_time_limits, gae
 
 pytest.importorskip("gymnasium")
 
@@ -65,25 +65,27 @@ def test_truncation_bootstrap_differs_from_the_papers_termination(compose, tmp_p
     assert a[0]["train_value_raw_loss_mean"] != b[0]["train_value_raw_loss_mean"]
 
 
-def test_a_step_that_terminates_at_the_time_limit_is_not_bootstrapped():
-    # CartPole-v1, seed 0, constant action 0 terminates at step 11: with an 11-step
-    # limit, TimeLimit sets truncated too, and the state is terminal all the same.
-    class ValueOne(torch.nn.Module):
-        def forward(self, obs):
-            return torch.ones(obs.shape[0], 1)
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
+def test_a_step_that_terminates_at_the_time_limit_is_not_bootstrapped(backend):
+    # CartPole-v1, seed 0, constant action 0 terminates (at step 11 in gymnasium, 8 in EnvPool): with
+    # a limit of that many steps both flags are set, and the state is terminal all the same.
+    if backend == "envpool":
+        pytest.importorskip("envpool")
+    from tasks.ppo import Environments
 
     def feed(limit):
-        envs = make_envs("CartPole-v1", 1, 0, limit)
-        envs.reset(seed=0)
-        for step in range(1, 100):
-            _, reward, terminated, truncated, info = envs.step(np.zeros(1, dtype=np.int64))
+        envs = Environments(backend, "CartPole-v1", [0], 1, limit)
+        envs.reset()
+        for step in range(1, 600):
+            _, reward, terminated, truncated, _ = envs.step(np.zeros(1, dtype=np.int64))
             if terminated[0] or truncated[0]:
-                fed = bootstrap_time_limits(reward.astype(np.float32), terminated, truncated, info, ValueOne(), 0.99)
+                fed = bootstrap_time_limits(reward, terminated, truncated, lambda: np.ones(1, dtype=np.float32), 0.99)
                 return step, bool(terminated[0]), bool(truncated[0]), float(fed[0])
 
-    assert feed(11) == (11, True, True, 1.0)
-    assert feed(None) == (11, True, False, 1.0)
-    assert feed(5) == (5, False, True, pytest.approx(1.99))  # cut by the limit alone: bootstrapped
+    natural = feed(None)[0]
+    assert feed(None) == (natural, True, False, 1.0)
+    assert feed(natural) == (natural, True, True, 1.0)
+    assert feed(natural - 3) == (natural - 3, False, True, pytest.approx(1.99))  # cut by the limit alone: bootstrapped
 
 
 def test_a_rollout_without_an_ending_logs_no_nan(compose, tmp_path):
