@@ -33,9 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from .envelope import Envelope
-from .functional import ATTENUATION_CUTOFF, quantile_levels
+from .functional import ATTENUATION_CUTOFF, interpolation_positions, quantile_levels
 
 SHAPE_CODES = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4}
+WITH_THRESHOLD = (1, 2, 3)  # shape codes that have a threshold (step, linear, sigmoid)
+WITH_WIDTH = (2, 3)  # and a width (linear, sigmoid)
 
 
 class EnvelopeBank(nn.Module):
@@ -61,7 +63,6 @@ class EnvelopeBank(nn.Module):
                 raise ValueError(f"envelope {i}: full_gradient focal loss is not an envelope and cannot be banked")
             if envelope.groups is not None:
                 raise ValueError(f"envelope {i}: give plain envelopes (groups=None); the bank makes one group of each")
-        self.configs = [e.config() for e in envelopes]
         self.groups = len(envelopes)
         shapes = ["step" if e.shape == "hard_mining" else e.shape for e in envelopes]
         self.shape_names = shapes
@@ -73,7 +74,10 @@ class EnvelopeBank(nn.Module):
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype)
 
-        self.register_buffer("shape_code", column([SHAPE_CODES[s] for s in shapes], torch.long))
+        codes = [SHAPE_CODES[s] for s in shapes]
+        self.register_buffer("shape_code", column(codes, torch.long))
+        self.register_buffer("threshold_applies", column([c in WITH_THRESHOLD for c in codes], torch.bool))
+        self.register_buffer("width_applies", column([c in WITH_WIDTH for c in codes], torch.bool))
         # Static values in double, cast to the losses' dtype when used, as a Python number would be.
         double = torch.float64
         self.register_buffer("static_threshold", column([e.threshold_value if e.threshold_value is not None else 0.0 for e in envelopes], double))
@@ -107,14 +111,7 @@ class EnvelopeBank(nn.Module):
             for levels, has_q in zip(self.levels, self.has_quantile):
                 slots = list(levels) if has_q else [0.0, *levels]  # no adaptive threshold: slot 0 unused
                 slots += [0.0] * (3 - len(slots))  # no adaptive width: slots 1 and 2 unused
-                row_lo, row_hi, row_frac = [], [], []
-                for q in slots:
-                    pos = q * (n - 1)
-                    low = min(int(math.floor(pos)), n - 1)
-                    fraction = pos - low
-                    row_lo.append(low)
-                    row_hi.append(min(low + 1, n - 1) if fraction else low)
-                    row_frac.append(fraction)
+                row_lo, row_hi, row_frac = zip(*(interpolation_positions(n, q) for q in slots))
                 lo.append(row_lo)
                 hi.append(row_hi)
                 frac.append(row_frac)
@@ -177,21 +174,15 @@ class EnvelopeBank(nn.Module):
         """
         weight = self.weight.reshape(self.groups, -1)
         nan = torch.full_like(self.threshold, math.nan)
-        code = self.shape_code
         return {
             "mean_weight": weight.mean(-1),
             "fraction_attenuated": torch.mean(weight <= self.cutoff.to(weight.dtype)[:, None], dim=-1, dtype=weight.dtype),
-            "threshold": torch.where((code >= 1) & (code <= 3), self.threshold, nan),
-            "inverse_slope": torch.where((code == 2) | (code == 3), self.inverse_slope, nan),
+            "threshold": torch.where(self.threshold_applies, self.threshold, nan),
+            "inverse_slope": torch.where(self.width_applies, self.inverse_slope, nan),
         }
 
     def applies(self, group: int) -> tuple[str, ...]:
         """The statistics that mean something for ``group``'s shape (an Envelope's statistics keys)."""
-        shape = self.shape_names[group]
-        if shape == "identity":
-            return ("mean_weight", "fraction_attenuated")
-        if shape in ("step",):
-            return ("mean_weight", "fraction_attenuated", "threshold")
-        if shape == "focal":
-            return ("mean_weight", "fraction_attenuated")
-        return ("mean_weight", "fraction_attenuated", "threshold", "inverse_slope")
+        code = SHAPE_CODES[self.shape_names[group]]
+        return ("mean_weight", "fraction_attenuated") + (("threshold",) if code in WITH_THRESHOLD else ()) + (
+            ("inverse_slope",) if code in WITH_WIDTH else ())

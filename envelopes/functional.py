@@ -155,6 +155,18 @@ class SelectionPlan(NamedTuple):
     fraction: tuple[float, ...]
 
 
+def interpolation_positions(n: int, q: float) -> tuple[int, int, float]:
+    """``(lower, upper, fraction)`` of level ``q`` among ``n`` sorted values, as ``torch.quantile`` interpolates.
+
+    ``pos = q (n - 1)`` lies between ranks ``floor(pos)`` and the next;
+    ``upper == lower`` where the position is a whole rank (fraction 0).
+    """
+    pos = q * (n - 1)
+    lower = min(int(math.floor(pos)), n - 1)
+    fraction = pos - lower
+    return lower, min(lower + 1, n - 1) if fraction else lower, fraction
+
+
 @functools.lru_cache(maxsize=256)
 def selection_plan(n: int, levels: tuple[float, ...]) -> SelectionPlan:
     """The plan for ``n`` elements: pure Python, so it costs no device work.
@@ -162,12 +174,8 @@ def selection_plan(n: int, levels: tuple[float, ...]) -> SelectionPlan:
     Positions follow ``torch.quantile(..., interpolation="linear")``:
     ``pos = q (n - 1)``, interpolating between ``floor(pos)`` and ``ceil(pos)``.
     """
-    spans = []
-    for q in levels:
-        pos = q * (n - 1)
-        lo = min(int(math.floor(pos)), n - 1)
-        spans.append((lo, min(lo + 1, n - 1), pos - lo))
-    ranks = sorted({rank for lo, hi, frac in spans for rank in ((lo, hi) if frac else (lo,))})
+    spans = [interpolation_positions(n, q) for q in levels]
+    ranks = sorted({rank for lo, hi, frac in spans for rank in (lo, hi)})
     from_top, from_bottom = n - ranks[0], ranks[-1] + 1
     if len(ranks) > 1 and min(from_top, from_bottom) <= _TOPK_WINDOW_FRACTION * n:
         if from_top <= from_bottom:
@@ -177,7 +185,7 @@ def selection_plan(n: int, levels: tuple[float, ...]) -> SelectionPlan:
     else:
         mode, size, slot = "select", len(ranks), {r: i for i, r in enumerate(ranks)}
     lower = tuple(slot[lo] for lo, hi, frac in spans)
-    upper = tuple(slot[hi] if frac else slot[lo] for lo, hi, frac in spans)
+    upper = tuple(slot[hi] for lo, hi, frac in spans)
     fraction = tuple(float(frac) for lo, hi, frac in spans)
     return SelectionPlan(mode, size, tuple(ranks), lower, upper, fraction)
 

@@ -126,10 +126,21 @@ class EnvelopeMeter:
         if self.total is not None:
             total = self.total if group is None or self.total.dim() == 1 else self.total[:, group]
             values = (total / self.steps).tolist()
-            # a bank's groups differ in shape: only the statistics of this group's shape
-            keep = self.envelope.applies(group) if hasattr(self.envelope, "applies") and group is not None else self.names
-            out.update({f"{prefix}/{name}": value for name, value in zip(self.names, values) if name in keep})
+            out.update(self._named(prefix, values, group))
         return out
+
+    def summaries(self, prefix: str, groups: int) -> list[dict[str, float]]:
+        """Every group's summary (``groups`` of them), with one host transfer for all."""
+        if self.total is None:
+            return [{f"{prefix}/{name}": value for name, value in self.constants.items()} for _ in range(groups)]
+        per_group = (self.total / self.steps).T.tolist() if self.total.dim() == 2 else [(self.total / self.steps).tolist()] * groups
+        return [{**{f"{prefix}/{name}": value for name, value in self.constants.items()}, **self._named(prefix, values, g)}
+                for g, values in enumerate(per_group)]
+
+    def _named(self, prefix: str, values: list[float], group: int | None) -> dict[str, float]:
+        # a bank's groups differ in shape: only the statistics of this group's shape
+        keep = self.envelope.applies(group) if hasattr(self.envelope, "applies") and group is not None else self.names
+        return {f"{prefix}/{name}": value for name, value in zip(self.names, values) if name in keep}
 
 
 class VWPRMonitor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envelopes import EnvelopeBank
-from tasks.common import DivergedError, MeanStd, adam, check, divergence
+from tasks.common import DivergedError, EnvelopeMeter, MeanStd, adam, check, divergence
 from tasks.seed_batch import seed_outcomes
 
 OBJECTIVE = ("charts/return_ma100", "max")
@@ -174,6 +174,8 @@ class Environments:
 
     def __init__(self, backend: str, env_id: str, seeds: list[int], num_envs: int, max_episode_steps: int | None):
         self.backend, self.count = backend, len(seeds) * num_envs
+        # agent k's environment j seeded seed_k + j, as in a run alone
+        env_seeds = [int(seed) + j for seed in seeds for j in range(num_envs)]
         kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
         if backend == "envpool":
             import envpool
@@ -182,9 +184,8 @@ class Environments:
             # EnvPool reports an episode that terminates on its time limit's step as truncated
             # only: the time limit is applied here instead, past which the pool never gets.
             self.limit = max_episode_steps if max_episode_steps is not None else gym.spec(env_id).max_episode_steps
-            # agent k's environment j seeded seed_k + j, as in a run alone (and as gymnasium's)
             self.envs = envpool.make_gymnasium(env_id, num_envs=self.count, max_episode_steps=self.limit + 1,
-                                               env_seed=[int(seed) + j for seed in seeds for j in range(num_envs)])
+                                               env_seed=env_seeds)
             self.elapsed = np.zeros(self.count, dtype=np.int64)
             self.reset_seeds = None
         else:
@@ -192,7 +193,7 @@ class Environments:
 
             self.envs = gym.make_vec(env_id, num_envs=self.count, vectorization_mode="sync",
                                      vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **kwargs)
-            self.reset_seeds = [int(seed) + j for seed in seeds for j in range(num_envs)]
+            self.reset_seeds = env_seeds
         self.observation_size = int(np.prod(self.envs.single_observation_space.shape))
         self.actions = int(self.envs.single_action_space.n)
 
@@ -209,14 +210,12 @@ class Environments:
         done = terminated | truncated
         final = obs
         if done.any():
-            if self.backend == "envpool":
+            final = obs.copy()
+            if self.backend == "envpool":  # reset now: obs becomes the new episodes' first
                 self.elapsed[done] = 0
-                final = obs.copy()
-                ids = np.flatnonzero(done).astype(np.int32)
-                fresh, fresh_info = self.envs.reset(ids)
+                fresh, fresh_info = self.envs.reset(np.flatnonzero(done).astype(np.int32))
                 obs[fresh_info["env_id"]] = fresh
-            else:
-                final = obs.copy()
+            else:  # gymnasium reset in the step: final becomes the ended episodes' last
                 final[done] = np.stack([info["final_obs"][i] for i in np.flatnonzero(done)])
         return obs, np.asarray(reward, dtype=np.float32), terminated, truncated, final
 
@@ -252,24 +251,6 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[t
         running = delta + gamma * lam * not_done * running
         advantages[t] = running
     return advantages, advantages + values
-
-
-class BankMeter:
-    """Per-update envelope statistics of an :class:`EnvelopeBank`, per agent, accumulated on the device."""
-
-    def __init__(self, bank: EnvelopeBank):
-        self.bank, self.total, self.steps = bank, None, 0
-
-    def add(self) -> None:
-        stats = torch.stack(list(self.bank.statistics().values()))  # (4, K)
-        self.total = stats.clone() if self.total is None else self.total + stats
-        self.steps += 1
-
-    def summaries(self, prefix: str) -> list[dict[str, float]]:
-        names = list(self.bank.statistics().keys())
-        values = (self.total / self.steps).T.tolist()  # one host transfer for all agents
-        return [{f"{prefix}/{name}": v for name, v in zip(names, row) if name in self.bank.applies(k)}
-                for k, row in enumerate(values)]
 
 
 def run(cfg, context) -> list[dict[str, float] | Exception]:
@@ -363,7 +344,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
         # PPO update with the two envelopes, every agent at once.
         stats = {name: MeanStd(device, K) for name in ("policy_raw", "policy_shaped", "value_raw", "value_shaped")}
-        meters = {"policy": BankMeter(policy_bank), "value": BankMeter(value_bank)}
+        meters = {"policy": EnvelopeMeter(policy_bank, device), "value": EnvelopeMeter(value_bank, device)}
         kl_sum = torch.zeros(K, device=device)
         clipped = torch.zeros(K, device=device)
         batches = 0
@@ -412,7 +393,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             coefs = kl_coef.tolist()
         variance = b_returns.var(1)
         explained = torch.where(variance > 0, 1 - (b_returns - b_values).var(1) / variance, torch.nan).tolist()
-        envelope_stats = {name: meter.summaries(f"envelope/{name}") for name, meter in meters.items()}
+        envelope_stats = {name: meter.summaries(f"envelope/{name}", K) for name, meter in meters.items()}
         loss_stats = [meter.summaries(f"train/{name.split('_')[0]}_{name.split('_')[1]}_loss") for name, meter in stats.items()]
         elapsed = time.perf_counter() - start
         for k, recorder in enumerate(recorders):

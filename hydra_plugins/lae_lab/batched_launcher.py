@@ -48,7 +48,8 @@ class BatchedLauncher(Launcher):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"hydra.launcher.max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
-        self._seen: set[str] = set()
+        self._seen: set[str] = set()  # run ids of the jobs grouped so far
+        self._to_train: dict[int, int] = {}  # per job: its runs that no earlier job repeats
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -95,8 +96,8 @@ class BatchedLauncher(Launcher):
         returns: dict[int, Any] = {}
         for number, batch in enumerate(batches, 1):
             members = [jobs[p][2] for p in batch]
-            runs = sum(m.cfg.seed_batch for m in members)
-            log.info("group %d/%d: %d jobs, %d runs (#%s)", number, len(batches), len(members), runs,
+            runs = sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
+            log.info("group %d/%d: %d jobs, %d runs to train (#%s)", number, len(batches), len(members), runs,
                      ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""))
             values = run_members(members, sweep_dir, reraise=False)
             for position, value in zip(batch, values):
@@ -126,6 +127,7 @@ class BatchedLauncher(Launcher):
             ids = {config_id({**effective, "seed": seed}, with_seed=True) for seed in range(cfg.seed, cfg.seed + cfg.seed_batch)}
             runs = len(ids - self._seen) if cfg.deduplicate else len(ids)
             self._seen |= ids
+            self._to_train[position] = runs
             if current and size + runs > self.max_batch:
                 chunks.append(current)
                 current, size = [], 0
