@@ -15,7 +15,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tasks.common import ControlledLoss, VWPRMonitor, adam, check, resolve_path
+from tasks.common import ControlledLoss, VWPRMonitor, adam, check
 from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
@@ -57,16 +57,16 @@ def loss_names(task_cfg) -> tuple[str, ...]:
 
 def data_files(task_cfg) -> list:
     """The files this task reads ([] for scikit-learn's bundled digits); with ``download``, fetched first."""
-    from tasks.datasets import image_files
+    from tasks.datasets import task_files
 
-    return image_files(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+    return task_files(task_cfg)
 
 
 def check_data(task_cfg) -> None:
     """Read the data once, so that an unreadable file fails before a sweep starts."""
-    from tasks.datasets import load_classification_pool
+    from tasks.datasets import task_pool
 
-    load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+    task_pool(task_cfg)
 
 
 def validate(task_cfg) -> None:
@@ -103,9 +103,9 @@ def evaluate(group: ModelGroup, features: torch.Tensor, labels: torch.Tensor, ba
 
 def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
     """Each split as (S, n, ...) features and (S, n) labels: per seed its own train/val draw and label noise."""
-    from tasks.datasets import load_classification_pool, split_indices, symmetric_label_noise
+    from tasks.datasets import split_indices, symmetric_label_noise, task_pool
 
-    pool = load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+    pool = task_pool(task_cfg)
     per_seed = []
     for seed in seeds:
         try:

@@ -252,6 +252,21 @@ def load_classification_pool(dataset: str, data_dir: str | Path, subsets: list[s
     return ArrayDataset(features, torch.from_numpy(labels), int(labels.max()) + 1, shape)
 
 
+def task_pool(task_cfg) -> ArrayDataset:
+    """The pool an image task's config names (its ``dataset``, ``data_dir``, ``subsets``, ``download``)."""
+    from tasks.common import resolve_path
+
+    return load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+
+
+def task_files(task_cfg) -> list[Path]:
+    """The files :func:`task_pool` reads for an image task's config ([] for scikit-learn's digits); fetched first
+    with ``download``."""
+    from tasks.common import resolve_path
+
+    return image_files(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+
+
 def split_indices(pool_size: int, train_size: int, val_size: int, test_size: int, seed: int) -> dict[str, torch.Tensor]:
     """Train/val drawn per seed; test fixed: the last ``test_size`` examples of the pool.
 

@@ -38,7 +38,6 @@ from tasks.common import (
     check,
     divergence,
     optimise,
-    resolve_path,
 )
 from tasks.seed_batch import ModelGroup, generators, normal, permutations, seed_outcomes, stack_seeds, take
 
@@ -86,16 +85,16 @@ def loss_names(task_cfg) -> tuple[str, ...]:
 
 def data_files(task_cfg) -> list:
     """The files this task reads ([] for scikit-learn's bundled digits); with ``download``, fetched first."""
-    from tasks.datasets import image_files
+    from tasks.datasets import task_files
 
-    return image_files(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+    return task_files(task_cfg)
 
 
 def check_data(task_cfg) -> None:
     """Read the data once, so that an unreadable file fails before a sweep starts."""
-    from tasks.datasets import load_classification_pool
+    from tasks.datasets import task_pool
 
-    load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+    task_pool(task_cfg)
 
 
 def validate(task_cfg) -> None:
@@ -237,9 +236,9 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
 
 
 def load_data(task_cfg, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    from tasks.datasets import load_classification_pool, split_indices
+    from tasks.datasets import split_indices, task_pool
 
-    pool = load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+    pool = task_pool(task_cfg)
     train_size = task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
     try:
         index = split_indices(len(pool.labels), train_size, task_cfg.val_size, task_cfg.test_size, seed)
