@@ -43,14 +43,13 @@ def _same_envelopes(paper: dict, effective: dict) -> bool:
     return True
 
 
-def _protocol_gap(subset: pd.DataFrame, required: dict, read_at: int | None, at_step: int | None) -> str | None:
-    """Why no run of ``subset`` is at the table's protocol (the first key no run matches), or None."""
+def _protocol_gap(params: pd.Series, required: dict, read_at: int | None, at_step: int | None) -> str | None:
+    """Why no run (``params``: their task configs) is at the table's protocol (the first key no run matches), or None."""
     if read_at != at_step and not (read_at is None and at_step is not None and "total_steps" in required
                                    and at_step >= required["total_steps"]):
         ours = "the end of training" if at_step is None else f"{at_step:,} steps"
         theirs = "the end of training" if read_at is None else f"{read_at:,} steps (--at-step {read_at})"
         return f"not the paper's protocol: read at {ours}, the table reads at {theirs}"
-    params = subset["task_json"].map(json.loads)
     for key, value in required.items():
         if not params.map(lambda p, key=key, value=value: p.get(key) == value).any():
             found = sorted({json.dumps(p.get(key)) for p in params})
@@ -83,17 +82,18 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
         required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
         read_at = ref.get("read_at_step")
         read_at = None if read_at is None or (isinstance(read_at, float) and math.isnan(read_at)) else int(read_at)
-        gap = _protocol_gap(subset, required, read_at, at_step)
+        params = subset["task_json"].map(json.loads)
+        gap = _protocol_gap(params, required, read_at, at_step)
         wanted = json.loads(ref["envelopes"])
         column = f"final_{ref['metric']}"
         matches: list[str] = []
         if gap is None:
-            params = subset["task_json"].map(json.loads)
             subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
             matches = [cid for cid, group in subset.groupby("config_id")
                        if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0]))]
             if column not in subset.columns:
-                gap = f"the runs do not record {ref['metric']} ({ref.get('units') or 'the table' + chr(39) + 's units'})"
+                units = ref.get("units") or "the table's units"
+                gap = f"the runs do not record {ref['metric']} ({units})"
         reproduced = subset[subset["config_id"].isin(matches)][column] if gap is None else pd.Series(dtype=float)
         n = ref["n"]
         rows.append({
