@@ -2,18 +2,23 @@
 
     python -m analysis outputs/sweeps/<date>/<time>_<experiment> [more sweeps...]
         [--metric val_loss] [--mode min] [--out DIR] [--no-figures] [--at-step N]
+        [--fix KEY=VALUE ...] [--paper-table N]
 
 ``--metric`` selects the configuration of each table row (default: the
 task's objective); where the task has a test split, the row reports the
 test twin of that metric. Output goes into the first sweep directory
-unless ``--out`` says otherwise.
+unless ``--out`` says otherwise. ``--paper-table N`` reads the sweep as
+the paper read its Table N (experiments/paper_results.csv): its selection
+metric, its step for RL runs (Table 6: 50,000), the parameters it held
+fixed (Tables 1-2: step size 0.1), and only that table beside the runs.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from analysis.report import write_report
+from analysis.report import paper_tables, write_report
+from analysis.tables import parse_fixed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at-step", type=int, metavar="N",
                         help="read RL runs at N environment steps (their last logged row at or before N), "
                              "e.g. the paper's Table 6 at 50000")
+    parser.add_argument("--fix", action="append", default=None, metavar="KEY=VALUE",
+                        help="select only among runs with this parameter at this value, e.g. step_size=0.1, "
+                             "envelopes.policy.quantile=0.3 or task.truncation=terminate (repeatable)")
+    parser.add_argument("--paper-table", metavar="N", choices=paper_tables(),
+                        help="read the sweep as the paper's Table N: its selection metric, step and fixed "
+                             f"parameters, and its rows side by side ({', '.join(paper_tables())})")
     args = parser.parse_args(argv)
     if args.at_step is not None and args.at_step <= 0:
         parser.error(f"--at-step must be a positive number of environment steps, got {args.at_step}")
     try:
+        fixed = parse_fixed(args.fix) if args.fix else None
         write_report(args.sweeps, args.out or args.sweeps[0], args.metric, args.mode, not args.no_figures,
-                     at_step=args.at_step)
+                     at_step=args.at_step, fixed=fixed, table_number=args.paper_table)
     except (FileNotFoundError, ValueError) as error:  # NoRunsError among them
         print(f"error: {error}", file=sys.stderr)
         return 2

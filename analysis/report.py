@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,7 @@ from analysis.tables import (
     contributions_markdown,
     controller_contributions,
     default_spec,
+    hold_fixed,
     loss_names,
     paper_table,
     to_latex,
@@ -76,9 +78,15 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
     at_step = jobs.attrs.get("at_step")
     rows = []
     for _, ref in paper.iterrows():
-        subset = done[(done["task"] == ref["task"]) & (done["dataset"].astype(str) == str(ref["dataset"]))]
-        if subset.empty:
+        same_task = done[done["task"] == ref["task"]]
+        subset = same_task[same_task["dataset"].astype(str) == str(ref["dataset"])]
+        if subset.empty and (table is None or same_task.empty):
             continue  # another experiment
+        if subset.empty:  # the table was asked for by number: say why nothing is beside it
+            found = ", ".join(sorted(same_task["dataset"].astype(str).unique()))
+            rows.append(_paper_row(ref, json.loads(ref["envelopes"]), f"not comparable: dataset={found}, the table "
+                                   f"has dataset={ref['dataset']}", 0))
+            continue
         required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
         read_at = ref.get("read_at_step")
         read_at = None if read_at is None or (isinstance(read_at, float) and math.isnan(read_at)) else int(read_at)
@@ -95,15 +103,55 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
                 units = ref.get("units") or "the table's units"
                 gap = f"the runs do not record {ref['metric']} ({units})"
         reproduced = subset[subset["config_id"].isin(matches)][column] if gap is None else pd.Series(dtype=float)
-        n = ref["n"]
-        rows.append({
-            "table": ref["table"], "paper envelopes": json.dumps(wanted), "metric": ref["metric"],
-            "paper": f"{ref['mean']:g} ± {ref['std']:g}" + ("" if isinstance(n, float) and math.isnan(n) else f" ({int(n)})"),
-            "reproduced": gap if gap is not None else "not in this sweep" if reproduced.empty else
-            f"{reproduced.mean():.4g} ± {reproduced.std(ddof=1):.2g} ({reproduced.count()})",
-            "configs matched": len(matches),
-        })
+        rows.append(_paper_row(ref, wanted, gap if gap is not None else "not in this sweep" if reproduced.empty else
+                               f"{reproduced.mean():.4g} ± {reproduced.std(ddof=1):.2g} ({reproduced.count()})",
+                               len(matches)))
     return pd.DataFrame(rows)
+
+
+def _paper_row(ref: pd.Series, wanted: dict, reproduced: str, matched: int) -> dict:
+    n = ref["n"]
+    return {
+        "table": ref["table"], "paper envelopes": json.dumps(wanted), "metric": ref["metric"],
+        "paper": f"{ref['mean']:g} ± {ref['std']:g}" + ("" if isinstance(n, float) and math.isnan(n) else f" ({int(n)})"),
+        "reproduced": reproduced, "configs matched": matched,
+    }
+
+
+@dataclass
+class PaperTableProtocol:
+    """How the paper read one of its tables: the selection metric and mode, where RL runs are read, what is held fixed."""
+
+    table: str
+    metric: str
+    mode: str
+    at_step: int | None
+    fixed: dict
+
+
+def paper_tables(paper_file: Path = PAPER_RESULTS) -> list[str]:
+    """The table numbers ``paper_file`` has rows for."""
+    if not paper_file.exists():
+        return []
+    return sorted(pd.read_csv(paper_file, dtype={"table": str})["table"].unique(), key=lambda t: (len(t), t))
+
+
+def paper_table_protocol(table: str, paper_file: Path = PAPER_RESULTS) -> PaperTableProtocol:
+    """Table ``table``'s reading protocol from its rows of ``paper_file`` (ValueError for a table it lacks)."""
+    paper = pd.read_csv(paper_file, dtype={"table": str}) if paper_file.exists() else pd.DataFrame(columns=["table"])
+    rows = paper[paper["table"] == str(table)]
+    if rows.empty:
+        raise ValueError(f"--paper-table {table}: {paper_file} has no such table; tables: {paper_tables(paper_file)}")
+    first = rows.iloc[0]
+    metric = str(first["selected_by"]) if "selected_by" in rows.columns and isinstance(first["selected_by"], str) else str(first["metric"])
+    mode = first.get("select_mode")
+    if not isinstance(mode, str):
+        mode = "max" if any(word in metric for word in ("accuracy", "return")) else "min"
+    read_at = first.get("read_at_step")
+    at_step = None if read_at is None or (isinstance(read_at, float) and math.isnan(read_at)) else int(read_at)
+    fixed = first.get("hold_fixed")
+    fixed = json.loads(fixed) if isinstance(fixed, str) and fixed.strip() else {}
+    return PaperTableProtocol(str(table), metric, mode, at_step, fixed)
 
 
 def split_by_task_parameters(done: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
@@ -136,20 +184,32 @@ class NoRunsError(ValueError):
 
 
 def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = None, mode: str | None = None,
-                 make_figures: bool = True, jobs: pd.DataFrame | None = None, at_step: int | None = None) -> Path:
+                 make_figures: bool = True, jobs: pd.DataFrame | None = None, at_step: int | None = None,
+                 fixed: dict | None = None, table_number: str | None = None) -> Path:
     """Write table.md, table.tex, jobs.csv, configs.csv, figures/ and report.md into ``out_dir``; print the table.
 
     ``jobs`` is ``load_jobs(*sweep_dirs)`` when the caller has it already.
+    ``fixed`` keeps the runs with those parameters at those values
+    (:func:`analysis.tables.hold_fixed`), so the tables select among them;
+    ``table_number`` reads the sweep as that table of the paper (:func:`paper_table_protocol`) and
+    puts only its rows beside the runs.
     Directories without a single run raise :class:`NoRunsError` before
     anything is written, so an existing report is never replaced by an
     empty one.
     """
+    if table_number is not None:  # the table's own reading, where the caller does not set one
+        protocol = paper_table_protocol(table_number)
+        metric, mode = metric or protocol.metric, mode or protocol.mode
+        at_step = protocol.at_step if at_step is None else at_step
+        fixed = protocol.fixed if fixed is None else fixed
     jobs = load_jobs(*sweep_dirs) if jobs is None else jobs
     if jobs.empty:
         raise NoRunsError(f"no runs in {', '.join(str(d) for d in sweep_dirs)} (a run is a directory with "
                           ".hydra/overrides.yaml); nothing written")
     if at_step is not None:
         jobs = read_at_step(jobs, at_step)
+    total = len(jobs)
+    jobs = hold_fixed(jobs, fixed or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs.to_csv(out_dir / "jobs.csv", index=False)
     counts = jobs["status"].value_counts().to_dict() if not jobs.empty else {}
@@ -158,6 +218,12 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     if at_step is not None:
         lines.append(f"\nRead at {at_step:,} environment steps: every metric is the run's last logged value at or "
                      f"before that step (`--at-step {at_step}`).\n")
+    if fixed:
+        held = ", ".join(f"`{k}` = {v}" for k, v in fixed.items())
+        lines.append(f"\nHeld fixed: {held} ({total - len(jobs)} of {total} runs, at other values, left out; a "
+                     f"parameter a shape ignores excludes no run).\n")
+    if table_number is not None:
+        lines.append(f"\nRead as the paper's Table {table_number}: selected by `{metric}` ({mode}).\n")
     failed = jobs[jobs["status"].isin(["failed", "unfinished"])] if not jobs.empty else jobs
     failures = [f"- `{r.job_dir}` ({r.status}): {r.error if isinstance(r.error, str) else ''}\n" for r in failed.itertuples()]
     if failures:
@@ -217,9 +283,10 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
         lines += ["\n## Contribution of each loss-controller component\n\n", markdown]
         printed.append("Loss-controller components against baseline\n" + markdown)
 
-    comparison = paper_comparison(jobs)
+    comparison = paper_comparison(jobs, table=table_number)
     if not comparison.empty:
-        lines += ["\n## The paper, side by side\n\n", _markdown_frame(comparison)]
+        title = "The paper, side by side" if table_number is None else f"The paper's Table {table_number}, side by side"
+        lines += [f"\n## {title}\n\n", _markdown_frame(comparison)]
     if plotted:
         lines.append("\n## Figures\n\n")
         lines += [f"![{p.stem}](figures/{p.name})\n\n" for p in plotted if p.suffix == ".png"]

@@ -10,6 +10,7 @@ whose corrected p-value is at least ``alpha`` are marked as within noise.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,68 @@ def default_spec(jobs: pd.DataFrame, metric: str | None = None, mode: str | None
     if name.startswith("val_") and f"final_test_{name[4:]}" in jobs.columns:
         report = [f"final_test_{name[4:]}", select]
     return TableSpec(select=select, mode=mode, report=report)
+
+
+def parse_fixed(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings (``--fix step_size=0.1``) as a dict; values read as YAML scalars."""
+    import yaml
+
+    fixed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--fix takes KEY=VALUE (e.g. step_size=0.1 or envelopes.classification.quantile=0.9), "
+                             f"got {item!r}")
+        fixed[key] = yaml.safe_load(value)
+    return fixed
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def hold_fixed(jobs: pd.DataFrame, fixed: dict[str, object]) -> pd.DataFrame:
+    """The runs whose configuration has each ``fixed`` parameter at its value, so selection happens among them.
+
+    Keys: ``<param>`` (an envelope parameter of every loss, e.g. ``step_size``),
+    ``envelopes.<loss>.<param>``, or ``task.<key>``. An envelope parameter
+    its shape ignores (the identity's step size) does not exclude a run: the
+    paper's tables fix the step size and still list identity.
+    """
+    if not fixed:
+        return jobs
+    keep = pd.Series(True, index=jobs.index)
+    env_columns = [c for c in jobs.columns if c.startswith("env_") and not c.endswith("_shape")]
+    losses = loss_names(jobs)
+    for key, value in fixed.items():
+        if key.startswith("task."):
+            name = key[len("task."):]
+            params = jobs["task_json"].map(lambda t: json.loads(t) if isinstance(t, str) else {})
+            if not params.map(lambda p, name=name: name in p).any():
+                known = sorted({f"task.{k}" for p in params for k in p})
+                raise ValueError(f"--fix {key}: no run has task.{name}; task keys in these runs: {known}")
+            keep &= params.map(lambda p, name=name, value=value: _equal(p.get(name), value))
+            continue
+        if key.startswith("envelopes."):
+            loss, _, param = key[len("envelopes."):].partition(".")
+            columns = [f"env_{loss}_{param}"]
+        else:
+            columns = [f"env_{loss}_{key}" for loss in losses]
+        columns = [c for c in columns if c in env_columns and jobs[c].notna().any()]
+        if not columns:
+            params = sorted({c[len(f"env_{loss}_"):] for loss in losses for c in env_columns
+                             if c.startswith(f"env_{loss}_") and jobs[c].notna().any()})
+            raise ValueError(f"--fix {key}: no run sets that parameter; envelope parameters in these runs: "
+                             f"{params} (or envelopes.<loss>.<param>, task.<key>)")
+        for column in columns:
+            keep &= jobs[column].map(lambda v, value=value: v is None or (isinstance(v, float) and math.isnan(v))
+                                     or _equal(v, value))
+    kept = jobs[keep].copy()
+    kept.attrs.update(jobs.attrs)
+    kept.attrs["fixed"] = dict(fixed)
+    return kept
 
 
 def loss_names(jobs: pd.DataFrame) -> list[str]:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_job(sweep: Path, num: int, shape: str, seed: int, val: float, test: float | None = None,
-             status: str = "completed", quantile: float | None = None, epochs: int = 3) -> Path:
+             status: str = "completed", quantile: float | None = None, epochs: int = 3, step_size: float = 0.1,
+             dataset: str = "digits") -> Path:
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
     overrides = [f"envelope@envelopes.classification={shape}", f"seed={seed}"]
@@ -28,13 +29,13 @@ def make_job(sweep: Path, num: int, shape: str, seed: int, val: float, test: flo
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if status == "unfinished":
         return job
-    envelope = {"shape": shape} if shape == "identity" else {"shape": shape, "quantile": quantile or 0.1, "step_size": 0.1}
-    config_id = f"{shape}-{quantile}"
+    envelope = {"shape": shape} if shape == "identity" else {"shape": shape, "quantile": quantile or 0.1, "step_size": step_size}
+    config_id = f"{shape}-{quantile}" + ("" if step_size == 0.1 else f"-{step_size}")
     final = {"epoch": epochs, "val_loss": val}
     if test is not None:
         final["test_loss"] = test
     result = {"status": status, "task": "classification", "seed": seed, "config_id": config_id, "run_id": f"{config_id}-{seed}",
-              "effective": {"task": {"dataset": "digits", "epochs": epochs}, "envelopes": {"classification": envelope}, "seed": seed},
+              "effective": {"task": {"dataset": dataset, "epochs": epochs}, "envelopes": {"classification": envelope}, "seed": seed},
               "objective": {"metric": "val_loss", "mode": "min", "value": val}, "final": final, "best": final,
               "wall_time_s": 1.0}
     if status == "failed":
@@ -229,3 +230,75 @@ def test_welch_interval_is_the_textbook_one():
     half, got_df = difference_interval(a, b)
     assert half == pytest.approx(sps.t.ppf(0.975, df) * (va + vb) ** 0.5) and got_df == pytest.approx(df)
     assert difference_interval(np.ones(3), np.ones(4)) == (0.0, float("inf"))
+
+
+def test_holding_a_parameter_fixed_selects_among_the_runs_at_that_value(tmp_path):
+    from analysis.tables import hold_fixed, parse_fixed
+
+    sweep = tmp_path / "sweep"
+    num = 0
+    for seed, (base, step_a, step_b) in enumerate([(1.0, 0.9, 0.5), (1.1, 0.8, 0.6), (0.9, 0.85, 0.55)]):
+        make_job(sweep, num, "identity", seed, base)
+        make_job(sweep, num + 1, "step", seed, step_a, quantile=0.9, step_size=0.1)
+        make_job(sweep, num + 2, "step", seed, step_b, quantile=0.5, step_size=1.0)  # better, at another step size
+        num += 3
+    jobs = load_jobs(sweep)
+    spec = default_spec(jobs)
+    assert paper_table(jobs, spec).set_index("shapes").loc["step", "config_id"] == "step-0.5-1.0"
+    held = hold_fixed(jobs, parse_fixed(["step_size=0.1"]))
+    # identity has no step size and stays; the step run at step size 1.0 is out
+    assert sorted(held["config_id"].unique()) == ["identity-None", "step-0.9"]
+    assert paper_table(held, spec).set_index("shapes").loc["step", "config_id"] == "step-0.9"
+    assert len(hold_fixed(jobs, {"envelopes.classification.quantile": 0.5})) == 6
+    assert len(hold_fixed(jobs, {"task.epochs": 3})) == 9 and hold_fixed(jobs, {"task.epochs": 4}).empty
+    with pytest.raises(ValueError, match=r"--fix width: no run sets that parameter; envelope parameters in these "
+                                         r"runs: \['quantile', 'step_size'\]"):
+        hold_fixed(jobs, {"width": 0.1})
+    with pytest.raises(ValueError, match="--fix takes KEY=VALUE"):
+        parse_fixed(["step_size"])
+    report = write_report([sweep], tmp_path / "out", make_figures=False, fixed={"step_size": 0.1}).read_text()
+    assert "Held fixed: `step_size` = 0.1 (3 of 9 runs, at other values, left out" in report
+    assert "step-0.5" not in (tmp_path / "out" / "configs.csv").read_text()
+
+
+def test_each_paper_table_has_its_reading_protocol():
+    from analysis.report import paper_table_protocol, paper_tables
+
+    assert paper_tables() == ["1", "2", "3", "4", "5", "6", "7"]
+    one, two = paper_table_protocol("1"), paper_table_protocol("2")
+    assert (one.metric, one.mode, one.fixed) == ("val_loss", "min", {"step_size": 0.1})
+    assert (two.metric, two.mode, two.fixed) == ("val_accuracy", "max", {"step_size": 0.1})
+    six, seven = paper_table_protocol("6"), paper_table_protocol("7")
+    assert (six.metric, six.mode, six.at_step, seven.at_step) == ("charts_return_ma100", "max", 50000, None)
+    with pytest.raises(ValueError, match=r"--paper-table 8: .* has no such table; tables: \['1', '2'"):
+        paper_table_protocol("8")
+
+
+def test_a_paper_table_asked_for_on_another_data_set_says_it_is_not_comparable(tmp_path, sweep):
+    paper = tmp_path / "paper.csv"
+    paper.write_text(
+        "experiment,table,task,dataset,task_params,read_at_step,envelopes,metric,mean,std,n,note\n"
+        'x,1,classification,mnist,{},,"{""classification"": {""shape"": ""identity""}}",val_loss,0.6,0.1,10,\n'
+    )
+    assert paper_comparison(load_jobs(sweep), paper).empty  # not asked for: another experiment, no row
+    row = paper_comparison(load_jobs(sweep), paper, table="1").iloc[0]
+    assert row["reproduced"] == "not comparable: dataset=digits, the table has dataset=mnist"
+
+
+def test_command_line_reads_a_sweep_as_a_paper_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed in range(3):
+        make_job(sweep, 2 * seed, "identity", seed, 1.0 + seed / 10, dataset="fashion_mnist")
+        make_job(sweep, 2 * seed + 1, "step", seed, 0.5, quantile=0.9, step_size=1.0, dataset="fashion_mnist")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "analysis", str(sweep), "--out", str(out), "--no-figures",
+                           "--paper-table", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = (out / "report.md").read_text()
+    assert "Read as the paper's Table 1: selected by `val_loss` (min)." in report
+    assert "Held fixed: `step_size` = 0.1 (3 of 6 runs" in report  # the step runs at step size 1.0 are out
+    assert "## The paper's Table 1, side by side" in report
+    assert "not comparable: dataset=fashion_mnist, the table has dataset=mnist" in report
+    bad = subprocess.run([sys.executable, "-m", "analysis", str(sweep), "--paper-table", "9"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: '9'" in bad.stderr
