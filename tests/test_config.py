@@ -1,5 +1,6 @@
 """Config composition, schemas, validation messages and canonical ids."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,43 @@ def test_device_cuda_without_cuda_is_a_config_error(compose, monkeypatch):
     with pytest.raises(ConfigError, match="device: cuda was asked for but torch sees no CUDA device"):
         validate(compose("device=cuda"))
     validate(compose("device=auto"))
+
+
+def _preset_covers_its_paper_table(table: str) -> None:
+    """Every row of the paper's Table ``table`` has a job of ``experiment=paper_table<table>`` at its protocol."""
+    import pandas as pd
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from analysis.report import PAPER_RESULTS, _same_envelopes
+    from runner.callbacks import expand_sweep
+    from runner.config import effective_config, register_configs, validate
+
+    paper = pd.read_csv(PAPER_RESULTS, dtype={"table": str})
+    rows = paper[paper["table"] == table]
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = _sweep_config(f"paper_table{table}")
+        assert cfg.hydra.launcher._target_.endswith("BatchedLauncher")
+        loader = GlobalHydra.instance().config_loader()
+        jobs = [o for o in expand_sweep(cfg) if "seed=0" in o or not any(x.startswith("seed=") for x in o)]
+        effective = []
+        for overrides in jobs:
+            job = loader.load_sweep_config(cfg, list(overrides))
+            effective.append(effective_config(job, validate(job), data=False))
+    for ref in rows.itertuples():
+        required, wanted = json.loads(ref.task_params), json.loads(ref.envelopes)
+        at_protocol = [e for e in effective if all(e["task"].get(k) == v for k, v in required.items())]
+        assert at_protocol, f"Table {table}: no job at the protocol {required}"
+        assert any(_same_envelopes(wanted, e["envelopes"]) for e in at_protocol), f"Table {table}: no job has {wanted}"
+
+
+@pytest.mark.parametrize("table", ["4", "5"])
+def test_paper_table_presets_run_every_row_at_the_papers_protocol(table):
+    _preset_covers_its_paper_table(table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table", ["1", "2", "3", "6", "7"])
+def test_paper_table_grid_presets_run_every_row_at_the_papers_protocol(table):
+    _preset_covers_its_paper_table(table)
