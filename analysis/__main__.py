@@ -22,29 +22,53 @@ from analysis.tables import parse_fixed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep directories (Hydra multirun layout)")
-    parser.add_argument("--metric", help="selection metric, e.g. val_loss or best_val_accuracy (default: the objective)")
+    parser.add_argument(
+        "--metric", help="selection metric, e.g. val_loss or best_val_accuracy (default: the objective)"
+    )
     parser.add_argument("--mode", choices=["min", "max"], help="whether lower or higher --metric is better")
     parser.add_argument("--out", type=Path, help="output directory (default: the first sweep directory)")
     parser.add_argument("--no-figures", action="store_true")
-    parser.add_argument("--at-step", type=int, metavar="N",
-                        help="read RL runs at N environment steps (their last logged row at or before N), "
-                             "e.g. the paper's Table 6 at 50000")
-    parser.add_argument("--fix", action="append", default=None, metavar="KEY=VALUE",
-                        help="select only among runs with this parameter at this value, e.g. step_size=0.1, "
-                             "envelopes.policy.quantile=0.3 or task.truncation=terminate (repeatable)")
-    parser.add_argument("--paper-table", metavar="N", choices=paper_tables(),
-                        help="read the sweep as the paper's Table N: its selection metric, step and fixed "
-                             f"parameters, and its rows side by side ({', '.join(paper_tables())})")
+    parser.add_argument(
+        "--at-step",
+        type=int,
+        metavar="N",
+        help="read RL runs at N environment steps (their last logged row at or before N), "
+        "e.g. the paper's Table 6 at 50000",
+    )
+    parser.add_argument(
+        "--fix",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="select only among runs with this parameter at this value, e.g. step_size=0.1, "
+        "envelopes.policy.quantile=0.3 or task.truncation=terminate (repeatable)",
+    )
+    parser.add_argument(
+        "--paper-table",
+        metavar="N",
+        choices=paper_tables(),
+        help="read the sweep as the paper's Table N: its selection metric, step and fixed "
+        f"parameters, and its rows side by side ({', '.join(paper_tables())})",
+    )
     args = parser.parse_args(argv)
     if args.at_step is not None and args.at_step <= 0:
         parser.error(f"--at-step must be a positive number of environment steps, got {args.at_step}")
     try:
         fixed = parse_fixed(args.fix) if args.fix else None
-        write_report(args.sweeps, args.out or args.sweeps[0], args.metric, args.mode, not args.no_figures,
-                     at_step=args.at_step, fixed=fixed, table_number=args.paper_table)
+        write_report(
+            args.sweeps,
+            args.out or args.sweeps[0],
+            args.metric,
+            args.mode,
+            not args.no_figures,
+            at_step=args.at_step,
+            fixed=fixed,
+            table_number=args.paper_table,
+        )
     except (FileNotFoundError, ValueError) as error:  # NoRunsError among them
         print(f"error: {error}", file=sys.stderr)
         return 2

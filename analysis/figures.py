@@ -8,14 +8,20 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 7})
 
-SHAPE_COLOURS = {"identity": "0.3", "step": "tab:red", "linear": "tab:blue", "sigmoid": "tab:green",
-                 "focal": "tab:purple", "hard_mining": "tab:orange"}
+SHAPE_COLOURS = {
+    "identity": "0.3",
+    "step": "tab:red",
+    "linear": "tab:blue",
+    "sigmoid": "tab:green",
+    "focal": "tab:purple",
+    "hard_mining": "tab:orange",
+}
 
 
 def save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -43,8 +49,12 @@ def envelope_shapes(out_dir: Path) -> list[Path]:
         ax.text(threshold + 0.04, 1.05, "T", ha="left", va="bottom")
         if shape != "step":
             ax.axvspan(threshold - inverse_slope / 2, threshold + inverse_slope / 2, color="0.85", zorder=0)
-            ax.annotate("", xy=(threshold - inverse_slope / 2, 0.12), xytext=(threshold + inverse_slope / 2, 0.12),
-                        arrowprops={"arrowstyle": "<->", "lw": 0.8})
+            ax.annotate(
+                "",
+                xy=(threshold - inverse_slope / 2, 0.12),
+                xytext=(threshold + inverse_slope / 2, 0.12),
+                arrowprops={"arrowstyle": "<->", "lw": 0.8},
+            )
             ax.text(threshold, 0.16, "invslope", ha="center", fontsize=7)
         ax.set_title(shape)
         ax.set_xlabel("loss $l$")
@@ -67,7 +77,9 @@ def _step_column(metrics: pd.DataFrame) -> str:
     return "epoch" if "epoch" in metrics.columns else "step"
 
 
-def learning_curves(metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out_dir: Path, suffix: str = "") -> list[Path]:
+def learning_curves(
+    metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out_dir: Path, suffix: str = ""
+) -> list[Path]:
     """Mean ± std over seeds of ``metric`` for each row of the table (the best config per shape)."""
     if metrics.empty or metric not in metrics.columns:
         return []
@@ -75,9 +87,21 @@ def learning_curves(metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out
     fig, ax = plt.subplots(figsize=(4.8, 3.2 + 0.18 * len(table)), layout="constrained")
     for colour, (_, row) in zip(_row_colours(table), table.iterrows()):
         curve = metrics[metrics["config_id"] == row["config_id"]].groupby(x)[metric].agg(["mean", "std", "count"])
-        ax.plot(curve.index, curve["mean"], label=f"{row['envelopes']} (n={int(curve['count'].max())})", color=colour, lw=1.4)
-        ax.fill_between(curve.index, curve["mean"] - curve["std"].fillna(0), curve["mean"] + curve["std"].fillna(0),
-                        color=colour, alpha=0.12, lw=0)
+        ax.plot(
+            curve.index,
+            curve["mean"],
+            label=f"{row['envelopes']} (n={int(curve['count'].max())})",
+            color=colour,
+            lw=1.4,
+        )
+        ax.fill_between(
+            curve.index,
+            curve["mean"] - curve["std"].fillna(0),
+            curve["mean"] + curve["std"].fillna(0),
+            color=colour,
+            alpha=0.12,
+            lw=0,
+        )
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric}: mean ± std over seeds{' (' + suffix.strip('_') + ')' if suffix else ''}")
@@ -86,7 +110,9 @@ def learning_curves(metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out
     return save(fig, out_dir, f"learning_curves_{metric}{suffix}")
 
 
-def sensitivity_heatmaps(agg: pd.DataFrame, loss: str, metric: str, mode: str, out_dir: Path, suffix: str = "") -> list[Path]:
+def sensitivity_heatmaps(
+    agg: pd.DataFrame, loss: str, metric: str, mode: str, out_dir: Path, suffix: str = ""
+) -> list[Path]:
     """``metric`` (mean over seeds) over threshold quantile x width, one panel per shape and step size."""
     shape_col, q_col, w_col, a_col = (f"env_{loss}_{k}" for k in ("shape", "quantile", "width", "step_size"))
     column = f"{metric}_mean"
@@ -97,8 +123,10 @@ def sensitivity_heatmaps(agg: pd.DataFrame, loss: str, metric: str, mode: str, o
         return []
     adaptive[w_col] = adaptive[w_col] if w_col in adaptive.columns else np.nan
     adaptive[a_col] = adaptive[a_col].fillna(1.0) if a_col in adaptive.columns else 1.0
-    panels = sorted({(s, a) for s, a in zip(adaptive[shape_col], adaptive[a_col])},
-                    key=lambda p: (["step", "linear", "sigmoid"].index(p[0]), p[1]))
+    panels = sorted(
+        {(s, a) for s, a in zip(adaptive[shape_col], adaptive[a_col])},
+        key=lambda p: (["step", "linear", "sigmoid"].index(p[0]), p[1]),
+    )
     vmin, vmax = adaptive[column].min(), adaptive[column].max()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -125,16 +153,22 @@ def sensitivity_heatmaps(agg: pd.DataFrame, loss: str, metric: str, mode: str, o
         ax.set_xlabel("threshold quantile")
         ax.set_ylabel("width" if shape != "step" else "")
         ax.set_title(f"{shape}, step size {step_size:g}")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"{metric} (mean over seeds)")
     fig.suptitle(f"Sensitivity of {metric} ({loss} envelope); white: not in the sweep")
     return save(fig, out_dir, f"sensitivity_{loss}_{metric}{suffix}")
 
 
-def envelope_dynamics(metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out_dir: Path, suffix: str = "") -> list[Path]:
+def envelope_dynamics(
+    metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out_dir: Path, suffix: str = ""
+) -> list[Path]:
     """Mean weight, fraction attenuated and threshold over training, mean over seeds."""
-    names = [("mean_weight", "mean weight"), ("fraction_attenuated", "fraction attenuated"), ("threshold", "threshold T")]
+    names = [
+        ("mean_weight", "mean weight"),
+        ("fraction_attenuated", "fraction attenuated"),
+        ("threshold", "threshold T"),
+    ]
     columns = [(f"envelope_{loss}_{n}", label) for n, label in names]
     if metrics.empty or columns[0][0] not in metrics.columns:
         return []

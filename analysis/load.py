@@ -11,8 +11,8 @@ dropped silently.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 import yaml
@@ -47,7 +47,15 @@ def config_label(overrides: Iterable[str]) -> str:
 
 def envelope_label(envelopes: dict) -> str:
     """``loss: shape q=0.1 w=0.1 a=0.1`` per loss, in the paper's terms."""
-    short = {"quantile": "q", "width": "w", "threshold": "T", "inverse_slope": "s", "step_size": "a", "gamma": "γ", "fraction": "k"}
+    short = {
+        "quantile": "q",
+        "width": "w",
+        "threshold": "T",
+        "inverse_slope": "s",
+        "step_size": "a",
+        "gamma": "γ",
+        "fraction": "k",
+    }
     parts = []
     for loss, params in sorted(envelopes.items()):
         text = params.get("shape", "?")
@@ -70,13 +78,32 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
             raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
         for job_dir in _job_dirs(sweep_dir):
             overrides = _read_overrides(job_dir / ".hydra" / "overrides.yaml")
-            row = {"sweep": str(sweep_dir), "job_dir": str(job_dir), "overrides": " ".join(overrides), "config": config_label(overrides)}
+            row = {
+                "sweep": str(sweep_dir),
+                "job_dir": str(job_dir),
+                "overrides": " ".join(overrides),
+                "config": config_label(overrides),
+            }
             result_path = job_dir / "result.json"
             if not result_path.exists():
                 row["status"] = "unfinished"
             else:
                 result = json.loads(result_path.read_text())
-                row.update({k: result.get(k) for k in ("status", "task", "seed", "config_id", "run_id", "error", "duplicate_of", "wall_time_s")})
+                row.update(
+                    {
+                        k: result.get(k)
+                        for k in (
+                            "status",
+                            "task",
+                            "seed",
+                            "config_id",
+                            "run_id",
+                            "error",
+                            "duplicate_of",
+                            "wall_time_s",
+                        )
+                    }
+                )
                 objective = result.get("objective") or {}
                 row["objective_metric"] = objective.get("metric")
                 row["objective_mode"] = objective.get("mode")

@@ -47,8 +47,9 @@ def _same_envelopes(paper: dict, effective: dict) -> bool:
 
 def _protocol_gap(params: pd.Series, required: dict, read_at: int | None, at_step: int | None) -> str | None:
     """Why no run (``params``: their task configs) is at the table's protocol (the first key no run matches), or None."""
-    if read_at != at_step and not (read_at is None and at_step is not None and "total_steps" in required
-                                   and at_step >= required["total_steps"]):
+    if read_at != at_step and not (
+        read_at is None and at_step is not None and "total_steps" in required and at_step >= required["total_steps"]
+    ):
         ours = "the end of training" if at_step is None else f"{at_step:,} steps"
         theirs = "the end of training" if read_at is None else f"{read_at:,} steps (--at-step {read_at})"
         return f"not the paper's protocol: read at {ours}, the table reads at {theirs}"
@@ -84,8 +85,14 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
             continue  # another experiment
         if subset.empty:  # the table was asked for by number: say why nothing is beside it
             found = ", ".join(sorted(same_task["dataset"].astype(str).unique()))
-            rows.append(_paper_row(ref, json.loads(ref["envelopes"]), f"not comparable: dataset={found}, the table "
-                                   f"has dataset={ref['dataset']}", 0))
+            rows.append(
+                _paper_row(
+                    ref,
+                    json.loads(ref["envelopes"]),
+                    f"not comparable: dataset={found}, the table has dataset={ref['dataset']}",
+                    0,
+                )
+            )
             continue
         required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
         read_at = ref.get("read_at_step")
@@ -97,24 +104,40 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
         matches: list[str] = []
         if gap is None:
             subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
-            matches = [cid for cid, group in subset.groupby("config_id")
-                       if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0]))]
+            matches = [
+                cid
+                for cid, group in subset.groupby("config_id")
+                if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0]))
+            ]
             if column not in subset.columns:
                 units = ref.get("units") or "the table's units"
                 gap = f"the runs do not record {ref['metric']} ({units})"
         reproduced = subset[subset["config_id"].isin(matches)][column] if gap is None else pd.Series(dtype=float)
-        rows.append(_paper_row(ref, wanted, gap if gap is not None else "not in this sweep" if reproduced.empty else
-                               f"{reproduced.mean():.4g} ± {reproduced.std(ddof=1):.2g} ({reproduced.count()})",
-                               len(matches)))
+        rows.append(
+            _paper_row(
+                ref,
+                wanted,
+                gap
+                if gap is not None
+                else "not in this sweep"
+                if reproduced.empty
+                else f"{reproduced.mean():.4g} ± {reproduced.std(ddof=1):.2g} ({reproduced.count()})",
+                len(matches),
+            )
+        )
     return pd.DataFrame(rows)
 
 
 def _paper_row(ref: pd.Series, wanted: dict, reproduced: str, matched: int) -> dict:
     n = ref["n"]
     return {
-        "table": ref["table"], "paper envelopes": json.dumps(wanted), "metric": ref["metric"],
-        "paper": f"{ref['mean']:g} ± {ref['std']:g}" + ("" if isinstance(n, float) and math.isnan(n) else f" ({int(n)})"),
-        "reproduced": reproduced, "configs matched": matched,
+        "table": ref["table"],
+        "paper envelopes": json.dumps(wanted),
+        "metric": ref["metric"],
+        "paper": f"{ref['mean']:g} ± {ref['std']:g}"
+        + ("" if isinstance(n, float) and math.isnan(n) else f" ({int(n)})"),
+        "reproduced": reproduced,
+        "configs matched": matched,
     }
 
 
@@ -143,7 +166,11 @@ def paper_table_protocol(table: str, paper_file: Path = PAPER_RESULTS) -> PaperT
     if rows.empty:
         raise ValueError(f"--paper-table {table}: {paper_file} has no such table; tables: {paper_tables(paper_file)}")
     first = rows.iloc[0]
-    metric = str(first["selected_by"]) if "selected_by" in rows.columns and isinstance(first["selected_by"], str) else str(first["metric"])
+    metric = (
+        str(first["selected_by"])
+        if "selected_by" in rows.columns and isinstance(first["selected_by"], str)
+        else str(first["metric"])
+    )
     mode = first.get("select_mode")
     if not isinstance(mode, str):
         mode = "max" if any(word in metric for word in ("accuracy", "return")) else "min"
@@ -168,6 +195,7 @@ def split_by_task_parameters(done: pd.DataFrame) -> list[tuple[tuple, pd.DataFra
     if not varying:
         return [((), done)]
     labels = params.map(lambda p: tuple((k, p.get(k)) for k in varying))
+
     def natural(label):
         return [(k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in label]
 
@@ -183,9 +211,17 @@ class NoRunsError(ValueError):
     """The directories given hold no runs (nothing to report, and no report is written)."""
 
 
-def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = None, mode: str | None = None,
-                 make_figures: bool = True, jobs: pd.DataFrame | None = None, at_step: int | None = None,
-                 fixed: dict | None = None, table_number: str | None = None) -> Path:
+def write_report(
+    sweep_dirs: list[Path],
+    out_dir: Path,
+    metric: str | None = None,
+    mode: str | None = None,
+    make_figures: bool = True,
+    jobs: pd.DataFrame | None = None,
+    at_step: int | None = None,
+    fixed: dict | None = None,
+    table_number: str | None = None,
+) -> Path:
     """Write table.md, table.tex, jobs.csv, configs.csv, figures/ and report.md into ``out_dir``; print the table.
 
     ``jobs`` is ``load_jobs(*sweep_dirs)`` when the caller has it already.
@@ -204,8 +240,10 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
         fixed = protocol.fixed if fixed is None else fixed
     jobs = load_jobs(*sweep_dirs) if jobs is None else jobs
     if jobs.empty:
-        raise NoRunsError(f"no runs in {', '.join(str(d) for d in sweep_dirs)} (a run is a directory with "
-                          ".hydra/overrides.yaml); nothing written")
+        raise NoRunsError(
+            f"no runs in {', '.join(str(d) for d in sweep_dirs)} (a run is a directory with "
+            ".hydra/overrides.yaml); nothing written"
+        )
     if at_step is not None:
         jobs = read_at_step(jobs, at_step)
     total = len(jobs)
@@ -216,16 +254,22 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     summary = f"{len(jobs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines = ["# Sweep report\n\n", f"Sweeps: {', '.join(str(d) for d in sweep_dirs)}\n\n", f"{summary}\n"]
     if at_step is not None:
-        lines.append(f"\nRead at {at_step:,} environment steps: every metric is the run's last logged value at or "
-                     f"before that step (`--at-step {at_step}`).\n")
+        lines.append(
+            f"\nRead at {at_step:,} environment steps: every metric is the run's last logged value at or "
+            f"before that step (`--at-step {at_step}`).\n"
+        )
     if fixed:
         held = ", ".join(f"`{k}` = {v}" for k, v in fixed.items())
-        lines.append(f"\nHeld fixed: {held} ({total - len(jobs)} of {total} runs, at other values, left out; a "
-                     f"parameter a shape ignores excludes no run).\n")
+        lines.append(
+            f"\nHeld fixed: {held} ({total - len(jobs)} of {total} runs, at other values, left out; a "
+            f"parameter a shape ignores excludes no run).\n"
+        )
     if table_number is not None:
         lines.append(f"\nRead as the paper's Table {table_number}: selected by `{metric}` ({mode}).\n")
     failed = jobs[jobs["status"].isin(["failed", "unfinished"])] if not jobs.empty else jobs
-    failures = [f"- `{r.job_dir}` ({r.status}): {r.error if isinstance(r.error, str) else ''}\n" for r in failed.itertuples()]
+    failures = [
+        f"- `{r.job_dir}` ({r.status}): {r.error if isinstance(r.error, str) else ''}\n" for r in failed.itertuples()
+    ]
     if failures:
         lines += ["\n## Runs that did not complete\n\n", *failures]
     print(f"\nSweep {', '.join(str(d) for d in sweep_dirs)}: {summary}")
@@ -272,8 +316,9 @@ def write_report(sweep_dirs: list[Path], out_dir: Path, metric: str | None = Non
     agg = aggregate(jobs, list(dict.fromkeys([spec.select, *spec.report])))
     agg.to_csv(out_dir / "configs.csv", index=False)
     written += ["configs.csv", "jobs.csv"]
-    lines.append(f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). "
-                 f"LaTeX: `table*.tex`.\n")
+    lines.append(
+        f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). LaTeX: `table*.tex`.\n"
+    )
 
     contributions = controller_contributions(jobs, spec)
     if not contributions.empty:

@@ -19,7 +19,9 @@ def aggregate(jobs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     done = jobs[jobs["status"] == "completed"]
     if done.empty:
         return pd.DataFrame()
-    keep = ["config_id", "config", "envelopes", "task", "dataset", "vwpr", "controller"] + [c for c in done.columns if c.startswith("env_")]
+    keep = ["config_id", "config", "envelopes", "task", "dataset", "vwpr", "controller"] + [
+        c for c in done.columns if c.startswith("env_")
+    ]
     first = done.groupby("config_id")[[c for c in keep if c != "config_id" and c in done.columns]].first()
     out = first.copy()
     out["seeds"] = done.groupby("config_id")["seed"].apply(lambda s: sorted(s.tolist()))
@@ -37,8 +39,9 @@ def aggregate(jobs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def iqm_interval(values: np.ndarray, confidence: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float, float]:
+def iqm_interval(
+    values: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Interquartile mean and its bootstrap confidence interval (percentile method, runs resampled).
 
     The IQM (the mean of the middle 50% of runs, ``trim_mean(x, 0.25)``) is
@@ -53,8 +56,14 @@ def iqm_interval(values: np.ndarray, confidence: float = 0.95, resamples: int = 
     iqm = float(stats.trim_mean(values, 0.25))
     if np.ptp(values) == 0:
         return iqm, iqm, iqm
-    result = stats.bootstrap((values,), lambda x, axis: stats.trim_mean(x, 0.25, axis=axis), confidence_level=confidence,
-                             n_resamples=resamples, method="percentile", random_state=np.random.default_rng(seed))
+    result = stats.bootstrap(
+        (values,),
+        lambda x, axis: stats.trim_mean(x, 0.25, axis=axis),
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
     return iqm, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 

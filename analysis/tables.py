@@ -37,7 +37,11 @@ def default_spec(jobs: pd.DataFrame, metric: str | None = None, mode: str | None
     if metric is None:
         metric = done["objective_metric"].dropna().iloc[0] if not done.empty else "val_loss"
     if mode is None:
-        mode = done["objective_mode"].dropna().iloc[0] if not done.empty and metric == done["objective_metric"].dropna().iloc[0] else "min"
+        mode = (
+            done["objective_mode"].dropna().iloc[0]
+            if not done.empty and metric == done["objective_metric"].dropna().iloc[0]
+            else "min"
+        )
     if mode not in ("min", "max"):
         raise ValueError(f"--mode must be one of ['min', 'max'], got {mode!r}")
     select = metric if metric.startswith(("final_", "best_")) else f"final_{metric}"
@@ -59,8 +63,9 @@ def parse_fixed(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"--fix takes KEY=VALUE (e.g. step_size=0.1 or envelopes.classification.quantile=0.9), "
-                             f"got {item!r}")
+            raise ValueError(
+                f"--fix takes KEY=VALUE (e.g. step_size=0.1 or envelopes.classification.quantile=0.9), got {item!r}"
+            )
         fixed[key] = yaml.safe_load(value)
     return fixed
 
@@ -86,7 +91,7 @@ def hold_fixed(jobs: pd.DataFrame, fixed: dict[str, object]) -> pd.DataFrame:
     losses = loss_names(jobs)
     for key, value in fixed.items():
         if key.startswith("task."):
-            name = key[len("task."):]
+            name = key[len("task.") :]
             params = jobs["task_json"].map(lambda t: json.loads(t) if isinstance(t, str) else {})
             if not params.map(lambda p, name=name: name in p).any():
                 known = sorted({f"task.{k}" for p in params for k in p})
@@ -94,19 +99,28 @@ def hold_fixed(jobs: pd.DataFrame, fixed: dict[str, object]) -> pd.DataFrame:
             keep &= params.map(lambda p, name=name, value=value: _equal(p.get(name), value))
             continue
         if key.startswith("envelopes."):
-            loss, _, param = key[len("envelopes."):].partition(".")
+            loss, _, param = key[len("envelopes.") :].partition(".")
             columns = [f"env_{loss}_{param}"]
         else:
             columns = [f"env_{loss}_{key}" for loss in losses]
         columns = [c for c in columns if c in env_columns and jobs[c].notna().any()]
         if not columns:
-            params = sorted({c[len(f"env_{loss}_"):] for loss in losses for c in env_columns
-                             if c.startswith(f"env_{loss}_") and jobs[c].notna().any()})
-            raise ValueError(f"--fix {key}: no run sets that parameter; envelope parameters in these runs: "
-                             f"{params} (or envelopes.<loss>.<param>, task.<key>)")
+            params = sorted(
+                {
+                    c[len(f"env_{loss}_") :]
+                    for loss in losses
+                    for c in env_columns
+                    if c.startswith(f"env_{loss}_") and jobs[c].notna().any()
+                }
+            )
+            raise ValueError(
+                f"--fix {key}: no run sets that parameter; envelope parameters in these runs: "
+                f"{params} (or envelopes.<loss>.<param>, task.<key>)"
+            )
         for column in columns:
-            keep &= jobs[column].map(lambda v, value=value: v is None or (isinstance(v, float) and math.isnan(v))
-                                     or _equal(v, value))
+            keep &= jobs[column].map(
+                lambda v, value=value: v is None or (isinstance(v, float) and math.isnan(v)) or _equal(v, value)
+            )
     kept = jobs[keep].copy()
     kept.attrs.update(jobs.attrs)
     kept.attrs["fixed"] = dict(fixed)
@@ -114,7 +128,9 @@ def hold_fixed(jobs: pd.DataFrame, fixed: dict[str, object]) -> pd.DataFrame:
 
 
 def loss_names(jobs: pd.DataFrame) -> list[str]:
-    return sorted(c[len("env_") : -len("_shape")] for c in jobs.columns if c.startswith("env_") and c.endswith("_shape"))
+    return sorted(
+        c[len("env_") : -len("_shape")] for c in jobs.columns if c.startswith("env_") and c.endswith("_shape")
+    )
 
 
 def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
@@ -131,14 +147,22 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     controller = agg["controller"] if "controller" in agg.columns else pd.Series(None, index=agg.index)
     controller = controller.where(controller.notna(), None)
     with_controller = controller.notna()
-    agg.loc[with_controller, "shapes"] = agg.loc[with_controller, "shapes"] + " + controller " + controller[with_controller]
+    agg.loc[with_controller, "shapes"] = (
+        agg.loc[with_controller, "shapes"] + " + controller " + controller[with_controller]
+    )
     order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4, "hard_mining": 5}
     mode_order = {None: 0, "baseline": 1, "monitor_only": 2, "controller_only": 3, "full": 4}
-    agg["_order"] = [tuple(order.get(v, 9) for v in r) + (int(w), mode_order.get(c, 9))
-                     for r, w, c in zip(agg[shape_columns].values, vwpr, controller)]
+    agg["_order"] = [
+        tuple(order.get(v, 9) for v in r) + (int(w), mode_order.get(c, 9))
+        for r, w, c in zip(agg[shape_columns].values, vwpr, controller)
+    ]
     ascending = spec.mode == "min"
-    best = (agg.sort_values(f"{spec.select}_mean", ascending=ascending)
-            .groupby("shapes", sort=False).head(1).sort_values("_order"))
+    best = (
+        agg.sort_values(f"{spec.select}_mean", ascending=ascending)
+        .groupby("shapes", sort=False)
+        .head(1)
+        .sort_values("_order")
+    )
     best["candidates"] = best["shapes"].map(agg.groupby("shapes").size())
 
     done = jobs[jobs["status"] == "completed"]
@@ -152,18 +176,28 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     base_values = values.get(baseline["config_id"].iloc[0]) if not baseline.empty else None
     base_id = baseline["config_id"].iloc[0] if not baseline.empty else None
     is_base = [cid == base_id for cid in best["config_id"]]
-    p_values = [math.nan if base_values is None or base else welch_test(values[cid], base_values)
-                for cid, base in zip(best["config_id"], is_base)]
+    p_values = [
+        math.nan if base_values is None or base else welch_test(values[cid], base_values)
+        for cid, base in zip(best["config_id"], is_base)
+    ]
     best["p"] = p_values
     best["p_holm"] = holm(p_values)
     if (best["task"] == "ppo").all():  # RL: the interquartile mean with its bootstrap interval, beside mean ± std
         intervals = [iqm_interval(values[cid]) for cid in best["config_id"]]
         best["iqm"], best["iqm_low"], best["iqm_high"] = (list(x) for x in zip(*intervals))
     base_mean = base_values.mean() if base_values is not None else math.nan
-    best["difference"] = [math.nan if base else d for d, base in zip(best[f"{spec.report[0]}_mean"] - base_mean, is_base)]
+    best["difference"] = [
+        math.nan if base else d for d, base in zip(best[f"{spec.report[0]}_mean"] - base_mean, is_base)
+    ]
     better = (best["difference"] < 0) == (spec.mode == "min")
     best["verdict"] = [
-        "baseline" if base else "" if math.isnan(p) else "within noise" if p >= spec.alpha else ("better" if b else "worse")
+        "baseline"
+        if base
+        else ""
+        if math.isnan(p)
+        else "within noise"
+        if p >= spec.alpha
+        else ("better" if b else "worse")
         for base, p, b in zip(is_base, best["p_holm"], better)
     ]
     best = best.drop(columns=["_order"]).reset_index(drop=True)
@@ -197,15 +231,17 @@ def _cells(table: pd.DataFrame, spec: TableSpec, digits: int) -> list[list[str]]
     rows = []
     for _, row in table.iterrows():
         diff = row["difference"]
-        rows.append([
-            row["shapes"],
-            row["envelopes"],
-            *[_pm(row, m, digits) for m in spec.report],
-            *([_iqm(row, digits)] if "iqm" in table.columns else []),
-            "" if math.isnan(diff) else f"{diff:+.{digits}f}",
-            "" if math.isnan(row["p_holm"]) else f"{row['p_holm']:.3g}",
-            row["verdict"],
-        ])
+        rows.append(
+            [
+                row["shapes"],
+                row["envelopes"],
+                *[_pm(row, m, digits) for m in spec.report],
+                *([_iqm(row, digits)] if "iqm" in table.columns else []),
+                "" if math.isnan(diff) else f"{diff:+.{digits}f}",
+                "" if math.isnan(row["p_holm"]) else f"{row['p_holm']:.3g}",
+                row["verdict"],
+            ]
+        )
     return rows
 
 
@@ -213,36 +249,54 @@ def to_markdown(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
     header = _columns(spec, table)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in _cells(table, spec, digits)]
-    note = (f"Each row: the configuration of that shape with the best mean `{spec.select}` "
-            f"({spec.mode}) over seeds")
+    note = f"Each row: the configuration of that shape with the best mean `{spec.select}` ({spec.mode}) over seeds"
     note += "." if spec.selected_on_report else f"; reported on `{spec.report[0]}` (not used for selection)."
     if spec.selected_on_report:
         note += " No test split: the reported metric is the one that selected the row, so it is optimistic."
-    note += (f" p: Welch's t-test against identity on `{spec.report[0]}`, Holm-corrected over the rows; "
-             f"'within noise' means corrected p ≥ {spec.alpha}.")
+    note += (
+        f" p: Welch's t-test against identity on `{spec.report[0]}`, Holm-corrected over the rows; "
+        f"'within noise' means corrected p ≥ {spec.alpha}."
+    )
     if "iqm" in table.columns:
-        note += (" IQM: interquartile mean over seeds with a 95% percentile bootstrap interval (2,000 resamples of "
-                 "the runs; Agarwal et al. 2021).")
+        note += (
+            " IQM: interquartile mean over seeds with a 95% percentile bootstrap interval (2,000 resamples of "
+            "the runs; Agarwal et al. 2021)."
+        )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("±", r"$\pm$"), ("Δ", r"$\Delta$")):
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("_", r"\_"),
+        ("#", r"\#"),
+        ("±", r"$\pm$"),
+        ("Δ", r"$\Delta$"),
+    ):
         text = text.replace(a, b)
     return text
 
 
 def to_latex(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
     header = _columns(spec, table)
-    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
-             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{tabular}{" + "l" * len(header) + "}",
+        r"\toprule",
+        " & ".join(_latex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(_latex_escape(c) for c in cells) + r" \\" for cells in _cells(table, spec, digits)]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
-CONTROLLER_COMPONENTS = {"monitor_only": "RL loss monitor", "controller_only": "meta-learning controller",
-                         "full": "monitor + controller (full)"}
+CONTROLLER_COMPONENTS = {
+    "monitor_only": "RL loss monitor",
+    "controller_only": "meta-learning controller",
+    "full": "monitor + controller (full)",
+}
 
 
 def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float = 0.05) -> pd.DataFrame:
@@ -257,7 +311,9 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
     if "controller" not in done.columns or not (done["controller"] == "baseline").any():
         return pd.DataFrame()
     metric = spec.report[0]
-    done = done[done["controller"].notna()].assign(_key=lambda d: d["envelopes_json"] + d["task_json"] + d["vwpr"].astype(str))
+    done = done[done["controller"].notna()].assign(
+        _key=lambda d: d["envelopes_json"] + d["task_json"] + d["vwpr"].astype(str)
+    )
     rows = []
     for _, group in done.groupby("_key", sort=False):
         base = group.loc[group["controller"] == "baseline", metric].to_numpy(float)
@@ -268,27 +324,46 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
             if len(values) == 0:
                 continue
             half, _ = difference_interval(values, base)
-            rows.append({"envelopes": group["envelopes"].iloc[0], "dataset": group["dataset"].iloc[0], "mode": mode,
-                         "component": label, "metric": metric, "difference": values.mean() - base.mean(),
-                         "ci95": half, "n_mode": len(values), "n_baseline": len(base), "p": welch_test(values, base)})
+            rows.append(
+                {
+                    "envelopes": group["envelopes"].iloc[0],
+                    "dataset": group["dataset"].iloc[0],
+                    "mode": mode,
+                    "component": label,
+                    "metric": metric,
+                    "difference": values.mean() - base.mean(),
+                    "ci95": half,
+                    "n_mode": len(values),
+                    "n_baseline": len(base),
+                    "p": welch_test(values, base),
+                }
+            )
     table = pd.DataFrame(rows)
     if table.empty:
         return table
     table["p_holm"] = holm(table["p"].tolist())
     better = (table["difference"] < 0) == (spec.mode == "min")
-    table["verdict"] = ["" if math.isnan(p) else "within noise" if p >= alpha else ("better" if b else "worse")
-                        for p, b in zip(table["p_holm"], better)]
+    table["verdict"] = [
+        "" if math.isnan(p) else "within noise" if p >= alpha else ("better" if b else "worse")
+        for p, b in zip(table["p_holm"], better)
+    ]
     return table
 
 
 def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:
-    lines = ["| envelopes | component (mode) | Δ vs baseline ± 95% CI | n (mode / baseline) | p (Holm) | verdict |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| envelopes | component (mode) | Δ vs baseline ± 95% CI | n (mode / baseline) | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in table.itertuples():
         ci = "" if math.isnan(row.ci95) else f" ± {row.ci95:.{digits}f}"
         p = "" if math.isnan(row.p_holm) else f"{row.p_holm:.3g}"
-        lines.append(f"| {row.envelopes} | {row.component} (`{row.mode}`) | {row.difference:+.{digits}f}{ci} | "
-                     f"{row.n_mode} / {row.n_baseline} | {p} | {row.verdict} |")
+        lines.append(
+            f"| {row.envelopes} | {row.component} (`{row.mode}`) | {row.difference:+.{digits}f}{ci} | "
+            f"{row.n_mode} / {row.n_baseline} | {p} | {row.verdict} |"
+        )
     metric = table["metric"].iloc[0]
-    return ("\n".join(lines) + f"\n\nΔ: mean `{metric}` of the mode minus that of `baseline` (base loss only) with the "
-            f"same envelopes, over seeds; 95% Welch interval; Welch's t-test, Holm-corrected over the rows.\n")
+    return (
+        "\n".join(lines) + f"\n\nΔ: mean `{metric}` of the mode minus that of `baseline` (base loss only) with the "
+        f"same envelopes, over seeds; 95% Welch interval; Welch's t-test, Holm-corrected over the rows.\n"
+    )

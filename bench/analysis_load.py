@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.load import load_jobs, load_metrics  # noqa: E402
-from analysis.tables import default_spec, paper_table  # noqa: E402
+from analysis.load import load_jobs, load_metrics
+from analysis.tables import default_spec, paper_table
 
 
 def write_sweep(root: Path, jobs: int, epochs: int = 20) -> None:
@@ -30,12 +30,30 @@ def write_sweep(root: Path, jobs: int, epochs: int = 20) -> None:
         envelope = {"shape": shape} if shape == "identity" else {"shape": shape, "quantile": quantile, "step_size": 0.1}
         config_id = f"{shape}-{quantile}" if shape != "identity" else "identity"
         final = {"epoch": epochs, "val_loss": 0.3 + 0.01 * (num % 7), "test_loss": 0.31, "val_accuracy": 0.9}
-        (job / "result.json").write_text(json.dumps({
-            "status": "completed", "task": "classification", "seed": seed, "config_id": config_id, "run_id": f"{config_id}-{seed}",
-            "effective": {"task": {"dataset": "mnist"}, "envelopes": {"classification": envelope}},
-            "objective": {"metric": "val_loss", "mode": "min", "value": final["val_loss"]}, "final": final, "best": final}))
-        rows = [{"epoch": e, "val_loss": 1.0 / e, "train_raw_loss_mean": 1.0 / e, "envelope_classification_mean_weight": 0.9}
-                for e in range(1, epochs + 1)]
+        (job / "result.json").write_text(
+            json.dumps(
+                {
+                    "status": "completed",
+                    "task": "classification",
+                    "seed": seed,
+                    "config_id": config_id,
+                    "run_id": f"{config_id}-{seed}",
+                    "effective": {"task": {"dataset": "mnist"}, "envelopes": {"classification": envelope}},
+                    "objective": {"metric": "val_loss", "mode": "min", "value": final["val_loss"]},
+                    "final": final,
+                    "best": final,
+                }
+            )
+        )
+        rows = [
+            {
+                "epoch": e,
+                "val_loss": 1.0 / e,
+                "train_raw_loss_mean": 1.0 / e,
+                "envelope_classification_mean_weight": 0.9,
+            }
+            for e in range(1, epochs + 1)
+        ]
         (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -55,8 +73,10 @@ def main() -> None:
         long_loaded = time.perf_counter()
         paper_table(jobs, default_spec(jobs))
         tabled = time.perf_counter()
-    print(f"{args.jobs} jobs: load_jobs {loaded - start:.2f} s, load_metrics ({len(metrics)} rows) "
-          f"{long_loaded - loaded:.2f} s, paper table {tabled - long_loaded:.2f} s")
+    print(
+        f"{args.jobs} jobs: load_jobs {loaded - start:.2f} s, load_metrics ({len(metrics)} rows) "
+        f"{long_loaded - loaded:.2f} s, paper table {tabled - long_loaded:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -41,20 +41,32 @@ def main() -> None:
                 run_dir = Path(tmp) / f"{name}-{repeat}"
                 start = time.perf_counter()
                 subprocess.run(
-                    [sys.executable, str(ROOT / "run_ablation.py"), "task=fashion_mnist",
-                     f"envelope@envelopes.classification={name}", f"hydra.run.dir={run_dir}", *args.overrides],
-                    check=True, cwd=ROOT, capture_output=True,
+                    [
+                        sys.executable,
+                        str(ROOT / "run_ablation.py"),
+                        "task=fashion_mnist",
+                        f"envelope@envelopes.classification={name}",
+                        f"hydra.run.dir={run_dir}",
+                        *args.overrides,
+                    ],
+                    check=True,
+                    cwd=ROOT,
+                    capture_output=True,
                 )
                 process = time.perf_counter() - start
                 result = json.loads((run_dir / "result.json").read_text())
                 rows[name].append((result["wall_time_s"], process, result["final"]["test_accuracy"]))
-    print("Fashion-MNIST, 55,000 train images, 20 epochs, batch 1,000, validation every epoch"
-          + (f" (overridden: {' '.join(args.overrides)})" if args.overrides else ""))
+    print(
+        "Fashion-MNIST, 55,000 train images, 20 epochs, batch 1,000, validation every epoch"
+        + (f" (overridden: {' '.join(args.overrides)})" if args.overrides else "")
+    )
     for name, values in rows.items():
         jobs = [v[0] for v in values]
         processes = [v[1] for v in values]
-        print(f"  {name:9s} job wall time median {statistics.median(jobs):5.1f} s (runs: {', '.join(f'{j:.1f}' for j in jobs)}); "
-              f"whole process {statistics.median(processes):5.1f} s; test accuracy {values[-1][2]:.4f}")
+        print(
+            f"  {name:9s} job wall time median {statistics.median(jobs):5.1f} s (runs: {', '.join(f'{j:.1f}' for j in jobs)}); "
+            f"whole process {statistics.median(processes):5.1f} s; test accuracy {values[-1][2]:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from envelopes import Envelope  # noqa: E402
-from tasks.classification import per_sample_cross_entropy  # noqa: E402
-from tasks.supervised import build_mlp, train_step  # noqa: E402
-from tasks.common import EnvelopeMeter, MeanStd, adam  # noqa: E402
-from tasks.datasets import load_classification_pool  # noqa: E402
-from tasks.seed_batch import ModelGroup  # noqa: E402
+from envelopes import Envelope
+from tasks.classification import per_sample_cross_entropy
+from tasks.common import EnvelopeMeter, MeanStd, adam
+from tasks.datasets import load_classification_pool
+from tasks.seed_batch import ModelGroup
+from tasks.supervised import build_mlp, train_step
 
 
 def load_data(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -61,7 +61,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormals (the runner's flush_denormal=false)")
+    parser.add_argument(
+        "--keep-denormals", action="store_true", help="do not flush denormals (the runner's flush_denormal=false)"
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny setting that checks the script runs")
     args = parser.parse_args()
     isolation = (2000, 200, 5)  # timed repeats, warm-up repeats, best of
@@ -77,8 +79,11 @@ def main() -> None:
         model = ModelGroup(lambda: build_mlp(x.shape[1], [256], 10), [0], device)  # one seed, as a single run
         return model, adam(model.parameters(), 1e-3), envelope.to(device)
 
-    variants = {"identity": setup(Envelope("identity")), "identity (A/A)": setup(Envelope("identity")),
-                "adaptive sigmoid": setup(adaptive_sigmoid())}
+    variants = {
+        "identity": setup(Envelope("identity")),
+        "identity (A/A)": setup(Envelope("identity")),
+        "adaptive sigmoid": setup(adaptive_sigmoid()),
+    }
 
     def timed(name: str, offset: int) -> float:
         model, optimizer, envelope = variants[name]
@@ -87,8 +92,17 @@ def main() -> None:
         start = time.perf_counter()
         for step in range(args.steps):
             begin = ((offset + step) * batch) % (len(x) - batch)
-            train_step(model, optimizer, envelope, x[None, begin : begin + batch], y[None, begin : begin + batch], raw, shaped,
-                       meter, per_sample_cross_entropy)
+            train_step(
+                model,
+                optimizer,
+                envelope,
+                x[None, begin : begin + batch],
+                y[None, begin : begin + batch],
+                raw,
+                shaped,
+                meter,
+                per_sample_cross_entropy,
+            )
         raw.summary("raw", 0)  # one host sync per epoch, as in the task (one seed: group 0)
         sync(device)
         return (time.perf_counter() - start) / args.steps
@@ -101,16 +115,20 @@ def main() -> None:
         for name in names:
             times[name].append(timed(name, round_ * args.steps))
 
-    print(f"data: {source}; device: {device}; torch threads: {torch.get_num_threads()}; "
-          f"flush denormals: {not args.keep_denormals}; batch {batch}")
+    print(
+        f"data: {source}; device: {device}; torch threads: {torch.get_num_threads()}; "
+        f"flush denormals: {not args.keep_denormals}; batch {batch}"
+    )
     print(f"1. whole steps, {args.rounds} alternating rounds x {args.steps} steps:")
     for name, values in times.items():
         print(f"   {name:17s} median {statistics.median(values) * 1e3:7.3f} ms/step, min {min(values) * 1e3:7.3f}")
     for name in ("identity (A/A)", "adaptive sigmoid"):
         paired = sorted(a / b for a, b in zip(times[name], times["identity"]))
         q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
-        print(f"   {name} / identity: median of paired ratios {statistics.median(paired):.3f} "
-              f"(interquartile {q1:.3f}-{q3:.3f}), ratio of minima {min(times[name]) / min(times['identity']):.3f}")
+        print(
+            f"   {name} / identity: median of paired ratios {statistics.median(paired):.3f} "
+            f"(interquartile {q1:.3f}-{q3:.3f}), ratio of minima {min(times[name]) / min(times['identity']):.3f}"
+        )
 
     # 2. The envelope's own work on real per-sample losses of the trained model.
     model = variants["identity"][0]
@@ -135,9 +153,13 @@ def main() -> None:
         work[name] = min(envelope_work(envelope, isolation[0]) for _ in range(isolation[2]))
     extra = work["adaptive sigmoid"] - work["identity"]
     step = statistics.median(times["identity"])
-    print(f"2. envelope work in isolation (forward, backward of the product, statistics; best of {isolation[2]} x {isolation[0]}):")
-    print(f"   identity {work['identity'] * 1e6:.1f} us, adaptive sigmoid {work['adaptive sigmoid'] * 1e6:.1f} us: "
-          f"{extra * 1e6:.1f} us more = {100 * extra / step:.2f}% of a {step * 1e3:.2f} ms identity step")
+    print(
+        f"2. envelope work in isolation (forward, backward of the product, statistics; best of {isolation[2]} x {isolation[0]}):"
+    )
+    print(
+        f"   identity {work['identity'] * 1e6:.1f} us, adaptive sigmoid {work['adaptive sigmoid'] * 1e6:.1f} us: "
+        f"{extra * 1e6:.1f} us more = {100 * extra / step:.2f}% of a {step * 1e3:.2f} ms identity step"
+    )
 
 
 if __name__ == "__main__":

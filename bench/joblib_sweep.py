@@ -26,8 +26,12 @@ DATA = os.environ.get("LAE_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
 
 def timed_sweep(args: list[str], sweep_dir: Path) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run_ablation.py"), "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"sweep failed:\n{proc.stderr[-2000:]}")
@@ -47,7 +51,9 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="lae_bench_joblib_"))
     try:
         serial = timed_sweep(common, out / "serial")
-        parallel = timed_sweep(common + ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"], out / "joblib")
+        parallel = timed_sweep(
+            common + ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"], out / "joblib"
+        )
         jobs = len([p for p in (out / "serial").iterdir() if (p / "result.json").exists()])
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -36,13 +36,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # runs, environment steps per run, preset and rollout length of each paper grid (Acrobot: 121 envelope
 # pairs x 5 seeds x 2 truncation settings; LunarLander: 121 pairs x 20 seeds)
-GRIDS = {"acrobot": (121 * 5 * 2, 200_000, "acrobot_paper", 100), "lunarlander": (121 * 20, 500_000, "lunarlander_paper", 500)}
+GRIDS = {
+    "acrobot": (121 * 5 * 2, 200_000, "acrobot_paper", 100),
+    "lunarlander": (121 * 20, 500_000, "lunarlander_paper", 500),
+}
 
 
 def sweep(args: list[str], out: Path) -> tuple[float, list[float]]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", *args, f"hydra.sweep.dir={out}",
-                           "tensorboard=false", "progress=false"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_ablation.py"),
+            "-m",
+            *args,
+            f"hydra.sweep.dir={out}",
+            "tensorboard=false",
+            "progress=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"sweep failed:\n{proc.stderr[-3000:]}")
@@ -58,29 +73,51 @@ def main() -> None:
     parser.add_argument("--env", nargs="+", choices=sorted(GRIDS), default=sorted(GRIDS))
     parser.add_argument("--updates", type=int, default=2)
     parser.add_argument("--single", type=int, default=4, help="runs of the slice timed one agent per job")
-    parser.add_argument("--smoke", action="store_true", help="Acrobot, 4 runs batched and 2 alone: checks the script runs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="Acrobot, 4 runs batched and 2 alone: checks the script runs"
+    )
     args = parser.parse_args()
     for env in args.env if not args.smoke else ["acrobot"]:
         runs, steps, preset, rollout = GRIDS[env]
         updates = args.updates * 500 // rollout  # the same environment steps per run for either protocol
-        common = [f"experiment={preset}", f"task.total_steps={updates * rollout}", "seed=0", "task.truncation=bootstrap"]
+        common = [
+            f"experiment={preset}",
+            f"task.total_steps={updates * rollout}",
+            "seed=0",
+            "task.truncation=bootstrap",
+        ]
         if args.smoke:
-            common += ["envelope@envelopes.value=identity", "envelopes.policy.quantile=0.1",
-                       "envelopes.policy.width=0.1"]
+            common += [
+                "envelope@envelopes.value=identity",
+                "envelopes.policy.quantile=0.1",
+                "envelopes.policy.width=0.1",
+            ]
         with tempfile.TemporaryDirectory() as tmp:
             wall, rates = sweep(common + ["hydra/launcher=batched", "task.backend=envpool"], Path(tmp) / "batched")
             group = len(rates)
             batched = statistics.median(rates)  # every run of the group logs the group's rate
             single_wall, single_rates = sweep(
-                common + ["envelope@envelopes.policy=identity", "envelope@envelopes.value=identity",
-                          f"seed=range({args.single})" if not args.smoke else "seed=0,1"], Path(tmp) / "single")
+                common
+                + [
+                    "envelope@envelopes.policy=identity",
+                    "envelope@envelopes.value=identity",
+                    f"seed=range({args.single})" if not args.smoke else "seed=0,1",
+                ],
+                Path(tmp) / "single",
+            )
             single = statistics.median(single_rates)
         grid_steps = runs * steps
-        print(f"{env}: slice of {group} runs x {updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps")
-        print(f"  batched (one process, EnvPool): {batched:,.0f} env steps/s (command {wall:.0f} s); "
-              f"whole grid {grid_steps / batched / 3600:.2f} h")
-        print(f"  one agent per job (gymnasium):  {single:,.0f} env steps/s per job; "
-              f"whole grid {grid_steps / single / 3600:.2f} h one job at a time")
+        print(
+            f"{env}: slice of {group} runs x {updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps"
+        )
+        print(
+            f"  batched (one process, EnvPool): {batched:,.0f} env steps/s (command {wall:.0f} s); "
+            f"whole grid {grid_steps / batched / 3600:.2f} h"
+        )
+        print(
+            f"  one agent per job (gymnasium):  {single:,.0f} env steps/s per job; "
+            f"whole grid {grid_steps / single / 3600:.2f} h one job at a time"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,18 @@ def main() -> None:
     for task in ("acrobot", "lunarlander"):
         for num_envs in (1, 8):
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose("config", overrides=[f"task={task}", f"task.num_envs={num_envs}", f"task.total_steps={args.steps}",
-                                                   "tensorboard=false", "progress=false", "device=cpu", *extra])
+                cfg = compose(
+                    "config",
+                    overrides=[
+                        f"task={task}",
+                        f"task.num_envs={num_envs}",
+                        f"task.total_steps={args.steps}",
+                        "tensorboard=false",
+                        "progress=false",
+                        "device=cpu",
+                        *extra,
+                    ],
+                )
             with tempfile.TemporaryDirectory() as tmp:
                 run_job(cfg, Path(tmp), None, [], reraise=True)
                 rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]

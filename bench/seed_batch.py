@@ -71,8 +71,10 @@ def main() -> None:
                 values.append(abs(together["final"][key] - single["final"][key]) / abs(single["final"][key]))
         import torch
 
-        print(f"{' '.join(base[:1] + base[3:])}, {args.seeds} seeds, torch threads {torch.get_num_threads()}, "
-              f"{os.cpu_count()} cores")
+        print(
+            f"{' '.join(base[:1] + base[3:])}, {args.seeds} seeds, torch threads {torch.get_num_threads()}, "
+            f"{os.cpu_count()} cores"
+        )
         print(f"sequential: {sequential:.1f} s ({sequential / args.seeds:.2f} s per seed)")
         print(f"batched:    {batched:.1f} s ({batched / args.seeds:.2f} s per seed)")
         print(f"speed-up:   {sequential / batched:.2f}x")
@@ -80,8 +82,10 @@ def main() -> None:
         # (California's validation MSE has outliers) shows them most.
         for key, values in ((metric, objective), (train_key, train)):
             values.sort()
-            print(f"per-seed relative difference in the final {key}: median {values[len(values) // 2]:.1e}, "
-                  f"largest {values[-1]:.1e}")
+            print(
+                f"per-seed relative difference in the final {key}: median {values[len(values) // 2]:.1e}, "
+                f"largest {values[-1]:.1e}"
+            )
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

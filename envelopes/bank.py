@@ -27,7 +27,8 @@ memory).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -80,8 +81,14 @@ class EnvelopeBank(nn.Module):
         self.register_buffer("width_applies", column([c in WITH_WIDTH for c in codes], torch.bool))
         # Static values in double, cast to the losses' dtype when used, as a Python number would be.
         double = torch.float64
-        self.register_buffer("static_threshold", column([e.threshold_value if e.threshold_value is not None else 0.0 for e in envelopes], double))
-        self.register_buffer("static_span", column([e.inverse_slope_value if e.inverse_slope_value is not None else 1.0 for e in envelopes], double))
+        self.register_buffer(
+            "static_threshold",
+            column([e.threshold_value if e.threshold_value is not None else 0.0 for e in envelopes], double),
+        )
+        self.register_buffer(
+            "static_span",
+            column([e.inverse_slope_value if e.inverse_slope_value is not None else 1.0 for e in envelopes], double),
+        )
         self.register_buffer("gamma", column([e.gamma if e.gamma is not None else 2.0 for e in envelopes], double))
         self.register_buffer("adaptive_threshold", column(self.has_quantile, torch.bool))
         self.register_buffer("adaptive_span", column(self.has_width, torch.bool))
@@ -116,8 +123,11 @@ class EnvelopeBank(nn.Module):
                 hi.append(row_hi)
                 frac.append(row_frac)
             device = like.device
-            self._positions[key] = (torch.tensor(lo, device=device), torch.tensor(hi, device=device),
-                                    torch.tensor(frac, dtype=like.dtype, device=device))
+            self._positions[key] = (
+                torch.tensor(lo, device=device),
+                torch.tensor(hi, device=device),
+                torch.tensor(frac, dtype=like.dtype, device=device),
+            )
         return self._positions[key]
 
     def _values(self, flat: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,8 +154,10 @@ class EnvelopeBank(nn.Module):
         """The detached weights (G, ...) of losses (G, ...), updating each group's adaptive state."""
         loss = loss.detach()
         if loss.dim() == 0 or loss.shape[0] != self.groups:
-            raise ValueError(f"an EnvelopeBank of {self.groups} envelopes needs losses of shape ({self.groups}, ...), "
-                             f"got {tuple(loss.shape)}")
+            raise ValueError(
+                f"an EnvelopeBank of {self.groups} envelopes needs losses of shape ({self.groups}, ...), "
+                f"got {tuple(loss.shape)}"
+            )
         flat = loss.reshape(self.groups, -1)
         threshold, span = self._values(flat)
         self.threshold, self.inverse_slope = threshold, span
@@ -176,7 +188,9 @@ class EnvelopeBank(nn.Module):
         nan = torch.full_like(self.threshold, math.nan)
         return {
             "mean_weight": weight.mean(-1),
-            "fraction_attenuated": torch.mean(weight <= self.cutoff.to(weight.dtype)[:, None], dim=-1, dtype=weight.dtype),
+            "fraction_attenuated": torch.mean(
+                weight <= self.cutoff.to(weight.dtype)[:, None], dim=-1, dtype=weight.dtype
+            ),
             "threshold": torch.where(self.threshold_applies, self.threshold, nan),
             "inverse_slope": torch.where(self.width_applies, self.inverse_slope, nan),
         }
@@ -184,5 +198,8 @@ class EnvelopeBank(nn.Module):
     def applies(self, group: int) -> tuple[str, ...]:
         """The statistics that mean something for ``group``'s shape (an Envelope's statistics keys)."""
         code = SHAPE_CODES[self.shape_names[group]]
-        return ("mean_weight", "fraction_attenuated") + (("threshold",) if code in WITH_THRESHOLD else ()) + (
-            ("inverse_slope",) if code in WITH_WIDTH else ())
+        return (
+            ("mean_weight", "fraction_attenuated")
+            + (("threshold",) if code in WITH_THRESHOLD else ())
+            + (("inverse_slope",) if code in WITH_WIDTH else ())
+        )

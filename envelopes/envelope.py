@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from .functional import (
     ATTENUATION_CUTOFF,
     SHAPES_WITH_WIDTH,
+    SelectionPlan,
     bias_corrected_ema_,
     check_finite,
     check_positive,
@@ -19,7 +21,6 @@ from .functional import (
     envelope_weight,
     interpolate,
     plan_tensors,
-    SelectionPlan,
     quantile_levels,
     select_order_statistics,
     selection_plan,
@@ -101,8 +102,14 @@ class Envelope(nn.Module):
         super().__init__()
         self.shape = check_shape(shape)
         # Every value given is range-checked, also one this shape ignores (and then drops).
-        check_ranges(threshold=threshold, quantile=quantile, inverse_slope=inverse_slope, width=width, gamma=gamma,
-                     fraction=fraction)
+        check_ranges(
+            threshold=threshold,
+            quantile=quantile,
+            inverse_slope=inverse_slope,
+            width=width,
+            gamma=gamma,
+            fraction=fraction,
+        )
         if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
             raise ValueError(f"groups must be a positive integer or None, got {groups!r}")
         self.groups = groups
@@ -113,7 +120,9 @@ class Envelope(nn.Module):
         self.fraction = None
         if shape == "hard_mining":
             if fraction is None:
-                raise ValueError("shape 'hard_mining' needs fraction (the share of each batch kept, in (0, 1]), got fraction=None")
+                raise ValueError(
+                    "shape 'hard_mining' needs fraction (the share of each batch kept, in (0, 1]), got fraction=None"
+                )
             self.fraction = check_positive(fraction, "fraction")
             if self.fraction > 1.0:
                 raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
@@ -140,7 +149,9 @@ class Envelope(nn.Module):
                 f"got inverse_slope={inverse_slope!r}, width={width!r}"
             )
         # Parameters a shape ignores are dropped, so equal envelopes compare equal.
-        self.threshold_value = check_finite(threshold, "threshold") if uses_threshold and threshold is not None else None
+        self.threshold_value = (
+            check_finite(threshold, "threshold") if uses_threshold and threshold is not None else None
+        )
         self.quantile = check_probability(quantile, "quantile") if uses_threshold and quantile is not None else None
         self.inverse_slope_value = (
             check_positive(inverse_slope, "inverse_slope") if uses_width and inverse_slope is not None else None
@@ -156,7 +167,9 @@ class Envelope(nn.Module):
         self.smoothed = self.adaptive and self.step_size < 1.0
         if self.smoothed:
             n_estimates = int(self.quantile is not None) + int(self.width is not None)
-            self.register_buffer("estimate", torch.zeros(n_estimates) if groups is None else torch.zeros(groups, n_estimates))
+            self.register_buffer(
+                "estimate", torch.zeros(n_estimates) if groups is None else torch.zeros(groups, n_estimates)
+            )
             self.register_buffer("trace", torch.zeros(()))
 
         self.weight: Tensor | None = None
@@ -164,11 +177,11 @@ class Envelope(nn.Module):
         self.inverse_slope: Tensor | float | None = self.inverse_slope_value
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "Envelope":
+    def from_config(cls, config: Mapping[str, Any]) -> Envelope:
         """Build from a mapping with the constructor's keyword arguments."""
         return cls(**dict(config))
 
-    def grouped(self, groups: int) -> "Envelope":
+    def grouped(self, groups: int) -> Envelope:
         """A fresh envelope with these parameters for ``groups`` independent groups, on this one's device."""
         fresh = Envelope(**self.config(), groups=groups)
         return fresh.to(self.estimate.device) if self.smoothed else fresh
@@ -237,8 +250,10 @@ class Envelope(nn.Module):
             return torch.ones_like(loss)
         threshold, inverse_slope = self.threshold_value, self.inverse_slope_value
         if self.groups is not None and (loss.dim() == 0 or loss.shape[0] != self.groups):
-            raise ValueError(f"an envelope with groups={self.groups} needs losses of shape ({self.groups}, ...), "
-                             f"got {tuple(loss.shape)}")
+            raise ValueError(
+                f"an envelope with groups={self.groups} needs losses of shape ({self.groups}, ...), "
+                f"got {tuple(loss.shape)}"
+            )
         if self.adaptive:
             values = self._adaptive_parameters(loss).unbind(-1)
             if self.quantile is not None:
@@ -251,8 +266,13 @@ class Envelope(nn.Module):
             per_group = (self.groups,) + (1,) * (loss.dim() - 1)
             threshold = threshold.reshape(per_group) if isinstance(threshold, Tensor) else threshold
             inverse_slope = inverse_slope.reshape(per_group) if isinstance(inverse_slope, Tensor) else inverse_slope
-        self.weight = envelope_weight(loss, self.shape, threshold, 1.0 if inverse_slope is None else inverse_slope,
-                                      2.0 if self.gamma is None else self.gamma)
+        self.weight = envelope_weight(
+            loss,
+            self.shape,
+            threshold,
+            1.0 if inverse_slope is None else inverse_slope,
+            2.0 if self.gamma is None else self.gamma,
+        )
         return self.weight
 
     def forward(self, loss: Tensor) -> Tensor:

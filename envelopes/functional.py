@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -205,6 +206,7 @@ def interpolate(selected: Tensor, plan: SelectionPlan, index: tuple[Tensor, Tens
 
 def plan_tensors(plan: SelectionPlan, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(lower, upper, fraction)`` of a plan as tensors on ``like``'s device, fraction in its dtype."""
+
     def index(values):
         return torch.tensor(values, dtype=torch.long, device=like.device)
 

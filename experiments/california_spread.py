@@ -27,15 +27,17 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analysis.load import load_jobs  # noqa: E402
-from analysis.report import PAPER_RESULTS, _same_envelopes  # noqa: E402
+from analysis.load import load_jobs
+from analysis.report import PAPER_RESULTS, _same_envelopes
 
 SPIKE = 1.5  # a final value this many times the run's best epoch counts as a spike
 
 
 def summary(values: np.ndarray) -> str:
-    return (f"{values.mean():.4f} ± {values.std(ddof=1):.4f}, median {np.median(values):.4f}, "
-            f"IQM {stats.trim_mean(values, 0.25):.4f} (n={len(values)})")
+    return (
+        f"{values.mean():.4f} ± {values.std(ddof=1):.4f}, median {np.median(values):.4f}, "
+        f"IQM {stats.trim_mean(values, 0.25):.4f} (n={len(values)})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ratio = done["final_val_mse"] / done["best_val_mse"]
     spiked = ratio > SPIKE
-    print(f"{len(done)} runs; final validation MSE above {SPIKE}x the run's best epoch in {spiked.sum()} "
-          f"({spiked.mean():.1%}); final/best quantiles: "
-          + ", ".join(f"{q:.0%} {v:.3f}" for q, v in ratio.quantile([0.5, 0.75, 0.9, 0.99]).items()))
+    print(
+        f"{len(done)} runs; final validation MSE above {SPIKE}x the run's best epoch in {spiked.sum()} "
+        f"({spiked.mean():.1%}); final/best quantiles: "
+        + ", ".join(f"{q:.0%} {v:.3f}" for q, v in ratio.quantile([0.5, 0.75, 0.9, 0.99]).items())
+    )
     per_config = done.groupby("config_id")["final_val_mse_target_units"].std()
     calm = done[~spiked].groupby("config_id")["final_val_mse_target_units"].std()
-    print(f"std over seeds per configuration ($100k^2): median {per_config.median():.4f} with every run, "
-          f"{calm.median():.4f} without the spiked runs")
+    print(
+        f"std over seeds per configuration ($100k^2): median {per_config.median():.4f} with every run, "
+        f"{calm.median():.4f} without the spiked runs"
+    )
 
     paper = pd.read_csv(PAPER_RESULTS, dtype={"table": str})
     print("\nTable 3 rows (final epoch, $100k^2): paper | ours: mean ± std, median, IQM | spiked seeds")
@@ -68,23 +74,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{json.dumps(wanted)}: not in this sweep")
             continue
         values = rows["final_val_mse_target_units"].to_numpy(float)
-        print(f"{rows['envelopes'].iloc[0]}: {ref['mean']:.4f} ± {ref['std']:.4f} | {summary(values)} | "
-              f"{int(spiked[rows.index].sum())} of {len(rows)}")
+        print(
+            f"{rows['envelopes'].iloc[0]}: {ref['mean']:.4f} ± {ref['std']:.4f} | {summary(values)} | "
+            f"{int(spiked[rows.index].sum())} of {len(rows)}"
+        )
 
     if args.data_root is not None:
         from tasks.regression import FEATURES, load_california_housing, split_and_standardise
 
         features, target = load_california_housing(args.data_root / "california_housing")
         task = json.loads(done["task_json"].iloc[0])
-        print("\nseed: largest |z| in validation (feature) | in training | runs of the seed (every configuration) "
-              "that spiked at the end")
+        print(
+            "\nseed: largest |z| in validation (feature) | in training | runs of the seed (every configuration) "
+            "that spiked at the end"
+        )
         by_seed = spiked.groupby(done["seed"])
         for seed in sorted(done["seed"].unique()):
             splits, _ = split_and_standardise(features, target, task["val_fraction"], task["test_fraction"], int(seed))
             val, train = splits["val"][0].abs(), splits["train"][0].abs()
             column = int(val.max(0).values.argmax())
-            print(f"{seed}: {val.max():.0f} ({FEATURES[column]}) | {train.max():.0f} | "
-                  f"{by_seed.sum()[seed]} of {by_seed.size()[seed]}")
+            print(
+                f"{seed}: {val.max():.0f} ({FEATURES[column]}) | {train.max():.0f} | "
+                f"{by_seed.sum()[seed]} of {by_seed.size()[seed]}"
+            )
 
     if args.out is not None:
         import matplotlib
@@ -97,11 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         for job in identity.itertuples():
             rows = [json.loads(line) for line in (Path(job.job_dir) / "metrics.jsonl").read_text().splitlines() if line]
             epochs = [r["epoch"] for r in rows]
-            ax.plot(epochs, [r["val_mse_target_units"] for r in rows], lw=0.9,
-                    label=f"seed {job.seed}" + (" (spiked at the end)" if spiked[job.Index] else ""))
+            ax.plot(
+                epochs,
+                [r["val_mse_target_units"] for r in rows],
+                lw=0.9,
+                label=f"seed {job.seed}" + (" (spiked at the end)" if spiked[job.Index] else ""),
+            )
         ax.axhline(0.312, color="black", ls="--", lw=0.8, label="paper, identity: 0.312")
-        ax.set(xlabel="epoch", ylabel="validation MSE ($100k²)", ylim=(0.25, 0.8),
-               title="California Housing, identity: validation MSE per epoch and seed")
+        ax.set(
+            xlabel="epoch",
+            ylabel="validation MSE ($100k²)",
+            ylim=(0.25, 0.8),
+            title="California Housing, identity: validation MSE per epoch and seed",
+        )
         ax.legend(fontsize=7, ncol=2)
         args.out.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,15 +77,24 @@ class ControllerSettings:
 
 def check_settings(settings: ControllerSettings) -> None:
     """Raise ``ValueError("key ...")`` for a value out of range."""
+
     def need(ok: bool, key: str, allowed: str, value: Any) -> None:
         if not ok:
             raise ValueError(f"{key} {allowed}, got {value!r}")
 
     need(settings.mode in MODES, "mode", f"must be one of {list(MODES)}", settings.mode)
-    need(0 <= settings.min_weight <= settings.max_weight, "min_weight", "must satisfy 0 <= min_weight <= max_weight",
-         (settings.min_weight, settings.max_weight))
-    need(settings.min_weight <= settings.init_weight <= settings.max_weight, "init_weight",
-         "must lie in [min_weight, max_weight]", settings.init_weight)
+    need(
+        0 <= settings.min_weight <= settings.max_weight,
+        "min_weight",
+        "must satisfy 0 <= min_weight <= max_weight",
+        (settings.min_weight, settings.max_weight),
+    )
+    need(
+        settings.min_weight <= settings.init_weight <= settings.max_weight,
+        "init_weight",
+        "must lie in [min_weight, max_weight]",
+        settings.init_weight,
+    )
     for key in ("max_change", "adjust_step", "target_step", "range_radius", "lr"):
         need(getattr(settings, key) > 0, key, "must be > 0", getattr(settings, key))
     for key in ("interval", "hidden", "buffer_size", "batch_size", "target_sync"):
@@ -92,8 +102,12 @@ def check_settings(settings: ControllerSettings) -> None:
     need(settings.fallback_steps >= 0, "fallback_steps", "must be >= 0", settings.fallback_steps)
     need(settings.divergence_factor > 1, "divergence_factor", "must be > 1", settings.divergence_factor)
     need(0 <= settings.gamma < 1, "gamma", "must lie in [0, 1)", settings.gamma)
-    need(0 <= settings.epsilon_end <= settings.epsilon_start <= 1, "epsilon_start",
-         "must satisfy 0 <= epsilon_end <= epsilon_start <= 1", (settings.epsilon_start, settings.epsilon_end))
+    need(
+        0 <= settings.epsilon_end <= settings.epsilon_start <= 1,
+        "epsilon_start",
+        "must satisfy 0 <= epsilon_end <= epsilon_start <= 1",
+        (settings.epsilon_start, settings.epsilon_end),
+    )
     need(0 < settings.epsilon_decay <= 1, "epsilon_decay", "must lie in (0, 1]", settings.epsilon_decay)
 
 
@@ -164,8 +178,13 @@ class LossExecutor:
         value = combined.detach()
         diverged = ~torch.isfinite(value) | (value.abs() > self.settings.divergence_factor * self.level.clamp_min(1e-8))
         use_base = diverged | (self.fallback_left > 0)
-        self.fallback_left.copy_(torch.where(diverged, torch.full_like(self.fallback_left, self.settings.fallback_steps),
-                                             (self.fallback_left - 1).clamp_min(0)))
+        self.fallback_left.copy_(
+            torch.where(
+                diverged,
+                torch.full_like(self.fallback_left, self.settings.fallback_steps),
+                (self.fallback_left - 1).clamp_min(0),
+            )
+        )
         self.fallbacks += use_base.float()
         return torch.where(use_base, base, combined)
 
@@ -192,14 +211,22 @@ class LossMonitor:
         self.generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.q = nn.Sequential(nn.Linear(self.state_dim, settings.hidden), nn.ReLU(),
-                                   nn.Linear(settings.hidden, settings.hidden), nn.ReLU(),
-                                   nn.Linear(settings.hidden, self.n_actions))
+            self.q = nn.Sequential(
+                nn.Linear(self.state_dim, settings.hidden),
+                nn.ReLU(),
+                nn.Linear(settings.hidden, settings.hidden),
+                nn.ReLU(),
+                nn.Linear(settings.hidden, self.n_actions),
+            )
         self.target = copy.deepcopy(self.q)
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=settings.lr)
         size = settings.buffer_size
-        self.buffer = {"state": torch.zeros(size, self.state_dim), "action": torch.zeros(size, dtype=torch.long),
-                       "reward": torch.zeros(size), "next_state": torch.zeros(size, self.state_dim)}
+        self.buffer = {
+            "state": torch.zeros(size, self.state_dim),
+            "action": torch.zeros(size, dtype=torch.long),
+            "reward": torch.zeros(size),
+            "next_state": torch.zeros(size, self.state_dim),
+        }
         self.stored = 0
         self.updates = 0
         self.epsilon = settings.epsilon_start
@@ -254,9 +281,16 @@ class LossMonitor:
         return self.last_td_loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"q": self.q.state_dict(), "target": self.target.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "buffer": self.buffer, "stored": self.stored, "updates": self.updates, "epsilon": self.epsilon,
-                "generator": self.generator.get_state()}
+        return {
+            "q": self.q.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer,
+            "stored": self.stored,
+            "updates": self.updates,
+            "epsilon": self.epsilon,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.q.load_state_dict(state["q"])
@@ -297,8 +331,9 @@ class MetaController:
         count = self.counts[name][direction]
         return self.totals[name][direction] / count if count else None
 
-    def decide(self, epoch: int, before: dict[str, float], after: dict[str, float],
-               improvement: float) -> list[Decision]:
+    def decide(
+        self, epoch: int, before: dict[str, float], after: dict[str, float], improvement: float
+    ) -> list[Decision]:
         """Record the epoch's outcome (``improvement``: relative validation improvement); return each
         weight's target and range for the next epoch."""
         out = []
@@ -319,8 +354,17 @@ class MetaController:
             low_bound, high_bound = self.settings.min_weight, self.settings.max_weight
             target = min(max(after[name] + chosen * self.settings.target_step, low_bound), high_bound)
             radius = self.settings.range_radius / (1 + self.streak[name])
-            decision = Decision(epoch, name, moved, improvement, chosen, target, max(low_bound, target - radius),
-                                min(high_bound, target + radius), {d: self.score(name, d) for d in DIRECTIONS})
+            decision = Decision(
+                epoch,
+                name,
+                moved,
+                improvement,
+                chosen,
+                target,
+                max(low_bound, target - radius),
+                min(high_bound, target + radius),
+                {d: self.score(name, d) for d in DIRECTIONS},
+            )
             self.decisions.append(decision)
             out.append(decision)
         return out
@@ -334,8 +378,17 @@ class LossController:
     :meth:`epoch_end` (the meta controller).
     """
 
-    def __init__(self, names: Sequence[str], settings: ControllerSettings, device: torch.device, seed: int,
-                 probe: Callable[[], float], parameters: Sequence[Tensor], total_steps: int, writer=None):
+    def __init__(
+        self,
+        names: Sequence[str],
+        settings: ControllerSettings,
+        device: torch.device,
+        seed: int,
+        probe: Callable[[], float],
+        parameters: Sequence[Tensor],
+        total_steps: int,
+        writer=None,
+    ):
         check_settings(settings)
         self.names = list(names)
         self.settings = settings
@@ -376,7 +429,9 @@ class LossController:
 
     def _state(self, probe_change: float) -> Tensor:
         norms = torch.stack([p.grad.norm() for p in self.parameters if p.grad is not None])
-        values = torch.cat([self.recent.float(), torch.linalg.vector_norm(norms).float().reshape(1)]).cpu()  # one transfer
+        values = torch.cat(
+            [self.recent.float(), torch.linalg.vector_norm(norms).float().reshape(1)]
+        ).cpu()  # one transfer
         losses, grad_norm = values[:-1], float(values[-1])
         mean = losses.mean()
         steps = torch.arange(len(losses), dtype=torch.float32)
@@ -384,8 +439,13 @@ class LossController:
         slope = float((centred * (losses - mean)).sum() / centred.square().sum()) / max(abs(float(mean)), 1e-8)
         low, high = self.settings.min_weight, self.settings.max_weight
         span = max(high - low, 1e-8)
-        features = [slope * len(losses), math.log(float(losses.var()) + 1e-12), math.log(grad_norm + 1e-12),
-                    probe_change, self.step / self.total_steps]
+        features = [
+            slope * len(losses),
+            math.log(float(losses.var()) + 1e-12),
+            math.log(grad_norm + 1e-12),
+            probe_change,
+            self.step / self.total_steps,
+        ]
         features += [(self.weights[name] - low) / span for name in self.names]
         state = torch.tensor(features, dtype=torch.float32)
         return torch.nan_to_num(state, nan=0.0, posinf=10.0, neginf=-10.0).clamp(-10.0, 10.0)
@@ -433,7 +493,11 @@ class LossController:
                 metrics["monitor/td_loss"] = self.monitor.last_td_loss
         if self.meta is not None:
             # the change since the last decision (before its own adjustment) preceded this epoch's improvement
-            improvement = math.nan if self.previous_val is None else (self.previous_val - val) / max(abs(self.previous_val), 1e-12)
+            improvement = (
+                math.nan
+                if self.previous_val is None
+                else (self.previous_val - val) / max(abs(self.previous_val), 1e-12)
+            )
             before, self.epoch_weights = self.epoch_weights, dict(self.weights)
             for decision in self.meta.decide(epoch, before, self.weights, improvement):
                 name = decision.weight
@@ -451,11 +515,18 @@ class LossController:
 
     def save(self, path: Path) -> None:
         """The controller's state, saved with the run: weights, ranges, the DQN, the meta controller's history."""
-        state: dict[str, Any] = {"mode": self.mode, "weights": self.weights, "ranges": self.executor.ranges,
-                                 "step": self.step}
+        state: dict[str, Any] = {
+            "mode": self.mode,
+            "weights": self.weights,
+            "ranges": self.executor.ranges,
+            "step": self.step,
+        }
         if self.monitor is not None:
             state["monitor"] = self.monitor.state_dict()
         if self.meta is not None:
-            state["meta"] = {"totals": self.meta.totals, "counts": self.meta.counts,
-                             "decisions": [vars(d) for d in self.meta.decisions]}
+            state["meta"] = {
+                "totals": self.meta.totals,
+                "counts": self.meta.counts,
+                "decisions": [vars(d) for d in self.meta.decisions],
+            }
         torch.save(state, path)

@@ -50,8 +50,16 @@ class ValueWeightedRefinement(nn.Module):
         track_history: keep the per-tensor mean weight of every dual step.
     """
 
-    def __init__(self, model: nn.Module, per_element: bool = False, normalise: bool = True, l1: float = 0.0,
-                 clip: float | None = None, lr: float = 0.01, track_history: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        per_element: bool = False,
+        normalise: bool = True,
+        l1: float = 0.0,
+        clip: float | None = None,
+        lr: float = 0.01,
+        track_history: bool = False,
+    ):
         super().__init__()
         check_settings(l1, clip, lr)
         self.names, self.targets = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])

@@ -118,11 +118,15 @@ def check_sweep(config: DictConfig, data: bool = True) -> tuple[int, int, int]:
                 loader.load_sweep_config(config, overrides)  # raises Hydra's own message for the bad value
                 raise ConfigError(f"seed must be an integer, got {given!r}") from None
             # a seed-batched job trains seeds first .. first + seed_batch - 1, each its own run
-            run_ids.update(config_id({**effective, "seed": seed}, with_seed=True) for seed in range(first, first + seed_batch))
+            run_ids.update(
+                config_id({**effective, "seed": seed}, with_seed=True) for seed in range(first, first + seed_batch)
+            )
             runs += seed_batch
     if errors or data_errors:
         shown = "\n".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
-        shown += "".join(f"\n  data of {n} job{'s' if n > 1 else ''}:\n    {message}" for message, n in data_errors.items())
+        shown += "".join(
+            f"\n  data of {n} job{'s' if n > 1 else ''}:\n    {message}" for message, n in data_errors.items()
+        )
         what = "an invalid config" + (" or unusable data" if data_errors else "")
         raise ConfigError(f"{invalid} of {len(jobs)} jobs have {what}; nothing was run:\n{shown.lstrip(chr(10))}")
     return len(jobs), runs, len(run_ids)
@@ -161,8 +165,10 @@ def writable_dir(path: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        fail(f"Error: cannot write the output directory {path}: {error.strerror or error} "
-             f"(set hydra.run.dir or hydra.sweep.dir to a writable place)")
+        fail(
+            f"Error: cannot write the output directory {path}: {error.strerror or error} "
+            f"(set hydra.run.dir or hydra.sweep.dir to a writable place)"
+        )
 
 
 class SweepCallback(Callback):
@@ -202,7 +208,9 @@ class SweepCallback(Callback):
             cause = f"\n{error.__cause__}" if error.__cause__ is not None else ""
             fail(f"Error: {error}{cause}")
         _checked_sweeps.add(str(config.hydra.sweep.dir))
-        message = f"Sweep: {jobs} jobs" + (f" ({runs} runs: seeds batched)" if runs != jobs else "") + ", all configs valid"
+        message = (
+            f"Sweep: {jobs} jobs" + (f" ({runs} runs: seeds batched)" if runs != jobs else "") + ", all configs valid"
+        )
         if distinct < runs and config.get("deduplicate", True):
             message += f"; {runs - distinct} runs repeat an effective config already in the sweep and will be skipped"
         log.info(message)

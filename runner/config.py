@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -35,13 +35,13 @@ class EnvelopeConfig:
     Adaptive: ``quantile``/``width`` (quantile levels of the batch losses)."""
 
     shape: str = "identity"
-    threshold: Optional[float] = None
-    quantile: Optional[float] = None
-    inverse_slope: Optional[float] = None
-    width: Optional[float] = None
+    threshold: float | None = None
+    quantile: float | None = None
+    inverse_slope: float | None = None
+    width: float | None = None
     step_size: float = 1.0
-    gamma: Optional[float] = None
-    fraction: Optional[float] = None
+    gamma: float | None = None
+    fraction: float | None = None
     full_gradient: bool = False
 
 
@@ -53,7 +53,7 @@ class VWPRConfig:
     per_element: bool = False
     normalise: bool = True
     l1: float = 0.0
-    clip: Optional[float] = None
+    clip: float | None = None
     lr: float = 0.01
 
 
@@ -61,24 +61,24 @@ class VWPRConfig:
 class ControllerConfig(ControllerSettings):
     """The adaptive loss-weighting controller (methods/loss_controller.py); off while ``mode`` is null."""
 
-    mode: Optional[str] = None
+    mode: str | None = None
 
 
 @dataclass
 class Config:
     task: Any = MISSING
-    envelopes: Dict[str, EnvelopeConfig] = field(default_factory=dict)
+    envelopes: dict[str, EnvelopeConfig] = field(default_factory=dict)
     vwpr: VWPRConfig = field(default_factory=VWPRConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     seed: int = 0
     seed_batch: int = 1
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: int | None = None
     data_root: str = "data"
     tensorboard: bool = True
-    progress: Optional[bool] = None
+    progress: bool | None = None
     deduplicate: bool = True
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     flush_denormal: bool = True
 
 
@@ -132,21 +132,29 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
     if cfg.seed_batch < 1:
-        raise ConfigError(f"seed_batch must be a positive integer (seeds trained together in one job), got {cfg.seed_batch!r}")
+        raise ConfigError(
+            f"seed_batch must be a positive integer (seeds trained together in one job), got {cfg.seed_batch!r}"
+        )
     if cfg.seed_batch > 1:
         if not getattr(task_module(cfg.task.name), "SEED_BATCH", False):
             batching = [name for name in TASKS if getattr(task_module(name), "SEED_BATCH", False)]
-            raise ConfigError(f"seed_batch: task {cfg.task.name!r} trains one seed per job (seed_batch=1); "
-                              f"seed_batch > 1 is supported by the tasks {batching}, got seed_batch={cfg.seed_batch}")
+            raise ConfigError(
+                f"seed_batch: task {cfg.task.name!r} trains one seed per job (seed_batch=1); "
+                f"seed_batch > 1 is supported by the tasks {batching}, got seed_batch={cfg.seed_batch}"
+            )
         if cfg.vwpr.enabled:
-            raise ConfigError(f"seed_batch: VWPR (vwpr.enabled=true) trains one seed per job; use seed_batch=1, "
-                              f"got seed_batch={cfg.seed_batch}")
+            raise ConfigError(
+                f"seed_batch: VWPR (vwpr.enabled=true) trains one seed per job; use seed_batch=1, "
+                f"got seed_batch={cfg.seed_batch}"
+            )
     if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("device: cuda was asked for but torch sees no CUDA device on this machine; "
-                              "allowed here: auto (picks CUDA when present) or cpu, got 'cuda'")
+            raise ConfigError(
+                "device: cuda was asked for but torch sees no CUDA device on this machine; "
+                "allowed here: auto (picks CUDA when present) or cpu, got 'cuda'"
+            )
     # every setting given is range-checked, also while its method is off
     try:
         check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr)
@@ -160,14 +168,20 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
         module = task_module(cfg.task.name)
         if not hasattr(module, "AUX_LOSSES"):
             supported = [name for name in TASKS if hasattr(task_module(name), "AUX_LOSSES")]
-            raise ConfigError(f"controller.mode: task {cfg.task.name!r} has no auxiliary losses to weight; the "
-                              f"controller runs on the tasks {supported}, got controller.mode={cfg.controller.mode!r}")
+            raise ConfigError(
+                f"controller.mode: task {cfg.task.name!r} has no auxiliary losses to weight; the "
+                f"controller runs on the tasks {supported}, got controller.mode={cfg.controller.mode!r}"
+            )
         if cfg.seed_batch > 1:
-            raise ConfigError(f"seed_batch: the loss controller trains one seed per job; use seed_batch=1, "
-                              f"got seed_batch={cfg.seed_batch}")
+            raise ConfigError(
+                f"seed_batch: the loss controller trains one seed per job; use seed_batch=1, "
+                f"got seed_batch={cfg.seed_batch}"
+            )
         if cfg.task.name == "vae" and cfg.task.kl_annealing_steps:
-            raise ConfigError(f"task.kl_annealing_steps: the loss controller sets the KL weight itself; use 0 with "
-                              f"controller.mode={cfg.controller.mode}, got {cfg.task.kl_annealing_steps}")
+            raise ConfigError(
+                f"task.kl_annealing_steps: the loss controller sets the KL weight itself; use 0 with "
+                f"controller.mode={cfg.controller.mode}, got {cfg.task.kl_annealing_steps}"
+            )
     try:
         task_module(cfg.task.name).validate(cfg.task)
     except ValueError as error:
@@ -176,7 +190,17 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
 
 
 # Keys that change how a run is watched, not what it computes.
-_NOT_EFFECTIVE = {"seed_batch", "cache_dir", "device", "threads", "data_root", "tensorboard", "progress", "deduplicate", "flush_denormal"}
+_NOT_EFFECTIVE = {
+    "seed_batch",
+    "cache_dir",
+    "device",
+    "threads",
+    "data_root",
+    "tensorboard",
+    "progress",
+    "deduplicate",
+    "flush_denormal",
+}
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
 

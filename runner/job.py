@@ -272,16 +272,23 @@ def seed_overrides(overrides: list[str], seed: int) -> list[str]:
     return kept + [f"seed={seed}"]
 
 
-def prepare(cfg: DictConfig, envelopes: dict[str, Envelope], job_dir: Path, overrides: list[str], batched: bool,
-            seed: int) -> SeedRun:
+def prepare(
+    cfg: DictConfig, envelopes: dict[str, Envelope], job_dir: Path, overrides: list[str], batched: bool, seed: int
+) -> SeedRun:
     """A seed's directory and identity; nothing is written yet (see ``write_config``)."""
     seed_cfg = cfg.copy()
     seed_cfg.seed, seed_cfg.seed_batch = seed, 1
     run_dir = job_dir / f"seed_{seed}" if batched else job_dir
     run_overrides = seed_overrides(overrides, seed) if batched else overrides
     effective = effective_config(seed_cfg, envelopes)
-    result = {"overrides": run_overrides, "task": cfg.task.name, "seed": seed, "config_id": config_id(effective),
-              "run_id": config_id(effective, with_seed=True), "effective": effective}
+    result = {
+        "overrides": run_overrides,
+        "task": cfg.task.name,
+        "seed": seed,
+        "config_id": config_id(effective),
+        "run_id": config_id(effective, with_seed=True),
+        "effective": effective,
+    }
     return SeedRun(seed, run_dir, run_overrides, result, seed_cfg, envelopes)
 
 
@@ -315,8 +322,14 @@ class Member:
     write_hydra_files: bool = False
 
 
-def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: list[str], reraise: bool,
-            default_threads: int | None = None) -> float:
+def run_job(
+    cfg: DictConfig,
+    job_dir: Path,
+    sweep_dir: Path | None,
+    overrides: list[str],
+    reraise: bool,
+    default_threads: int | None = None,
+) -> float:
     """Run one job and write its ``result.json``; return the objective (NaN if none).
 
     With ``seed_batch = N > 1`` the job trains seeds ``seed .. seed+N-1`` as
@@ -333,8 +346,9 @@ def run_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path | None, overrides: l
     return run_members([Member(cfg, job_dir, overrides)], sweep_dir, reraise, default_threads)[0]
 
 
-def run_members(members: list[Member], sweep_dir: Path | None, reraise: bool,
-                default_threads: int | None = None) -> list[float]:
+def run_members(
+    members: list[Member], sweep_dir: Path | None, reraise: bool, default_threads: int | None = None
+) -> list[float]:
     """Train the runs of several jobs as one batched model; return each job's objective (NaN if none).
 
     The jobs must differ only in their envelopes and seeds (the batching
@@ -384,10 +398,16 @@ def run_members(members: list[Member], sweep_dir: Path | None, reraise: bool,
     for index, runs in prepared:
         member = members[index]
         if member.cfg.seed_batch > 1:
-            job_result = {"overrides": member.overrides, "task": member.cfg.task.name, "seed": member.cfg.seed,
-                          "status": "batch", "seeds": [run.seed for run in runs],
-                          "trained": [run.seed for run in runs if run in pending],
-                          "runs": [run.dir.name for run in runs], "wall_time_s": time.time() - start}
+            job_result = {
+                "overrides": member.overrides,
+                "task": member.cfg.task.name,
+                "seed": member.cfg.seed,
+                "status": "batch",
+                "seeds": [run.seed for run in runs],
+                "trained": [run.seed for run in runs if run in pending],
+                "runs": [run.dir.name for run in runs],
+                "wall_time_s": time.time() - start,
+            }
             write_json_atomic(member.dir / RESULT_FILE, job_result)
         values = [objective_value(run.result) for run in runs if run.result.get("status") == "completed"]
         finite = [v for v in values if math.isfinite(v)]
@@ -395,8 +415,9 @@ def run_members(members: list[Member], sweep_dir: Path | None, reraise: bool,
     return outcomes
 
 
-def prepare_member(member: Member, sweep_dir: Path | None, pending: list[SeedRun], claimed: list[Path],
-                   start: float) -> list[SeedRun]:
+def prepare_member(
+    member: Member, sweep_dir: Path | None, pending: list[SeedRun], claimed: list[Path], start: float
+) -> list[SeedRun]:
     """A job's runs, each completed before, a duplicate, busy elsewhere, cached, or appended to ``pending``."""
     cfg, job_dir = member.cfg, member.dir
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -442,11 +463,16 @@ def prepare_member(member: Member, sweep_dir: Path | None, pending: list[SeedRun
     return runs
 
 
-def fail_runs(member: Member, runs: list[SeedRun], recorders: list[Recorder], error: Exception, start: float,
-              batched: bool) -> None:
+def fail_runs(
+    member: Member, runs: list[SeedRun], recorders: list[Recorder], error: Exception, start: float, batched: bool
+) -> None:
     """Write a failed result for each of ``runs`` (and the job's own for a failure before any run)."""
-    failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
-               "wall_time_s": time.time() - start}
+    failure = {
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exc(),
+        "wall_time_s": time.time() - start,
+    }
     log.error("job %s failed: %s", member.dir, failure["error"])
     by_dir = {recorder.job_dir: recorder for recorder in recorders}
     for run in runs:
@@ -478,20 +504,33 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
     seed_everything(runs[0].seed)
     for i, run in enumerate(runs):
         # one progress bar per job: the first seed's
-        recorders.append(Recorder(run.dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress if i == 0 else False))
+        recorders.append(
+            Recorder(run.dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress if i == 0 else False)
+        )
     per_run = [{name: envelope.to(device) for name, envelope in run.envelopes.items()} for run in runs]
     same = all(run.envelopes is runs[0].envelopes for run in runs)
-    context = RunContext(device, per_run[0], recorders, [run.seed for run in runs], cfg.vwpr if cfg.vwpr.enabled else None,
-                         None if cfg.controller.mode is None else controller_settings(cfg),
-                         run_envelopes=None if same else per_run)
+    context = RunContext(
+        device,
+        per_run[0],
+        recorders,
+        [run.seed for run in runs],
+        cfg.vwpr if cfg.vwpr.enabled else None,
+        None if cfg.controller.mode is None else controller_settings(cfg),
+        run_envelopes=None if same else per_run,
+    )
     extras = module.run(cfg, context)
     extras = [extras] if isinstance(extras, dict) else extras
     wall_time = time.time() - start
     objective_key = file_key(module.OBJECTIVE[0])
     for run, recorder, extra in zip(runs, recorders, extras):
         if isinstance(extra, Exception):  # this run failed; the batch's others did not
-            run.result.update(status="failed", error=f"{type(extra).__name__}: {extra}", final=recorder.final,
-                              best=recorder.best, wall_time_s=wall_time / len(runs))
+            run.result.update(
+                status="failed",
+                error=f"{type(extra).__name__}: {extra}",
+                final=recorder.final,
+                best=recorder.best,
+                wall_time_s=wall_time / len(runs),
+            )
             write_json_atomic(run.dir / RESULT_FILE, run.result)
             log.error("seed %d failed: %s", run.seed, extra)
             continue

@@ -18,8 +18,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from tqdm import tqdm
 
@@ -87,7 +88,9 @@ class Recorder:
         progress: show a progress bar (None: only when stderr is a terminal).
     """
 
-    def __init__(self, job_dir: str | Path, objective: tuple[str, str], tensorboard: bool = True, progress: bool | None = None):
+    def __init__(
+        self, job_dir: str | Path, objective: tuple[str, str], tensorboard: bool = True, progress: bool | None = None
+    ):
         self.job_dir = Path(job_dir)
         self.job_dir.mkdir(parents=True, exist_ok=True)
         self.objective_tag, self.objective_mode = objective
@@ -115,7 +118,9 @@ class Recorder:
         return self.writer
 
     def progress(self, iterable: Iterable, total: int, unit: str = "epoch") -> tqdm:
-        return tqdm(iterable, total=total, unit=unit, disable=not self.progress_enabled, dynamic_ncols=True, leave=False)
+        return tqdm(
+            iterable, total=total, unit=unit, disable=not self.progress_enabled, dynamic_ncols=True, leave=False
+        )
 
     def log(self, step: int, metrics: Mapping[str, float], step_name: str = "epoch") -> None:
         """Record one row: TensorBoard scalars at ``step`` and one JSON line.
@@ -151,7 +156,9 @@ class Recorder:
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(hparams).items()}
-        metric_tags = {f"hparams/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        metric_tags = {
+            f"hparams/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
+        }
         experiment, start, end = hparams_summary(clean, metric_tags)
         file_writer = self.writer._get_file_writer()
         for summary in (experiment, start, end):

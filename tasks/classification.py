@@ -10,7 +10,6 @@ at the end, and never used for selection.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +33,14 @@ class ClassificationConfig:
     dataset: str = "digits"
     data_dir: str = "${data_root}/mnist"
     download: bool = False
-    subsets: List[str] = field(default_factory=lambda: ["train", "test"])
+    subsets: list[str] = field(default_factory=lambda: ["train", "test"])
     train_size: int = 1200
     val_size: int = 300
     test_size: int = 297
     label_noise: float = 0.0
     model: str = "mlp"
-    hidden: List[int] = field(default_factory=lambda: [256])
-    channels: List[int] = field(default_factory=lambda: [32, 64])
+    hidden: list[int] = field(default_factory=lambda: [256])
+    channels: list[int] = field(default_factory=lambda: [32, 64])
     lr: float = 1e-3
     batch_size: int = 1000
     epochs: int = 20
@@ -73,21 +72,31 @@ def validate(task_cfg) -> None:
     check(task_cfg.dataset in DATASETS, "dataset", f"must be one of {list(DATASETS)}", task_cfg.dataset)
     check(
         len(task_cfg.subsets) > 0 and all(s in SUBSETS for s in task_cfg.subsets),
-        "subsets", f"must be a non-empty list drawn from {list(SUBSETS)}", list(task_cfg.subsets),
+        "subsets",
+        f"must be a non-empty list drawn from {list(SUBSETS)}",
+        list(task_cfg.subsets),
     )
     for key in ("train_size", "val_size", "batch_size", "epochs", "eval_batch_size"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.test_size >= 0, "test_size", "must be >= 0", task_cfg.test_size)
     check(0.0 <= task_cfg.label_noise < 1.0, "label_noise", "must lie in [0, 1)", task_cfg.label_noise)
     check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
-    check(all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden))
+    check(
+        all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden)
+    )
     check(task_cfg.model in MODELS, "model", f"must be one of {list(MODELS)}", task_cfg.model)
-    check(len(task_cfg.channels) > 0 and all(c > 0 for c in task_cfg.channels), "channels",
-          "must be a non-empty list of positive channel counts (one per conv block)", list(task_cfg.channels))
+    check(
+        len(task_cfg.channels) > 0 and all(c > 0 for c in task_cfg.channels),
+        "channels",
+        "must be a non-empty list of positive channel counts (one per conv block)",
+        list(task_cfg.channels),
+    )
 
 
 @torch.no_grad()
-def evaluate(group: ModelGroup, features: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[dict[str, float]]:
+def evaluate(
+    group: ModelGroup, features: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> list[dict[str, float]]:
     """Per seed: mean cross-entropy and accuracy over a split ((S, n, ...) features; one host sync)."""
     seeds, n = labels.shape
     loss_sum = torch.zeros(seeds, device=features.device)
@@ -117,8 +126,10 @@ def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
             x, y = splits["train"]
             splits["train"] = (x, symmetric_label_noise(y, task_cfg.label_noise, pool.num_classes, seed + 1))
         per_seed.append(splits)
-    out: dict = {name: tuple(torch.stack([splits[name][i] for splits in per_seed]).to(device) for i in range(2))
-                 for name in per_seed[0]}
+    out: dict = {
+        name: tuple(torch.stack([splits[name][i] for splits in per_seed]).to(device) for i in range(2))
+        for name in per_seed[0]
+    }
     out["num_classes"] = pool.num_classes
     out["image_shape"] = pool.image_shape
     return out
@@ -126,7 +137,9 @@ def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
 
 def per_sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per sample for logits (..., classes) and targets (...)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").reshape(target.shape)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").reshape(
+        target.shape
+    )
 
 
 def aux_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -159,7 +172,9 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     if task_cfg.model == "cnn":
         side = min(data["image_shape"][1:])
         if side < 2 ** len(task_cfg.channels):
-            raise ValueError(f"task.channels: {len(task_cfg.channels)} conv blocks halve {side}-pixel images to nothing")
+            raise ValueError(
+                f"task.channels: {len(task_cfg.channels)} conv blocks halve {side}-pixel images to nothing"
+            )
         build = lambda: build_cnn(data["image_shape"], list(task_cfg.channels), data["num_classes"])  # noqa: E731
     else:
         build = lambda: build_mlp(train_x.shape[-1], list(task_cfg.hidden), data["num_classes"])  # noqa: E731
@@ -177,15 +192,31 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         controlled = ControlledLoss(cfg, context, aux_losses, AUX_LOSSES, "val/loss", probe, group.parameters(), steps)
 
     def evaluate_val() -> list[dict[str, float]]:
-        return [{"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
-                for val in evaluate(group, *data["val"], task_cfg.eval_batch_size)]
+        return [
+            {"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
+            for val in evaluate(group, *data["val"], task_cfg.eval_batch_size)
+        ]
 
-    failed = fit(group, optimizer, context.envelope("classification"), "classification",
-                 data["train"], per_sample_cross_entropy, evaluate_val, task_cfg.epochs, task_cfg.batch_size, seeds,
-                 context.recorders, None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module), controlled)
+    failed = fit(
+        group,
+        optimizer,
+        context.envelope("classification"),
+        "classification",
+        data["train"],
+        per_sample_cross_entropy,
+        evaluate_val,
+        task_cfg.epochs,
+        task_cfg.batch_size,
+        seeds,
+        context.recorders,
+        None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module),
+        controlled,
+    )
     if task_cfg.test_size == 0:
         tests = [{} for _ in seeds]
     else:
-        tests = [{"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
-                 for test in evaluate(group, *data["test"], task_cfg.eval_batch_size)]
+        tests = [
+            {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+            for test in evaluate(group, *data["test"], task_cfg.eval_batch_size)
+        ]
     return seed_outcomes(tests, failed)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -133,9 +133,15 @@ class EnvelopeMeter:
         """Every group's summary (``groups`` of them), with one host transfer for all."""
         if self.total is None:
             return [{f"{prefix}/{name}": value for name, value in self.constants.items()} for _ in range(groups)]
-        per_group = (self.total / self.steps).T.tolist() if self.total.dim() == 2 else [(self.total / self.steps).tolist()] * groups
-        return [{**{f"{prefix}/{name}": value for name, value in self.constants.items()}, **self._named(prefix, values, g)}
-                for g, values in enumerate(per_group)]
+        per_group = (
+            (self.total / self.steps).T.tolist()
+            if self.total.dim() == 2
+            else [(self.total / self.steps).tolist()] * groups
+        )
+        return [
+            {**{f"{prefix}/{name}": value for name, value in self.constants.items()}, **self._named(prefix, values, g)}
+            for g, values in enumerate(per_group)
+        ]
 
     def _named(self, prefix: str, values: list[float], group: int | None) -> dict[str, float]:
         # a bank's groups differ in shape: only the statistics of this group's shape
@@ -150,8 +156,13 @@ class VWPRMonitor:
         from methods.vwpr import ValueWeightedRefinement
 
         self.vwpr = ValueWeightedRefinement(
-            model, per_element=vwpr_cfg.per_element, normalise=vwpr_cfg.normalise, l1=vwpr_cfg.l1,
-            clip=vwpr_cfg.clip, lr=vwpr_cfg.lr, track_history=True,
+            model,
+            per_element=vwpr_cfg.per_element,
+            normalise=vwpr_cfg.normalise,
+            l1=vwpr_cfg.l1,
+            clip=vwpr_cfg.clip,
+            lr=vwpr_cfg.lr,
+            track_history=True,
         )
         self.per_epoch: list[torch.Tensor] = []
 
@@ -160,8 +171,12 @@ class VWPRMonitor:
         self.per_epoch.append(phi)
         if recorder.writer is not None:
             recorder.writer.add_histogram("vwpr/phi", phi, epoch)
-        return {"vwpr/phi_mean": phi.mean().item(), "vwpr/phi_std": phi.std().item() if phi.numel() > 1 else 0.0,
-                "vwpr/phi_min": phi.min().item(), "vwpr/phi_max": phi.max().item()}
+        return {
+            "vwpr/phi_mean": phi.mean().item(),
+            "vwpr/phi_std": phi.std().item() if phi.numel() > 1 else 0.0,
+            "vwpr/phi_min": phi.min().item(),
+            "vwpr/phi_max": phi.max().item(),
+        }
 
     def save_figure(self, job_dir: Path) -> Path:
         """``figures/phi_distribution.png``: the value weights' distribution at the end of each epoch."""
@@ -203,8 +218,16 @@ class ControlledLoss:
 
         self.aux_losses = aux_losses
         self.metric = metric
-        self.controller = LossController(names, context.controller, context.device, cfg.seed, probe,
-                                         list(parameters), total_steps, context.recorder.writer_for_steps())
+        self.controller = LossController(
+            names,
+            context.controller,
+            context.device,
+            cfg.seed,
+            probe,
+            list(parameters),
+            total_steps,
+            context.recorder.writer_for_steps(),
+        )
         self.job_dir = context.job_dir
 
     def loss(self, base: torch.Tensor, outputs, targets) -> torch.Tensor:

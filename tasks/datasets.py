@@ -58,7 +58,14 @@ IDX_SOURCES = {
     },
 }
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -70,8 +77,10 @@ class DataError(ValueError):
 
 
 def unreadable(path: Path, error: BaseException) -> DataError:
-    return DataError(f"{path}: cannot be read ({type(error).__name__}: {error}); the file is truncated or corrupt: "
-                     f"replace it with an intact copy (task.download=true fetches one, MD5-checked)")
+    return DataError(
+        f"{path}: cannot be read ({type(error).__name__}: {error}); the file is truncated or corrupt: "
+        f"replace it with an intact copy (task.download=true fetches one, MD5-checked)"
+    )
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -146,7 +155,9 @@ def find_idx_file(dataset: str, data_dir: str | Path, stem: str, download: bool 
     )
 
 
-def load_idx_dataset(dataset: str, data_dir: str | Path, subset: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_idx_dataset(
+    dataset: str, data_dir: str | Path, subset: str, download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W) uint8 and labels (N,) int64 of one official subset."""
     images_path, labels_path = (find_idx_file(dataset, data_dir, stem, download) for stem in IDX_FILES[subset])
     images = read_idx(images_path)
@@ -233,7 +244,9 @@ class ArrayDataset:
     image_shape: tuple[int, int, int]
 
 
-def load_classification_pool(dataset: str, data_dir: str | Path, subsets: list[str], download: bool = False) -> ArrayDataset:
+def load_classification_pool(
+    dataset: str, data_dir: str | Path, subsets: list[str], download: bool = False
+) -> ArrayDataset:
     """Concatenate the given official subsets into one pool (in that order)."""
     if dataset == "digits":
         from sklearn.datasets import load_digits
@@ -256,7 +269,9 @@ def task_pool(task_cfg) -> ArrayDataset:
     """The pool an image task's config names (its ``dataset``, ``data_dir``, ``subsets``, ``download``)."""
     from tasks.common import resolve_path
 
-    return load_classification_pool(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
+    return load_classification_pool(
+        task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download
+    )
 
 
 def task_files(task_cfg) -> list[Path]:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ class PPOConfig:
     gae_lambda: float = 0.95
     clip: float = 0.2
     value_coef: float = 0.5
-    hidden: List[int] = field(default_factory=lambda: [64, 64])
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
     reduction: str = "sum"
     normalise_advantages: bool = True
     truncation: str = "bootstrap"
@@ -68,7 +68,7 @@ class PPOConfig:
     kl_coef: float = 0.01
     kl_target: float = 0.01
     moving_average: int = 100
-    max_episode_steps: Optional[int] = None  # override the environment's time limit
+    max_episode_steps: int | None = None  # override the environment's time limit
     backend: str = "gymnasium"  # gymnasium | envpool (C++ batched environments)
 
 
@@ -88,24 +88,50 @@ def validate(task_cfg) -> None:
     check(0 <= task_cfg.gae_lambda <= 1, "gae_lambda", "must lie in [0, 1]", task_cfg.gae_lambda)
     check(task_cfg.clip > 0, "clip", "must be > 0", task_cfg.clip)
     check(task_cfg.value_coef >= 0, "value_coef", "must be >= 0", task_cfg.value_coef)
-    check(len(task_cfg.hidden) > 0 and all(h > 0 for h in task_cfg.hidden), "hidden",
-          "must be a non-empty list of positive layer widths", list(task_cfg.hidden))
+    check(
+        len(task_cfg.hidden) > 0 and all(h > 0 for h in task_cfg.hidden),
+        "hidden",
+        "must be a non-empty list of positive layer widths",
+        list(task_cfg.hidden),
+    )
     check(task_cfg.reduction in ("sum", "mean"), "reduction", "must be one of ['sum', 'mean']", task_cfg.reduction)
-    check(task_cfg.truncation in ("bootstrap", "terminate"), "truncation", "must be one of ['bootstrap', 'terminate']", task_cfg.truncation)
+    check(
+        task_cfg.truncation in ("bootstrap", "terminate"),
+        "truncation",
+        "must be one of ['bootstrap', 'terminate']",
+        task_cfg.truncation,
+    )
     check(task_cfg.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}", task_cfg.backend)
     if task_cfg.backend == "envpool":
         import importlib.util
 
-        check(importlib.util.find_spec("envpool") is not None, "backend",
-              "envpool needs the envpool package (pip install -r requirements-envpool.txt); allowed here: ['gymnasium']",
-              task_cfg.backend)
-    check(task_cfg.kl_penalty in ("none", "fixed", "adaptive"), "kl_penalty", "must be one of ['none', 'fixed', 'adaptive']", task_cfg.kl_penalty)
+        check(
+            importlib.util.find_spec("envpool") is not None,
+            "backend",
+            "envpool needs the envpool package (pip install -r requirements-envpool.txt); allowed here: ['gymnasium']",
+            task_cfg.backend,
+        )
+    check(
+        task_cfg.kl_penalty in ("none", "fixed", "adaptive"),
+        "kl_penalty",
+        "must be one of ['none', 'fixed', 'adaptive']",
+        task_cfg.kl_penalty,
+    )
     check(task_cfg.kl_coef >= 0, "kl_coef", "must be >= 0", task_cfg.kl_coef)
     check(task_cfg.kl_target > 0, "kl_target", "must be > 0", task_cfg.kl_target)
-    check(task_cfg.max_episode_steps is None or task_cfg.max_episode_steps > 0, "max_episode_steps",
-          "must be null or a positive integer", task_cfg.max_episode_steps)
+    check(
+        task_cfg.max_episode_steps is None or task_cfg.max_episode_steps > 0,
+        "max_episode_steps",
+        "must be null or a positive integer",
+        task_cfg.max_episode_steps,
+    )
     batch = task_cfg.rollout_steps * task_cfg.num_envs
-    check(task_cfg.minibatch_size <= batch, "minibatch_size", f"must be at most rollout_steps x num_envs = {batch}", task_cfg.minibatch_size)
+    check(
+        task_cfg.minibatch_size <= batch,
+        "minibatch_size",
+        f"must be at most rollout_steps x num_envs = {batch}",
+        task_cfg.minibatch_size,
+    )
 
 
 def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
@@ -129,10 +155,14 @@ class AgentStack:
 
     def __init__(self, modules: list[nn.Sequential], device: torch.device):
         linears = [[m for m in module if isinstance(m, nn.Linear)] for module in modules]
-        self.weights = [torch.stack([agent[i].weight.detach().T for agent in linears]).contiguous().to(device).requires_grad_()
-                        for i in range(len(linears[0]))]
-        self.biases = [torch.stack([agent[i].bias.detach() for agent in linears]).to(device).requires_grad_()
-                       for i in range(len(linears[0]))]
+        self.weights = [
+            torch.stack([agent[i].weight.detach().T for agent in linears]).contiguous().to(device).requires_grad_()
+            for i in range(len(linears[0]))
+        ]
+        self.biases = [
+            torch.stack([agent[i].bias.detach() for agent in linears]).to(device).requires_grad_()
+            for i in range(len(linears[0]))
+        ]
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for pair in zip(self.weights, self.biases) for t in pair]
@@ -184,15 +214,21 @@ class Environments:
             # EnvPool reports an episode that terminates on its time limit's step as truncated
             # only: the time limit is applied here instead, past which the pool never gets.
             self.limit = max_episode_steps if max_episode_steps is not None else gym.spec(env_id).max_episode_steps
-            self.envs = envpool.make_gymnasium(env_id, num_envs=self.count, max_episode_steps=self.limit + 1,
-                                               env_seed=env_seeds)
+            self.envs = envpool.make_gymnasium(
+                env_id, num_envs=self.count, max_episode_steps=self.limit + 1, env_seed=env_seeds
+            )
             self.elapsed = np.zeros(self.count, dtype=np.int64)
             self.reset_seeds = None
         else:
             import gymnasium as gym
 
-            self.envs = gym.make_vec(env_id, num_envs=self.count, vectorization_mode="sync",
-                                     vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **kwargs)
+            self.envs = gym.make_vec(
+                env_id,
+                num_envs=self.count,
+                vectorization_mode="sync",
+                vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+                **kwargs,
+            )
             self.reset_seeds = env_seeds
         self.observation_size = int(np.prod(self.envs.single_observation_space.shape))
         self.actions = int(self.envs.single_action_space.n)
@@ -223,8 +259,13 @@ class Environments:
         self.envs.close()
 
 
-def bootstrap_time_limits(reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
-                          final_values: Callable[[], np.ndarray], gamma: float) -> np.ndarray:
+def bootstrap_time_limits(
+    reward: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+    final_values: Callable[[], np.ndarray],
+    gamma: float,
+) -> np.ndarray:
     """Rewards with ``gamma * V(final observation)`` added where a time limit alone ended the episode.
 
     A time limit is not an ending, so its final state is bootstrapped. A
@@ -303,8 +344,10 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         finished: list[list[tuple[float, int]]] = [[] for _ in range(K)]
         # Rollout: no autograd; actions are Gumbel-max samples, each agent's noise from its own stream.
         with torch.inference_mode():
-            gumbel = torch.stack([-torch.log(-torch.log(torch.rand(T, N, n_actions, generator=g).clamp_min(1e-20)))
-                                  for g in generators], dim=1).to(device)
+            gumbel = torch.stack(
+                [-torch.log(-torch.log(torch.rand(T, N, n_actions, generator=g).clamp_min(1e-20))) for g in generators],
+                dim=1,
+            ).to(device)
             for t in range(T):
                 logits = actor(obs)
                 value = critic(obs).squeeze(-1)
@@ -312,8 +355,14 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 next_obs, raw_reward, terminated, truncated, final = envs.step(action.reshape(-1).cpu().numpy())
                 reward = raw_reward
                 if bootstrap:  # a time limit alone is not an ending: add the discounted value of where it stopped
+
                     def final_values(final=final):
-                        return critic(torch.as_tensor(final, device=device).reshape(K, N, obs_dim)).reshape(-1).cpu().numpy()
+                        return (
+                            critic(torch.as_tensor(final, device=device).reshape(K, N, obs_dim))
+                            .reshape(-1)
+                            .cpu()
+                            .numpy()
+                        )
 
                     reward = bootstrap_time_limits(raw_reward, terminated, truncated, final_values, task_cfg.gamma)
                 done = terminated | truncated
@@ -372,8 +421,12 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                for name, values in (("policy_raw", policy_loss), ("policy_shaped", shaped_policy),
-                                     ("value_raw", value_loss), ("value_shaped", shaped_value)):
+                for name, values in (
+                    ("policy_raw", policy_loss),
+                    ("policy_shaped", shaped_policy),
+                    ("value_raw", value_loss),
+                    ("value_shaped", shaped_value),
+                ):
                     stats[name].add(values)
                 meters["policy"].add()
                 meters["value"].add()
@@ -394,7 +447,9 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         variance = b_returns.var(1)
         explained = torch.where(variance > 0, 1 - (b_returns - b_values).var(1) / variance, torch.nan).tolist()
         envelope_stats = {name: meter.summaries(f"envelope/{name}", K) for name, meter in meters.items()}
-        loss_stats = [meter.summaries(f"train/{name.split('_')[0]}_{name.split('_')[1]}_loss") for name, meter in stats.items()]
+        loss_stats = [
+            meter.summaries(f"train/{name.split('_')[0]}_{name.split('_')[1]}_loss") for name, meter in stats.items()
+        ]
         elapsed = time.perf_counter() - start
         for k, recorder in enumerate(recorders):
             if k in failed:
@@ -434,6 +489,10 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     extras = []
     for k in range(K):
         final_phase = [ma for step, ma in history[k] if step >= 0.9 * global_step]
-        extras.append({"return_ma100_final_phase": float(np.mean(final_phase)) if final_phase else float("nan"),
-                       "env_steps": global_step})
+        extras.append(
+            {
+                "return_ma100_final_phase": float(np.mean(final_phase)) if final_phase else float("nan"),
+                "env_steps": global_step,
+            }
+        )
     return seed_outcomes(extras, failed)

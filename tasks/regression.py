@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import torch
@@ -24,8 +23,17 @@ from tasks.supervised import build_mlp, fit
 SEED_BATCH = True
 OBJECTIVE = ("val/mse", "min")
 FEATURES = ("MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude")
-RAW_COLUMNS = ("longitude", "latitude", "housing_median_age", "total_rooms", "total_bedrooms", "population",
-               "households", "median_income", "median_house_value")
+RAW_COLUMNS = (
+    "longitude",
+    "latitude",
+    "housing_median_age",
+    "total_rooms",
+    "total_bedrooms",
+    "population",
+    "households",
+    "median_income",
+    "median_house_value",
+)
 CSV_NAME = "cal_housing.csv"
 # The held-out test rows do not depend on the run's seed.
 TEST_SPLIT_SEED = 20_640
@@ -39,7 +47,7 @@ class RegressionConfig:
     download: bool = False
     val_fraction: float = 0.2
     test_fraction: float = 0.0
-    hidden: List[int] = field(default_factory=lambda: [64])
+    hidden: list[int] = field(default_factory=lambda: [64])
     lr: float = 1e-3
     batch_size: int = 129
     epochs: int = 100
@@ -53,15 +61,23 @@ def loss_names(task_cfg) -> tuple[str, ...]:
 
 
 def validate(task_cfg) -> None:
-    check(task_cfg.dataset == "california_housing", "dataset", "must be one of ['california_housing']", task_cfg.dataset)
+    check(
+        task_cfg.dataset == "california_housing", "dataset", "must be one of ['california_housing']", task_cfg.dataset
+    )
     check(0.0 < task_cfg.val_fraction < 1.0, "val_fraction", "must lie in (0, 1)", task_cfg.val_fraction)
     check(0.0 <= task_cfg.test_fraction < 1.0, "test_fraction", "must lie in [0, 1)", task_cfg.test_fraction)
-    check(task_cfg.val_fraction + task_cfg.test_fraction < 1.0, "val_fraction",
-          "plus test_fraction must leave training data (sum < 1)", task_cfg.val_fraction + task_cfg.test_fraction)
+    check(
+        task_cfg.val_fraction + task_cfg.test_fraction < 1.0,
+        "val_fraction",
+        "plus test_fraction must leave training data (sum < 1)",
+        task_cfg.val_fraction + task_cfg.test_fraction,
+    )
     for key in ("batch_size", "epochs"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
-    check(all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden))
+    check(
+        all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden)
+    )
 
 
 def features_from_raw(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,16 +88,19 @@ def features_from_raw(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     col = {name: raw[:, i] for i, name in enumerate(RAW_COLUMNS)}
     households = col["households"]
-    features = np.stack([
-        col["median_income"],
-        col["housing_median_age"],
-        col["total_rooms"] / households,
-        col["total_bedrooms"] / households,
-        col["population"],
-        col["population"] / households,
-        col["latitude"],
-        col["longitude"],
-    ], axis=1)
+    features = np.stack(
+        [
+            col["median_income"],
+            col["housing_median_age"],
+            col["total_rooms"] / households,
+            col["total_bedrooms"] / households,
+            col["population"],
+            col["population"] / households,
+            col["latitude"],
+            col["longitude"],
+        ],
+        axis=1,
+    )
     return features, col["median_house_value"] / 100_000.0
 
 
@@ -137,8 +156,9 @@ def check_data(task_cfg) -> None:
     load_california_housing(resolve_path(task_cfg.data_dir), task_cfg.download)
 
 
-def split_and_standardise(features: np.ndarray, target: np.ndarray, val_fraction: float, test_fraction: float,
-                          seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+def split_and_standardise(
+    features: np.ndarray, target: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """Test rows fixed across seeds; train/val shuffled per seed; statistics from train only.
 
     Returns the standardised splits and the target's training std (to convert errors back to dollars).
@@ -165,35 +185,56 @@ def per_sample_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> 
     return (prediction.squeeze(-1) - target).square()
 
 
-def error_metrics(group: ModelGroup, x: torch.Tensor, y: torch.Tensor, target_std: torch.Tensor,
-                  prefix: str) -> list[dict[str, float]]:
+def error_metrics(
+    group: ModelGroup, x: torch.Tensor, y: torch.Tensor, target_std: torch.Tensor, prefix: str
+) -> list[dict[str, float]]:
     """Per seed: MSE and RMSE on the standardised target; MSE on the original target (in $100,000,
     squared: the standardised MSE times the training split's target variance, the unit the paper's
     code reports) and RMSE in dollars (one host sync)."""
     mse = per_sample_squared_error(group(x), y).mean(-1)
-    rows = torch.stack([mse, mse.sqrt(), mse * target_std.square(), mse.sqrt() * target_std * 100_000.0], dim=1).tolist()
-    return [{f"{prefix}/mse": a, f"{prefix}/rmse": b, f"{prefix}/mse_target_units": c, f"{prefix}/rmse_dollars": d}
-            for a, b, c, d in rows]
+    rows = torch.stack(
+        [mse, mse.sqrt(), mse * target_std.square(), mse.sqrt() * target_std * 100_000.0], dim=1
+    ).tolist()
+    return [
+        {f"{prefix}/mse": a, f"{prefix}/rmse": b, f"{prefix}/mse_target_units": c, f"{prefix}/rmse_dollars": d}
+        for a, b, c, d in rows
+    ]
 
 
 def run(cfg, context) -> list[dict[str, float] | Exception]:
     task_cfg, device, seeds = cfg.task, context.device, context.seeds
     features, target = load_california_housing(resolve_path(task_cfg.data_dir), task_cfg.download)
-    per_seed = [split_and_standardise(features, target, task_cfg.val_fraction, task_cfg.test_fraction, seed) for seed in seeds]
-    data = {name: tuple(torch.stack([splits[name][i] for splits, _ in per_seed]).to(device) for i in range(2))
-            for name in ("train", "val", "test")}
+    per_seed = [
+        split_and_standardise(features, target, task_cfg.val_fraction, task_cfg.test_fraction, seed) for seed in seeds
+    ]
+    data = {
+        name: tuple(torch.stack([splits[name][i] for splits, _ in per_seed]).to(device) for i in range(2))
+        for name in ("train", "val", "test")
+    }
     target_std = torch.tensor([std for _, std in per_seed], device=device)
 
     group = ModelGroup(lambda: build_mlp(len(FEATURES), list(task_cfg.hidden), 1), seeds, device)
     optimizer = adam(group.parameters(), task_cfg.lr)
-    failed = fit(group, optimizer, context.envelope("mse"), "mse", data["train"],
-                 per_sample_squared_error, lambda: error_metrics(group, *data["val"], target_std, "val"),
-                 task_cfg.epochs, task_cfg.batch_size, seeds, context.recorders,
-                 None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module))
+    failed = fit(
+        group,
+        optimizer,
+        context.envelope("mse"),
+        "mse",
+        data["train"],
+        per_sample_squared_error,
+        lambda: error_metrics(group, *data["val"], target_std, "val"),
+        task_cfg.epochs,
+        task_cfg.batch_size,
+        seeds,
+        context.recorders,
+        None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module),
+    )
     if data["test"][1].shape[1] == 0:
         tests = [{} for _ in seeds]
     else:
         with torch.no_grad():
-            tests = [{key.replace("/", "_"): value for key, value in test.items()}
-                     for test in error_metrics(group, *data["test"], target_std, "test")]
+            tests = [
+                {key.replace("/", "_"): value for key, value in test.items()}
+                for test in error_metrics(group, *data["test"], target_std, "test")
+            ]
     return seed_outcomes(tests, failed)

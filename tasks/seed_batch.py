@@ -19,7 +19,7 @@ element. A single seed (N = 1) runs the plain module, without vmap.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +93,11 @@ def take(data: Tensor, index: Tensor) -> Tensor:
     """
     seeds, n = data.shape[:2]
     flat_index = index if seeds == 1 else index + torch.arange(0, seeds * n, n, device=index.device).unsqueeze(1)
-    return data.reshape(seeds * n, *data.shape[2:]).index_select(0, flat_index.reshape(-1)).reshape(*index.shape, *data.shape[2:])
+    return (
+        data.reshape(seeds * n, *data.shape[2:])
+        .index_select(0, flat_index.reshape(-1))
+        .reshape(*index.shape, *data.shape[2:])
+    )
 
 
 def stack_seeds(per_seed: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:

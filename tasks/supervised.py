@@ -9,7 +9,7 @@ statistics on the device and logs one row per epoch and seed.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,8 +21,19 @@ from tasks.seed_batch import ModelGroup, generators, permutations, take
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def train_step(group: ModelGroup, optimizer, envelope, x, y, raw: MeanStd, shaped: MeanStd, meter: EnvelopeMeter,
-               per_sample_loss: PerSampleLoss, vwpr=None, controlled: ControlledLoss | None = None) -> None:
+def train_step(
+    group: ModelGroup,
+    optimizer,
+    envelope,
+    x,
+    y,
+    raw: MeanStd,
+    shaped: MeanStd,
+    meter: EnvelopeMeter,
+    per_sample_loss: PerSampleLoss,
+    vwpr=None,
+    controlled: ControlledLoss | None = None,
+) -> None:
     """One optimiser step on a batch (S seeds, B samples each; a VWPR dual step if ``vwpr``).
 
     The loss is the sum over seeds of each seed's mean shaped loss, so each
@@ -80,8 +91,19 @@ def fit(
             controlled.controller.epoch_start()
         for start in range(0, order.shape[1], batch_size):
             index = order[:, start : start + batch_size]
-            train_step(group, optimizer, envelope, take(train_x, index), take(train_y, index), raw, shaped, meter,
-                       per_sample_loss, None if vwpr is None else vwpr.vwpr, controlled)
+            train_step(
+                group,
+                optimizer,
+                envelope,
+                take(train_x, index),
+                take(train_y, index),
+                raw,
+                shaped,
+                meter,
+                per_sample_loss,
+                None if vwpr is None else vwpr.vwpr,
+                controlled,
+            )
         method_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
         with torch.no_grad():
             evaluation = evaluate()

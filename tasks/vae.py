@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +56,16 @@ class VAEConfig:
     dataset: str = "mnist"
     data_dir: str = "${data_root}/mnist"
     download: bool = False
-    subsets: List[str] = field(default_factory=lambda: ["test"])
+    subsets: list[str] = field(default_factory=lambda: ["test"])
     train_size: int = 200
     val_size: int = 2000
     test_size: int = 0
     latent_dim: int = 8
-    hidden: List[int] = field(default_factory=lambda: [800, 400])
+    hidden: list[int] = field(default_factory=lambda: [800, 400])
     lr: float = 1e-3
     batch_size: int = 50
     epochs: int = 10
-    free_bits: Optional[float] = None
+    free_bits: float | None = None
     kl_annealing_steps: int = 0
     active_unit_threshold: float = 0.01
     # drift setting: per epoch, train_size images drawn with replacement from a pool of drift_pool_size
@@ -99,13 +98,25 @@ def check_data(task_cfg) -> None:
 
 def validate(task_cfg) -> None:
     check(task_cfg.setting in SETTINGS, "setting", f"must be one of {list(SETTINGS)}", task_cfg.setting)
-    check(task_cfg.dataset in ("mnist", "fashion_mnist"), "dataset", "must be one of ['mnist', 'fashion_mnist']", task_cfg.dataset)
+    check(
+        task_cfg.dataset in ("mnist", "fashion_mnist"),
+        "dataset",
+        "must be one of ['mnist', 'fashion_mnist']",
+        task_cfg.dataset,
+    )
     for key in ("train_size", "val_size", "latent_dim", "batch_size", "epochs", "drift_pool_size"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.test_size >= 0, "test_size", "must be >= 0", task_cfg.test_size)
     check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
-    check(task_cfg.free_bits is None or task_cfg.free_bits >= 0, "free_bits", "must be null or >= 0", task_cfg.free_bits)
-    check(task_cfg.kl_annealing_steps >= 0, "kl_annealing_steps", "must be >= 0 (0: no annealing)", task_cfg.kl_annealing_steps)
+    check(
+        task_cfg.free_bits is None or task_cfg.free_bits >= 0, "free_bits", "must be null or >= 0", task_cfg.free_bits
+    )
+    check(
+        task_cfg.kl_annealing_steps >= 0,
+        "kl_annealing_steps",
+        "must be >= 0 (0: no annealing)",
+        task_cfg.kl_annealing_steps,
+    )
     check(task_cfg.drift_frequency >= 0, "drift_frequency", "must be >= 0 (cycles per epoch)", task_cfg.drift_frequency)
     check(task_cfg.drift_amplitude >= 0, "drift_amplitude", "must be >= 0", task_cfg.drift_amplitude)
     check(task_cfg.drift_spread >= 0, "drift_spread", "must be >= 0", task_cfg.drift_spread)
@@ -139,14 +150,18 @@ class VAE(nn.Module):
         h = self.encoder(x)
         return self.mean(h), self.log_variance(h)
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoder logits, posterior mean and log-variance; ``z = mean + noise * std`` (``z = mean`` without noise)."""
         mean, log_variance = self.encode(x)
         z = mean if noise is None else mean + noise * (0.5 * log_variance).exp()
         return self.decoder(z), mean, log_variance
 
 
-def elementwise_losses(model, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def elementwise_losses(
+    model, x: torch.Tensor, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pixel BCE (..., 784), per-dimension KL (..., latent), and the posterior means.
 
     ``model`` is a :class:`VAE` or a :class:`~tasks.seed_batch.ModelGroup` of them
@@ -159,8 +174,9 @@ def elementwise_losses(model, x: torch.Tensor, noise: torch.Tensor | None = None
     return recon, kl, mean
 
 
-def vae_loss(recon: torch.Tensor, kl: torch.Tensor, envelopes: dict, kl_weight: float,
-             free_bits: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def vae_loss(
+    recon: torch.Tensor, kl: torch.Tensor, envelopes: dict, kl_weight: float, free_bits: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training loss and its parts: (loss, shaped recon, shaped prior, per-sample total).
 
     The loss is the mean over the batch (the last dimension of the per-sample
@@ -187,7 +203,9 @@ def effective_rank(means: torch.Tensor) -> torch.Tensor:
     return entropy.exp()
 
 
-def class_weights(epoch: int, phase: torch.Tensor, shift: torch.Tensor, amplitude: float, frequency: float) -> torch.Tensor:
+def class_weights(
+    epoch: int, phase: torch.Tensor, shift: torch.Tensor, amplitude: float, frequency: float
+) -> torch.Tensor:
     """Sampling weight of each class at an epoch (normalised to sum to 1 along the last dimension)."""
     raw = (1.0 + shift + amplitude * torch.sin(2 * math.pi * frequency * epoch + phase)).clamp_min(1e-3)
     return raw / raw.sum(-1, keepdim=True)
@@ -208,17 +226,25 @@ def evaluate(model, x: torch.Tensor, threshold: float) -> tuple[list[dict[str, f
         mean_parts.append(mean)
     recon_per_sample, kl, mean = torch.cat(recon_parts, 1), torch.cat(kl_parts, 1), torch.cat(mean_parts, 1)
     kl_per_dim = kl.mean(1)
-    columns = torch.cat([
-        recon_per_sample.mean(1, keepdim=True),
-        kl_per_dim.sum(1, keepdim=True),
-        effective_rank(mean).unsqueeze(1).to(kl.dtype),
-        (mean.var(1) > threshold).sum(1, keepdim=True).to(kl.dtype),
-        kl_per_dim,
-    ], dim=1).tolist()  # one host sync for every seed
+    columns = torch.cat(
+        [
+            recon_per_sample.mean(1, keepdim=True),
+            kl_per_dim.sum(1, keepdim=True),
+            effective_rank(mean).unsqueeze(1).to(kl.dtype),
+            (mean.var(1) > threshold).sum(1, keepdim=True).to(kl.dtype),
+            kl_per_dim,
+        ],
+        dim=1,
+    ).tolist()  # one host sync for every seed
     out = []
     for recon_mean, kl_total, rank, active, *per_dim in columns:
-        metrics = {"val/recon": recon_mean, "val/kl": kl_total, "val/effective_rank": rank, "val/active_units": active,
-                   "val/elbo": -(recon_mean + kl_total)}
+        metrics = {
+            "val/recon": recon_mean,
+            "val/kl": kl_total,
+            "val/effective_rank": rank,
+            "val/active_units": active,
+            "val/elbo": -(recon_mean + kl_total),
+        }
         metrics.update({f"val/kl_dim_{d}": v for d, v in enumerate(per_dim)})
         out.append(metrics)
     return out, recon_per_sample
@@ -257,7 +283,9 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     n_seeds = len(seeds)
     data = stack_seeds([load_data(task_cfg, seed, device) for seed in seeds])
     envelopes = {name: context.envelope(name) for name in context.envelopes}
-    group = ModelGroup(lambda: VAE(data["train_x"].shape[-1], list(task_cfg.hidden), task_cfg.latent_dim), seeds, device)
+    group = ModelGroup(
+        lambda: VAE(data["train_x"].shape[-1], list(task_cfg.hidden), task_cfg.latent_dim), seeds, device
+    )
     optimizer = adam(group.parameters(), task_cfg.lr)
     gens = generators(seeds, device)
     vwpr = None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module)
@@ -295,8 +323,12 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             weights = class_weights(epoch, phase, shift, task_cfg.drift_amplitude, task_cfg.drift_frequency)
             cumulative += weights
             per_image = weights.to(device).gather(1, data["train_y"])
-            index = torch.stack([torch.multinomial(p, task_cfg.train_size, replacement=True, generator=g)
-                                 for p, g in zip(per_image, gens)])
+            index = torch.stack(
+                [
+                    torch.multinomial(p, task_cfg.train_size, replacement=True, generator=g)
+                    for p, g in zip(per_image, gens)
+                ]
+            )
             train_x = take(data["train_x"], index)
         else:
             train_x = data["train_x"]

@@ -18,9 +18,19 @@ from analysis.tables import default_spec, paper_table, to_latex, to_markdown
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_job(sweep: Path, num: int, shape: str, seed: int, val: float, test: float | None = None,
-             status: str = "completed", quantile: float | None = None, epochs: int = 3, step_size: float = 0.1,
-             dataset: str = "digits") -> Path:
+def make_job(
+    sweep: Path,
+    num: int,
+    shape: str,
+    seed: int,
+    val: float,
+    test: float | None = None,
+    status: str = "completed",
+    quantile: float | None = None,
+    epochs: int = 3,
+    step_size: float = 0.1,
+    dataset: str = "digits",
+) -> Path:
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
     overrides = [f"envelope@envelopes.classification={shape}", f"seed={seed}"]
@@ -29,20 +39,48 @@ def make_job(sweep: Path, num: int, shape: str, seed: int, val: float, test: flo
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if status == "unfinished":
         return job
-    envelope = {"shape": shape} if shape == "identity" else {"shape": shape, "quantile": quantile or 0.1, "step_size": step_size}
+    envelope = (
+        {"shape": shape}
+        if shape == "identity"
+        else {"shape": shape, "quantile": quantile or 0.1, "step_size": step_size}
+    )
     config_id = f"{shape}-{quantile}" + ("" if step_size == 0.1 else f"-{step_size}")
     final = {"epoch": epochs, "val_loss": val}
     if test is not None:
         final["test_loss"] = test
-    result = {"status": status, "task": "classification", "seed": seed, "config_id": config_id, "run_id": f"{config_id}-{seed}",
-              "effective": {"task": {"dataset": dataset, "epochs": epochs}, "envelopes": {"classification": envelope}, "seed": seed},
-              "objective": {"metric": "val_loss", "mode": "min", "value": val}, "final": final, "best": final,
-              "wall_time_s": 1.0}
+    result = {
+        "status": status,
+        "task": "classification",
+        "seed": seed,
+        "config_id": config_id,
+        "run_id": f"{config_id}-{seed}",
+        "effective": {
+            "task": {"dataset": dataset, "epochs": epochs},
+            "envelopes": {"classification": envelope},
+            "seed": seed,
+        },
+        "objective": {"metric": "val_loss", "mode": "min", "value": val},
+        "final": final,
+        "best": final,
+        "wall_time_s": 1.0,
+    }
     if status == "failed":
-        result = {"status": "failed", "error": "NonFiniteLossError: non-finite training loss at epoch 2", "task": "classification", "seed": seed}
+        result = {
+            "status": "failed",
+            "error": "NonFiniteLossError: non-finite training loss at epoch 2",
+            "task": "classification",
+            "seed": seed,
+        }
     (job / "result.json").write_text(json.dumps(result))
-    rows = [{"epoch": e, "val_loss": val + (epochs - e) * 0.1, "envelope_classification_mean_weight": 0.9,
-             "envelope_classification_fraction_attenuated": 0.1} for e in range(1, epochs + 1)]
+    rows = [
+        {
+            "epoch": e,
+            "val_loss": val + (epochs - e) * 0.1,
+            "envelope_classification_mean_weight": 0.9,
+            "envelope_classification_fraction_attenuated": 0.1,
+        }
+        for e in range(1, epochs + 1)
+    ]
     (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return job
 
@@ -50,7 +88,11 @@ def make_job(sweep: Path, num: int, shape: str, seed: int, val: float, test: flo
 @pytest.fixture
 def sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    values = {"identity": [1.00, 1.02, 0.98, 1.01], "step": [0.80, 0.81, 0.79, 0.80], "sigmoid": [1.00, 0.99, 1.03, 1.00]}
+    values = {
+        "identity": [1.00, 1.02, 0.98, 1.01],
+        "step": [0.80, 0.81, 0.79, 0.80],
+        "sigmoid": [1.00, 0.99, 1.03, 1.00],
+    }
     num = 0
     for shape, vals in values.items():
         for seed, v in enumerate(vals):
@@ -113,8 +155,10 @@ def test_paper_table_selects_on_validation_reports_test_and_marks_noise(sweep):
     assert table.loc["step", "verdict"] == "better"
     assert table.loc["sigmoid", "verdict"] == "within noise"
     assert table.loc["identity", "verdict"] == "baseline"
-    p_raw = [stats.ttest_ind([0.80, 0.81, 0.79, 0.80], [1.00, 1.02, 0.98, 1.01], equal_var=False).pvalue,
-             stats.ttest_ind([1.00, 0.99, 1.03, 1.00], [1.00, 1.02, 0.98, 1.01], equal_var=False).pvalue]
+    p_raw = [
+        stats.ttest_ind([0.80, 0.81, 0.79, 0.80], [1.00, 1.02, 0.98, 1.01], equal_var=False).pvalue,
+        stats.ttest_ind([1.00, 0.99, 1.03, 1.00], [1.00, 1.02, 0.98, 1.01], equal_var=False).pvalue,
+    ]
     assert table.loc["step", "p_holm"] == pytest.approx(holm(p_raw)[0])
     markdown = to_markdown(table.reset_index(), spec)
     assert "| step | classification: step q=0.1 a=0.1 | 0.8000 ± 0.0082 (4) |" in markdown
@@ -166,7 +210,9 @@ def test_reading_runs_at_a_step(sweep):
     identity = done[done["config_id"] == "identity-None"].sort_values("seed")
     assert identity["final_val_loss"].round(6).tolist() == [1.15, 1.17, 1.13, 1.16]
     assert identity["final_epoch"].tolist() == [2, 2, 2, 2]
-    assert "test_loss" not in {c[len("final_"):] for c in done.columns if done[c].notna().any()}  # end-only metrics left out
+    assert "test_loss" not in {
+        c[len("final_") :] for c in done.columns if done[c].notna().any()
+    }  # end-only metrics left out
     assert (read_at_step(load_jobs(sweep), 0)["status"] == "no_row_at_step").sum() == 13
 
 
@@ -189,8 +235,12 @@ def test_report_writes_tables_figures_and_report(sweep):
     text = report.read_text()
     for name in ("table.md", "table.tex", "configs.csv", "jobs.csv"):
         assert (sweep / name).exists(), name
-    for figure in ("envelope_shapes", "learning_curves_val_loss", "envelope_dynamics_classification",
-                   "sensitivity_classification_final_val_loss"):
+    for figure in (
+        "envelope_shapes",
+        "learning_curves_val_loss",
+        "envelope_dynamics_classification",
+        "sensitivity_classification_final_val_loss",
+    ):
         assert (sweep / "figures" / f"{figure}.png").stat().st_size > 1000
         assert (sweep / "figures" / f"{figure}.pdf").exists()
         assert f"figures/{figure}.png" in text
@@ -199,12 +249,18 @@ def test_report_writes_tables_figures_and_report(sweep):
 
 def test_command_line(sweep, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "analysis", str(sweep), "--out", str(out), "--no-figures"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep), "--out", str(out), "--no-figures"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| step |" in proc.stdout and (out / "report.md").exists() and not (out / "figures").exists()
     assert f"Results: {out} (report.md, table.md/.tex, configs.csv, jobs.csv)" in proc.stdout  # what was written
-    bad = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
@@ -251,8 +307,11 @@ def test_holding_a_parameter_fixed_selects_among_the_runs_at_that_value(tmp_path
     assert paper_table(held, spec).set_index("shapes").loc["step", "config_id"] == "step-0.9"
     assert len(hold_fixed(jobs, {"envelopes.classification.quantile": 0.5})) == 6
     assert len(hold_fixed(jobs, {"task.epochs": 3})) == 9 and hold_fixed(jobs, {"task.epochs": 4}).empty
-    with pytest.raises(ValueError, match=r"--fix width: no run sets that parameter; envelope parameters in these "
-                                         r"runs: \['quantile', 'step_size'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"--fix width: no run sets that parameter; envelope parameters in these "
+        r"runs: \['quantile', 'step_size'\]",
+    ):
         hold_fixed(jobs, {"width": 0.1})
     with pytest.raises(ValueError, match="--fix takes KEY=VALUE"):
         parse_fixed(["step_size"])
@@ -291,14 +350,19 @@ def test_command_line_reads_a_sweep_as_a_paper_table(tmp_path):
         make_job(sweep, 2 * seed, "identity", seed, 1.0 + seed / 10, dataset="fashion_mnist")
         make_job(sweep, 2 * seed + 1, "step", seed, 0.5, quantile=0.9, step_size=1.0, dataset="fashion_mnist")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "analysis", str(sweep), "--out", str(out), "--no-figures",
-                           "--paper-table", "1"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep), "--out", str(out), "--no-figures", "--paper-table", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     report = (out / "report.md").read_text()
     assert "Read as the paper's Table 1: selected by `val_loss` (min)." in report
     assert "Held fixed: `step_size` = 0.1 (3 of 6 runs" in report  # the step runs at step size 1.0 are out
     assert "## The paper's Table 1, side by side" in report
     assert "not comparable: dataset=fashion_mnist, the table has dataset=mnist" in report
-    bad = subprocess.run([sys.executable, "-m", "analysis", str(sweep), "--paper-table", "9"], cwd=ROOT,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep), "--paper-table", "9"], cwd=ROOT, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "invalid choice: '9'" in bad.stderr

@@ -10,13 +10,25 @@ import pytest
 from analysis.load import load_jobs
 from tests.conftest import ROOT
 
-MIXED = ("-m", "task=digits", "envelope@envelopes.classification=identity,step,sigmoid",
-         "envelopes.classification.quantile=0.1,0.5", "seed=0,1", "task.epochs=2", "tensorboard=false")
+MIXED = (
+    "-m",
+    "task=digits",
+    "envelope@envelopes.classification=identity,step,sigmoid",
+    "envelopes.classification.quantile=0.1,0.5",
+    "seed=0,1",
+    "task.epochs=2",
+    "tensorboard=false",
+)
 
 
 def sweep(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), *args, f"hydra.sweep.dir={tmp_path / name}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_ablation.py"), *args, f"hydra.sweep.dir={tmp_path / name}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def results(directory: Path) -> dict[str, dict]:
@@ -31,9 +43,14 @@ def test_a_mixed_sweep_gives_the_runs_of_the_basic_launcher(tmp_path):
     assert sorted(ours) == sorted(theirs) and len(ours) == 12  # the same directories
     for job, result in ours.items():
         other = theirs[job]
-        assert (result["run_id"], result["status"], result["overrides"]) == (other["run_id"], other["status"], other["overrides"])
-        assert (tmp_path / "batched" / job / ".hydra" / "overrides.yaml").read_text() == \
-               (tmp_path / "basic" / job / ".hydra" / "overrides.yaml").read_text()
+        assert (result["run_id"], result["status"], result["overrides"]) == (
+            other["run_id"],
+            other["status"],
+            other["overrides"],
+        )
+        assert (tmp_path / "batched" / job / ".hydra" / "overrides.yaml").read_text() == (
+            tmp_path / "basic" / job / ".hydra" / "overrides.yaml"
+        ).read_text()
         if result["status"] == "completed":
             # the batch's matrix products round differently from a model alone
             for key in ("val_loss", "val_accuracy", "train_raw_loss_mean"):
@@ -62,10 +79,21 @@ def test_a_run_that_fails_inside_a_group_leaves_the_others_completed(compose, tm
         return "diverged at epoch 1: injected" if (step, calls[step]) == ("epoch 1", 2) else real(metrics, step)
 
     monkeypatch.setattr(supervised, "divergence", second_run_diverges)
-    members = [Member(compose("task.epochs=2", "tensorboard=false", f"seed={seed}", *extra), tmp_path / str(i),
-                      [f"seed={seed}", *extra], write_hydra_files=True)
-               for i, (seed, extra) in enumerate([(0, []), (1, ["envelope@envelopes.classification=step"]),
-                                                   (2, ["envelope@envelopes.classification=sigmoid"])])]
+    members = [
+        Member(
+            compose("task.epochs=2", "tensorboard=false", f"seed={seed}", *extra),
+            tmp_path / str(i),
+            [f"seed={seed}", *extra],
+            write_hydra_files=True,
+        )
+        for i, (seed, extra) in enumerate(
+            [
+                (0, []),
+                (1, ["envelope@envelopes.classification=step"]),
+                (2, ["envelope@envelopes.classification=sigmoid"]),
+            ]
+        )
+    ]
     values = run_members(members, tmp_path, reraise=False)
     statuses = [json.loads((tmp_path / str(i) / "result.json").read_text())["status"] for i in range(3)]
     assert statuses == ["completed", "failed", "completed"]
@@ -97,8 +125,19 @@ def test_an_interrupted_batched_sweep_resumes(tmp_path):
 
 def test_the_acrobot_envpool_command_writes_four_completed_runs(tmp_path):
     pytest.importorskip("envpool")
-    proc = sweep(tmp_path, "rl", "-m", "task=acrobot", "task.backend=envpool", "envelope@envelopes.policy=identity,step",
-                 "seed=0,1", "task.total_steps=1000", "task.rollout_steps=100", "tensorboard=false", "hydra/launcher=batched")
+    proc = sweep(
+        tmp_path,
+        "rl",
+        "-m",
+        "task=acrobot",
+        "task.backend=envpool",
+        "envelope@envelopes.policy=identity,step",
+        "seed=0,1",
+        "task.total_steps=1000",
+        "task.rollout_steps=100",
+        "tensorboard=false",
+        "hydra/launcher=batched",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = results(tmp_path / "rl")
     assert [r["status"] for r in found.values()] == ["completed"] * 4

@@ -16,9 +16,11 @@ SCRIPTS = {
     "ppo_sps.py": ([], "LunarLander-v3"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
 }
-NEEDS = {"ppo_grid.py": None,
-         "classification_run.py": FASHION_DIR / "train-images-idx3-ubyte.gz",
-         "seed_batch.py": SHARED_DATA / "california_housing" / "cal_housing.csv"}
+NEEDS = {
+    "ppo_grid.py": None,
+    "classification_run.py": FASHION_DIR / "train-images-idx3-ubyte.gz",
+    "seed_batch.py": SHARED_DATA / "california_housing" / "cal_housing.csv",
+}
 
 
 def test_every_script_in_bench_is_covered():
@@ -32,7 +34,12 @@ def test_benchmark_script_runs(script):
     elif script in NEEDS and not NEEDS[script].exists():
         pytest.skip(f"needs {NEEDS[script]}")
     args, expected = SCRIPTS[script]
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout

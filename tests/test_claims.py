@@ -27,8 +27,9 @@ HOLD = textwrap.dedent("""
 
 def hold_claim(sweep: Path, key: str, run_dir: Path) -> subprocess.Popen:
     """Another process that claims ``key`` for ``run_dir`` and keeps it while it lives."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(sweep), key, str(run_dir)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(sweep), key, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "mine"
     return proc
 
@@ -67,9 +68,19 @@ def test_a_failed_run_never_makes_another_a_duplicate(compose, tmp_path):
 
 def test_two_identical_sweeps_into_one_directory_train_each_run_once(tmp_path):
     sweep = tmp_path / "sweep"
-    args = [sys.executable, str(ROOT / "run_ablation.py"), "-m", "envelope@envelopes.classification=identity,step",
-            "seed=0,1,2", "task.epochs=8", "tensorboard=false", f"hydra.sweep.dir={sweep}"]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    args = [
+        sys.executable,
+        str(ROOT / "run_ablation.py"),
+        "-m",
+        "envelope@envelopes.classification=identity,step",
+        "seed=0,1,2",
+        "task.epochs=8",
+        "tensorboard=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    procs = [
+        subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     trained = sum(out.count(" completed: val_loss") for out in outputs)
@@ -108,9 +119,22 @@ def test_the_run_id_follows_the_data_read_not_where_it_lies(compose, tmp_path):
 @needs_california
 def test_a_sweep_over_missing_and_present_data_is_refused_before_any_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", "task=california_housing",
-                           f"data_root={tmp_path / 'bad'},{SHARED_DATA}", "seed=0,1", "task.epochs=1",
-                           f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_ablation.py"),
+            "-m",
+            "task=california_housing",
+            f"data_root={tmp_path / 'bad'},{SHARED_DATA}",
+            "seed=0,1",
+            "task.epochs=1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "2 of 4 jobs have an invalid config or unusable data; nothing was run" in proc.stderr
     assert proc.stderr.count("not found") == 1  # one data source, listed once for its two jobs

@@ -26,9 +26,19 @@ def test_same_config_and_seed_give_bit_identical_metrics(compose, tmp_path):
 
 def test_envelope_changes_training(compose, tmp_path):
     identity = run_job(compose("task.epochs=2", "tensorboard=false"), tmp_path / "a", None, [], reraise=True)
-    step = run_job(compose("task.epochs=2", "tensorboard=false", "envelope@envelopes.classification=step",
-                           "envelopes.classification.quantile=0.5", "envelopes.classification.step_size=1"),
-                   tmp_path / "b", None, [], reraise=True)
+    step = run_job(
+        compose(
+            "task.epochs=2",
+            "tensorboard=false",
+            "envelope@envelopes.classification=step",
+            "envelopes.classification.quantile=0.5",
+            "envelopes.classification.step_size=1",
+        ),
+        tmp_path / "b",
+        None,
+        [],
+        reraise=True,
+    )
     assert identity != step
     rows = read_lines(tmp_path / "b" / "metrics.jsonl")
     assert rows[-1]["envelope_classification_mean_weight"] == pytest.approx(0.5, abs=0.05)
@@ -52,8 +62,16 @@ def test_in_a_sweep_a_failure_is_recorded_not_raised(compose, tmp_path):
 
 @needs_mnist
 def test_mnist_test_split_preset_trains_and_reports_test_metrics(compose, tmp_path):
-    cfg = compose("task=mnist_test_split", f"data_root={SHARED_DATA}", "task.epochs=2", "tensorboard=false",
-                  "task.train_size=2000", "task.val_size=500", "task.test_size=500", "task.batch_size=100")
+    cfg = compose(
+        "task=mnist_test_split",
+        f"data_root={SHARED_DATA}",
+        "task.epochs=2",
+        "tensorboard=false",
+        "task.train_size=2000",
+        "task.val_size=500",
+        "task.test_size=500",
+        "task.batch_size=100",
+    )
     run_job(cfg, tmp_path, None, [], reraise=True)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "completed"

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_ablation.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def tensorboard_tags(tb_dir: Path) -> tuple[set[str], set[str]]:
@@ -54,9 +56,16 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
             continue
         rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2]
-        for key in ("train_raw_loss_mean", "train_raw_loss_std", "train_shaped_loss_mean", "train_shaped_loss_std",
-                    "val_loss", "val_accuracy", "envelope_classification_mean_weight",
-                    "envelope_classification_fraction_attenuated"):
+        for key in (
+            "train_raw_loss_mean",
+            "train_raw_loss_std",
+            "train_shaped_loss_mean",
+            "train_shaped_loss_std",
+            "val_loss",
+            "val_accuracy",
+            "envelope_classification_mean_weight",
+            "envelope_classification_fraction_attenuated",
+        ):
             assert key in rows[-1], key
         assert result["final"]["val_loss"] == rows[-1]["val_loss"]
         assert result["best"]["val_loss"] == min(r["val_loss"] for r in rows)
@@ -77,8 +86,14 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
 
 def test_duplicate_effective_configs_train_once(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "envelope@envelopes.classification=identity", "envelopes.classification.quantile=0.1,0.5,0.9",
-                   "task.epochs=1", "tensorboard=false", f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "envelope@envelopes.classification=identity",
+        "envelopes.classification.quantile=0.1,0.5,0.9",
+        "task.epochs=1",
+        "tensorboard=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr
     results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(3)]
     assert [r["status"] for r in results] == ["completed", "duplicate", "duplicate"]
@@ -89,15 +104,25 @@ def test_duplicate_effective_configs_train_once(tmp_path):
 
 def test_invalid_sweep_stops_before_any_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "envelope@envelopes.classification=step", "envelopes.classification.quantile=0.5,1.5",
-                   "seed=0,1", f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "envelope@envelopes.classification=step",
+        "envelopes.classification.quantile=0.5,1.5",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 2
     # every invalid job counted; its error listed once, not once per seed
     assert "2 of 4 jobs have an invalid config; nothing was run" in proc.stderr
     assert proc.stderr.count("envelopes.classification: quantile must lie in [0, 1], got 1.5") == 1
     # a large sweep says what it is doing while it checks (minutes for a paper grid)
-    proc = run_cli("-m", "envelope@envelopes.classification=step", "envelopes.classification.quantile=1.5", "seed=range(50)",
-                   f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "envelope@envelopes.classification=step",
+        "envelopes.classification.quantile=1.5",
+        "seed=range(50)",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 2
     assert "Checking the configs of 50 jobs before any trains" in proc.stdout + proc.stderr
     assert "50 of 50 jobs have an invalid config" in proc.stderr
@@ -115,8 +140,11 @@ def test_the_sweeper_composes_each_job_again_only_when_the_sweep_check_did_not(m
     composed = []
     sweeper = CheckedSweeper(max_batch_size=None)
     sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": "/sweeps/a"}}})
-    sweeper.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
-        load_sweep_config=lambda master_config, sweep_overrides: composed.append(sweep_overrides)))
+    sweeper.hydra_context = SimpleNamespace(
+        config_loader=SimpleNamespace(
+            load_sweep_config=lambda master_config, sweep_overrides: composed.append(sweep_overrides)
+        )
+    )
     batch = [["seed=0"], ["seed=1"]]
     monkeypatch.setattr(callbacks, "_checked_sweeps", {"/sweeps/b"})
     sweeper.validate_batch_is_legal(batch)
@@ -131,9 +159,12 @@ def test_an_experiment_preset_that_picks_its_own_sweeper_keeps_it(compose, tmp_p
     # what the Optuna presets do, with a sweeper every install has
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "own_sweeper.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: basic\n")
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: basic\n"
+    )
     default = compose(return_hydra_config=True).hydra.sweeper
-    own = compose("experiment=own_sweeper", f"hydra.searchpath=[file://{tmp_path}]", return_hydra_config=True).hydra.sweeper
+    own = compose(
+        "experiment=own_sweeper", f"hydra.searchpath=[file://{tmp_path}]", return_hydra_config=True
+    ).hydra.sweeper
     assert default._target_ == "hydra_plugins.lae_lab.checked_sweeper.CheckedSweeper"
     assert own._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -147,7 +178,9 @@ def test_single_run_failure_exits_non_zero(tmp_path):
 
 def test_single_run_config_error_is_one_line_and_leaves_no_directory(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("envelope@envelopes.classification=step", "envelopes.classification.quantile=1.5", f"hydra.run.dir={run_dir}")
+    proc = run_cli(
+        "envelope@envelopes.classification=step", "envelopes.classification.quantile=1.5", f"hydra.run.dir={run_dir}"
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "Error: envelopes.classification: quantile must lie in [0, 1], got 1.5"
     assert not run_dir.exists()
@@ -156,22 +189,32 @@ def test_single_run_config_error_is_one_line_and_leaves_no_directory(tmp_path):
 def test_unwritable_output_directory_is_one_line(tmp_path):
     # a path below a regular file cannot be created, as root too (a read-only directory is the same OSError)
     (tmp_path / "file").write_text("")
-    for args in (["hydra.run.dir=" + str(tmp_path / "file" / "run")], ["-m", "hydra.sweep.dir=" + str(tmp_path / "file" / "sweep")]):
+    for args in (
+        ["hydra.run.dir=" + str(tmp_path / "file" / "run")],
+        ["-m", "hydra.sweep.dir=" + str(tmp_path / "file" / "sweep")],
+    ):
         proc = run_cli(*args, "tensorboard=false")
         assert proc.returncode == 2
-        assert proc.stderr.strip() == f"Error: cannot write the output directory {tmp_path / 'file' / args[-1].split('/')[-1]}: " \
-                                      "Not a directory (set hydra.run.dir or hydra.sweep.dir to a writable place)"
+        assert (
+            proc.stderr.strip()
+            == f"Error: cannot write the output directory {tmp_path / 'file' / args[-1].split('/')[-1]}: "
+            "Not a directory (set hydra.run.dir or hydra.sweep.dir to a writable place)"
+        )
 
 
 def test_sweep_with_a_bad_seed_leads_with_hydras_message(tmp_path):
     proc = run_cli("-m", "seed=0,abc", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 2
-    assert proc.stderr.startswith("Error: Error merging override seed=abc\nValue 'abc' of type 'str' could not be converted to Integer")
+    assert proc.stderr.startswith(
+        "Error: Error merging override seed=abc\nValue 'abc' of type 'str' could not be converted to Integer"
+    )
     assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_sweep_whose_every_run_failed_exits_non_zero(tmp_path):
-    proc = run_cli("-m", "task.lr=1e30", "seed=0,1", "task.epochs=1", "tensorboard=false", f"hydra.sweep.dir={tmp_path}")
+    proc = run_cli(
+        "-m", "task.lr=1e30", "seed=0,1", "task.epochs=1", "tensorboard=false", f"hydra.sweep.dir={tmp_path}"
+    )
     assert proc.returncode == 1
     assert "Error: 2 of 2 runs did not complete (listed above)" in proc.stderr
     assert proc.stdout.count("(failed): DivergedError: diverged at epoch 1") == 2
@@ -221,13 +264,21 @@ def test_a_sweep_killed_mid_job_resumes_to_the_tables_of_an_uninterrupted_one(tm
 
     args = ("-m", "envelope@envelopes.classification=identity,step", "seed=0,1", "task.epochs=60", "tensorboard=false")
     sweep = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_ablation.py"), *args, f"hydra.sweep.dir={sweep}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_ablation.py"), *args, f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         # kill -9 once job 1 has ended and job 2 has logged an epoch
         deadline = time.time() + 240
-        while not ((sweep / "1" / "result.json").exists() and (sweep / "2" / "metrics.jsonl").exists()
-                   and (sweep / "2" / "metrics.jsonl").read_text().count("\n") >= 1):
+        while not (
+            (sweep / "1" / "result.json").exists()
+            and (sweep / "2" / "metrics.jsonl").exists()
+            and (sweep / "2" / "metrics.jsonl").read_text().count("\n") >= 1
+        ):
             assert proc.poll() is None, "the sweep ended before it could be killed"
             assert time.time() < deadline
             time.sleep(0.02)
@@ -258,9 +309,16 @@ def test_joblib_launcher_caps_threads_and_deduplicates_across_processes(tmp_path
 
     sweep = tmp_path / "sweep"
     # jobs 0 and 1 are the same effective config and start at the same time in two processes
-    proc = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                   "envelope@envelopes.classification=identity,step", "envelopes.classification.quantile=0.1,0.5",
-                   "task.epochs=1", "tensorboard=false", f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "envelope@envelopes.classification=identity,step",
+        "envelopes.classification.quantile=0.1,0.5",
+        "task.epochs=1",
+        "tensorboard=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr
     results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(4)]
     assert sorted(r["status"] for r in results) == ["completed", "completed", "completed", "duplicate"]

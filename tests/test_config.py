@@ -41,7 +41,11 @@ def _sweep_config(experiment: str):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    return GlobalHydra.instance().config_loader().load_configuration("config", [f"experiment={experiment}"], RunMode.MULTIRUN)
+    return (
+        GlobalHydra.instance()
+        .config_loader()
+        .load_configuration("config", [f"experiment={experiment}"], RunMode.MULTIRUN)
+    )
 
 
 @pytest.mark.parametrize("experiment", [e for e in options("experiment") if not e.startswith("optuna")])
@@ -106,13 +110,18 @@ def test_wrong_type_fails_at_composition(compose):
 
 def test_unknown_loss_name_is_an_error(compose):
     cfg = compose("+envelope@envelopes.policy=step")
-    with pytest.raises(ConfigError, match=r"task 'classification' has no loss named 'policy'; its losses are \['classification'\]"):
+    with pytest.raises(
+        ConfigError, match=r"task 'classification' has no loss named 'policy'; its losses are \['classification'\]"
+    ):
         validate(cfg)
 
 
 def test_missing_loss_name_is_an_error(compose):
     cfg = compose("~envelope@envelopes.classification")
-    with pytest.raises(ConfigError, match=r"needs an envelope for each of its losses \['classification'\]; missing \['classification'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"needs an envelope for each of its losses \['classification'\]; missing \['classification'\]",
+    ):
         validate(cfg)
 
 
@@ -121,19 +130,29 @@ def test_missing_loss_name_is_an_error(compose):
     [
         ("envelopes.classification.quantile=1.5", "envelopes.classification: quantile must lie in [0, 1], got 1.5"),
         ("envelopes.classification.step_size=0", "envelopes.classification: step_size must lie in (0, 1], got 0.0"),
-        ("envelopes.classification.shape=cosine", "envelopes.classification: shape must be one of ['identity', 'step', 'linear', 'sigmoid', 'focal', 'hard_mining'], got 'cosine'"),
+        (
+            "envelopes.classification.shape=cosine",
+            "envelopes.classification: shape must be one of ['identity', 'step', 'linear', 'sigmoid', 'focal', 'hard_mining'], got 'cosine'",
+        ),
         ("device=gpu", "device must be one of ['auto', 'cpu', 'cuda'], got 'gpu'"),
         ("threads=0", "threads must be a positive integer or null, got 0"),
         ("task.label_noise=1.2", "task.label_noise must lie in [0, 1), got 1.2"),
-        ("task.dataset=cifar", "task.dataset must be one of ['mnist', 'fashion_mnist', 'digits', 'cifar10'], got 'cifar'"),
+        (
+            "task.dataset=cifar",
+            "task.dataset must be one of ['mnist', 'fashion_mnist', 'digits', 'cifar10'], got 'cifar'",
+        ),
         ("task.subsets=[val]", "task.subsets must be a non-empty list drawn from ['train', 'test'], got ['val']"),
         ("task.epochs=0", "task.epochs must be a positive integer, got 0"),
         ("task.lr=-1", "task.lr must be > 0, got -1.0"),
         # a value the chosen shape or method ignores is range-checked all the same
-        ("envelope@envelopes.classification=identity envelopes.classification.quantile=1.5",
-         "envelopes.classification: quantile must lie in [0, 1], got 1.5"),
-        ("envelope@envelopes.classification=step envelopes.classification.width=2.0",
-         "envelopes.classification: width must lie in (0, 1], got 2.0"),
+        (
+            "envelope@envelopes.classification=identity envelopes.classification.quantile=1.5",
+            "envelopes.classification: quantile must lie in [0, 1], got 1.5",
+        ),
+        (
+            "envelope@envelopes.classification=step envelopes.classification.width=2.0",
+            "envelopes.classification: width must lie in (0, 1], got 2.0",
+        ),
         ("envelopes.classification.gamma=-1", "envelopes.classification: gamma must be >= 0, got -1.0"),
         ("vwpr.l1=-0.1", "vwpr.l1 must be >= 0, got -0.1"),
         ("controller.gamma=1.5", "controller.gamma must lie in [0, 1), got 1.5"),
@@ -153,13 +172,31 @@ def test_ignored_parameters_do_not_change_the_config_id(compose):
         return config_id(effective), config_id(effective, with_seed=True)
 
     identity = ids("envelope@envelopes.classification=identity")
-    assert ids("envelope@envelopes.classification=identity", "envelopes.classification.quantile=0.7", "envelopes.classification.step_size=0.5") == identity
+    assert (
+        ids(
+            "envelope@envelopes.classification=identity",
+            "envelopes.classification.quantile=0.7",
+            "envelopes.classification.step_size=0.5",
+        )
+        == identity
+    )
     step = ids("envelope@envelopes.classification=step")
     assert step != identity
     assert ids("envelope@envelopes.classification=step", "envelopes.classification.width=0.3") == step
-    static = ids("envelope@envelopes.classification=step", "envelopes.classification.quantile=null", "envelopes.classification.threshold=0.2")
-    assert ids("envelope@envelopes.classification=step", "envelopes.classification.quantile=null",
-               "envelopes.classification.threshold=0.2", "envelopes.classification.step_size=0.9") == static
+    static = ids(
+        "envelope@envelopes.classification=step",
+        "envelopes.classification.quantile=null",
+        "envelopes.classification.threshold=0.2",
+    )
+    assert (
+        ids(
+            "envelope@envelopes.classification=step",
+            "envelopes.classification.quantile=null",
+            "envelopes.classification.threshold=0.2",
+            "envelopes.classification.step_size=0.9",
+        )
+        == static
+    )
     # device and progress do not change what is computed; the seed changes only the run id
     assert ids("device=cpu", "progress=false") == identity
     seeded = ids("seed=3")

@@ -19,8 +19,9 @@ TINY = ("task.epochs=4", "task.batch_size=100", "controller.interval=3", "tensor
 
 
 def test_executor_clamps_bounds_and_rejects_non_finite_weights():
-    executor = LossExecutor(["a"], ControllerSettings(mode="full", init_weight=0.1, max_weight=0.5, max_change=0.05),
-                            torch.device("cpu"))
+    executor = LossExecutor(
+        ["a"], ControllerSettings(mode="full", init_weight=0.1, max_weight=0.5, max_change=0.05), torch.device("cpu")
+    )
     assert executor.adjust("a", 0.9) == pytest.approx(0.15)  # at most max_change per adjustment
     for _ in range(20):
         executor.adjust("a", 0.9)
@@ -47,13 +48,14 @@ def test_executor_skips_non_finite_aux_losses_and_falls_back_on_divergence():
 
 
 def test_monitor_dqn_learns_which_action_pays_in_which_state():
-    settings = ControllerSettings(mode="monitor_only", batch_size=16, target_sync=10, lr=1e-2, gamma=0.0,
-                                  epsilon_decay=0.99)
+    settings = ControllerSettings(
+        mode="monitor_only", batch_size=16, target_sync=10, lr=1e-2, gamma=0.0, epsilon_decay=0.99
+    )
     monitor = LossMonitor(1, settings, seed=0)  # 3 actions; state dim 6
     states = [torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.tensor([0.0, 1, 0, 0, 0, 0])]
     best = [0, 2]  # decrease in the first state, increase in the second
     gen = torch.Generator().manual_seed(1)
-    for step in range(600):
+    for _ in range(600):
         which = int(torch.randint(2, (), generator=gen))
         action = monitor.act(states[which])
         reward = 1.0 if action == best[which] else 0.0
@@ -126,8 +128,16 @@ def test_baseline_mode_trains_exactly_as_without_the_controller(compose, tmp_pat
 
 @needs_mnist
 def test_vae_controller_sets_the_kl_weight(compose, tmp_path):
-    cfg = compose("task=vae_overparameterised", f"data_root={SHARED_DATA}", "task.epochs=3", "task.val_size=300",
-                  "controller.mode=full", "controller.interval=2", "controller.init_weight=0.5", "tensorboard=false")
+    cfg = compose(
+        "task=vae_overparameterised",
+        f"data_root={SHARED_DATA}",
+        "task.epochs=3",
+        "task.val_size=300",
+        "controller.mode=full",
+        "controller.interval=2",
+        "controller.init_weight=0.5",
+        "tensorboard=false",
+    )
     run_job(cfg, tmp_path, None, [], reraise=True)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     used = [r["train_kl_weight"] for r in rows]  # the KL weight of each epoch's last step
@@ -136,9 +146,13 @@ def test_vae_controller_sets_the_kl_weight(compose, tmp_path):
 
 
 def test_controller_config_errors_name_the_key(compose):
-    with pytest.raises(ConfigError, match=r"controller.mode must be one of \['baseline', 'monitor_only', 'controller_only', 'full'\]"):
+    with pytest.raises(
+        ConfigError, match=r"controller.mode must be one of \['baseline', 'monitor_only', 'controller_only', 'full'\]"
+    ):
         validate(compose("controller.mode=everything"))
-    with pytest.raises(ConfigError, match=r"controller.mode: task 'ppo' has no auxiliary losses.*\['classification', 'vae'\]"):
+    with pytest.raises(
+        ConfigError, match=r"controller.mode: task 'ppo' has no auxiliary losses.*\['classification', 'vae'\]"
+    ):
         validate(compose("task=cartpole", "controller.mode=full"))
     with pytest.raises(ConfigError, match="seed_batch: the loss controller"):
         validate(compose("controller.mode=full", "seed_batch=2"))
@@ -196,12 +210,24 @@ def test_cifar10_download_is_checksummed(tmp_path, monkeypatch):
 
 def test_cnn_with_the_full_controller_on_cifar10_format_data(compose, tmp_path):
     write_cifar(tmp_path / "cifar10")
-    cfg = compose("task=cifar10", f"data_root={tmp_path}", "task.train_size=160", "task.val_size=40", "task.test_size=40",
-                  "task.batch_size=40", "task.epochs=8", "task.lr=0.003", "controller.mode=full", "controller.interval=2",
-                  "tensorboard=false")
+    cfg = compose(
+        "task=cifar10",
+        f"data_root={tmp_path}",
+        "task.train_size=160",
+        "task.val_size=40",
+        "task.test_size=40",
+        "task.batch_size=40",
+        "task.epochs=8",
+        "task.lr=0.003",
+        "controller.mode=full",
+        "controller.interval=2",
+        "tensorboard=false",
+    )
     run_job(cfg, tmp_path / "job", None, [], reraise=True)
     result = json.loads((tmp_path / "job" / "result.json").read_text())
-    assert result["status"] == "completed" and result["final"]["val_accuracy"] > 0.3  # 3x chance: the red channel tells the class
+    assert (
+        result["status"] == "completed" and result["final"]["val_accuracy"] > 0.3
+    )  # 3x chance: the red channel tells the class
     assert (tmp_path / "job" / "controller.pt").exists()
 
 
@@ -212,9 +238,22 @@ def test_report_shows_each_component_against_baseline(tmp_path):
     from tests.test_cli import ROOT
 
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", *TINY, "tensorboard=false",
-                           "controller.mode=baseline,monitor_only,controller_only,full", "seed=0,1",
-                           f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_ablation.py"),
+            "-m",
+            *TINY,
+            "tensorboard=false",
+            "controller.mode=baseline,monitor_only,controller_only,full",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     import pandas as pd
 
@@ -223,7 +262,7 @@ def test_report_shows_each_component_against_baseline(tmp_path):
     assert (table["n_mode"] == 2).all() and (table["n_baseline"] == 2).all() and table["ci95"].notna().all()
     jobs = pd.read_csv(sweep / "jobs.csv")
     for row in table.itertuples():
-        mean = lambda mode: jobs.loc[jobs["controller"] == mode, row.metric].mean()  # noqa: E731
-        assert row.difference == pytest.approx(mean(row.mode) - mean("baseline"))
+        means = jobs.groupby("controller")[row.metric].mean()
+        assert row.difference == pytest.approx(means[row.mode] - means["baseline"])
     report = (sweep / "report.md").read_text()
     assert "Contribution of each loss-controller component" in report and "meta-learning controller" in report

@@ -50,7 +50,9 @@ def test_a_truncated_gzip_names_its_file(tmp_path):
     write_idx(tmp_path / "images.gz", np.zeros((50, 28, 28), dtype=np.uint8), gzipped=True)
     data = (tmp_path / "images.gz").read_bytes()
     (tmp_path / "images.gz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=f"^{tmp_path / 'images.gz'}: cannot be read \\(EOFError: .*truncated or corrupt"):
+    with pytest.raises(
+        DataError, match=f"^{tmp_path / 'images.gz'}: cannot be read \\(EOFError: .*truncated or corrupt"
+    ):
         read_idx(tmp_path / "images.gz")
     (tmp_path / "images.gz").write_bytes(data[:10] + b"\xff" * 40)  # a corrupt stream: zlib's error, same message
     with pytest.raises(DataError, match=f"^{tmp_path / 'images.gz'}: cannot be read"):
@@ -62,8 +64,9 @@ def test_an_image_label_count_mismatch_names_both_files(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4, dtype=np.uint8))
     with pytest.raises(DataError) as info:
         load_classification_pool("mnist", tmp_path, ["test"])
-    assert str(info.value) == (f"{tmp_path / 't10k-images-idx3-ubyte'} holds 5 images but "
-                               f"{tmp_path / 't10k-labels-idx1-ubyte'} holds 4 labels")
+    assert str(info.value) == (
+        f"{tmp_path / 't10k-images-idx3-ubyte'} holds 5 images but {tmp_path / 't10k-labels-idx1-ubyte'} holds 4 labels"
+    )
 
 
 @needs_mnist
@@ -128,7 +131,9 @@ def test_split_indices():
     assert len(union.unique()) == 95
     assert not torch.equal(a["train"], b["train"])
     assert torch.equal(a["train"], split_indices(100, 60, 20, 15, seed=0)["train"])
-    with pytest.raises(ValueError, match="train_size \\+ val_size = 90 exceeds the 85 examples left after test_size = 15"):
+    with pytest.raises(
+        ValueError, match="train_size \\+ val_size = 90 exceeds the 85 examples left after test_size = 15"
+    ):
         split_indices(100, 70, 20, 15, seed=0)
 
 

@@ -8,7 +8,11 @@ from hypothesis import strategies as st
 from envelopes import Envelope, quantiles
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-PROPERTY = settings(max_examples=int(__import__("os").environ.get("LAE_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=int(__import__("os").environ.get("LAE_HYPOTHESIS_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # Subnormals left out: the runner flushes them to zero (torch.set_flush_denormal), process-wide.
 levels = st.floats(0.0, 1.0, allow_nan=False, allow_subnormal=False)
@@ -146,7 +150,11 @@ def test_ties_exact_under_torch_compile():
         for value in (0.1, 0.3, 2.7):
             weight = compiled(torch.full((2,), value, dtype=dtype))
             assert weight.tolist() == [0.5, 0.5]
-            assert envelope.threshold == value if dtype == torch.float64 else envelope.threshold == torch.tensor(value, dtype=dtype)
+            assert (
+                envelope.threshold == value
+                if dtype == torch.float64
+                else envelope.threshold == torch.tensor(value, dtype=dtype)
+            )
 
 
 @st.composite
@@ -168,8 +176,16 @@ def test_a_bank_equals_one_envelope_per_group(specs, n, dtype, data):
     singles = [Envelope(**c) for c in configs]
     bank = EnvelopeBank([Envelope(**c) for c in configs])
     for _ in range(3):  # three calls: each group's smoothed state follows its own losses
-        batch = tensor(data.draw(st.lists(st.lists(st.one_of(values, st.just(0.3)), min_size=n, max_size=n),
-                                          min_size=len(configs), max_size=len(configs))), dtype)
+        batch = tensor(
+            data.draw(
+                st.lists(
+                    st.lists(st.one_of(values, st.just(0.3)), min_size=n, max_size=n),
+                    min_size=len(configs),
+                    max_size=len(configs),
+                )
+            ),
+            dtype,
+        )
         weights = bank.compute_weight(batch)
         stats = bank.statistics()
         for i, single in enumerate(singles):

@@ -165,7 +165,11 @@ def test_constant_losses_give_a_step_not_nan():
 def test_shape_ignores_unused_parameters():
     assert Envelope("identity", threshold=3.0, width=0.1).config() == {"shape": "identity"}
     assert Envelope("step", threshold=1.0, width=0.1, step_size=0.3).config() == {"shape": "step", "threshold": 1.0}
-    assert Envelope("step", quantile=0.9, step_size=0.3).config() == {"shape": "step", "quantile": 0.9, "step_size": 0.3}
+    assert Envelope("step", quantile=0.9, step_size=0.3).config() == {
+        "shape": "step",
+        "quantile": 0.9,
+        "step_size": 0.3,
+    }
 
 
 def test_compiled_adaptive_envelope_matches_eager():
@@ -183,7 +187,10 @@ def test_compiled_adaptive_envelope_matches_eager():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"shape": "cosine", "threshold": 1.0}, "shape must be one of ['identity', 'step', 'linear', 'sigmoid', 'focal', 'hard_mining'], got 'cosine'"),
+        (
+            {"shape": "cosine", "threshold": 1.0},
+            "shape must be one of ['identity', 'step', 'linear', 'sigmoid', 'focal', 'hard_mining'], got 'cosine'",
+        ),
         ({"shape": "step", "quantile": 1.5}, "quantile must lie in [0, 1], got 1.5"),
         ({"shape": "step", "quantile": -0.1}, "quantile must lie in [0, 1], got -0.1"),
         ({"shape": "step", "quantile": 0.5, "step_size": 0.0}, "step_size must lie in (0, 1], got 0.0"),
@@ -194,9 +201,18 @@ def test_compiled_adaptive_envelope_matches_eager():
         ({"shape": "step", "threshold": float("inf")}, "threshold must be a finite number, got inf"),
         ({"shape": "sigmoid", "quantile": 0.5, "width": 0.0}, "width must be > 0, got 0.0"),
         ({"shape": "sigmoid", "quantile": 0.5, "width": 2.0}, "width must lie in (0, 1], got 2.0"),
-        ({"shape": "step"}, "shape 'step' needs exactly one of threshold (static) or quantile (adaptive), got threshold=None, quantile=None"),
-        ({"shape": "step", "threshold": 1.0, "quantile": 0.5}, "shape 'step' needs exactly one of threshold (static) or quantile (adaptive)"),
-        ({"shape": "linear", "threshold": 1.0}, "shape 'linear' needs exactly one of inverse_slope (static) or width (adaptive)"),
+        (
+            {"shape": "step"},
+            "shape 'step' needs exactly one of threshold (static) or quantile (adaptive), got threshold=None, quantile=None",
+        ),
+        (
+            {"shape": "step", "threshold": 1.0, "quantile": 0.5},
+            "shape 'step' needs exactly one of threshold (static) or quantile (adaptive)",
+        ),
+        (
+            {"shape": "linear", "threshold": 1.0},
+            "shape 'linear' needs exactly one of inverse_slope (static) or width (adaptive)",
+        ),
     ],
 )
 def test_error_messages(kwargs, message):

@@ -25,8 +25,14 @@ def test_submitit_launcher_runs_jobs_in_their_own_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     # submitit's local executor: what the Slurm launcher does, with processes on this machine
-    proc = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5",
-                   *SWEEP, f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=5",
+        *SWEEP,
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert_sweep_analysed(sweep, threads=1)
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # run by submitit, not in this process
@@ -47,8 +53,13 @@ def test_ray_launcher_keeps_its_files_and_token_in_the_output_directory(tmp_path
     # Ray's socket paths must stay under 107 characters: a short directory, removed afterwards
     ray_dir = Path(tempfile.mkdtemp(prefix="lae_ray_", dir="/tmp"))
     try:
-        proc = run_cli("-m", "hydra/launcher=ray_local", f"hydra.launcher.ray.init._temp_dir={ray_dir}", *SWEEP,
-                       f"hydra.sweep.dir={sweep}")
+        proc = run_cli(
+            "-m",
+            "hydra/launcher=ray_local",
+            f"hydra.launcher.ray.init._temp_dir={ray_dir}",
+            *SWEEP,
+            f"hydra.sweep.dir={sweep}",
+        )
         assert proc.returncode == 0, proc.stderr
         assert_sweep_analysed(sweep, threads=1)
         token = ray_dir / "auth_token"
@@ -64,8 +75,14 @@ def test_optuna_preset_tunes_an_envelope_and_reports_the_best_trial(tmp_path):
     import yaml
 
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "experiment=optuna_digits_quick", "hydra.sweeper.n_trials=3", "task.epochs=2", "tensorboard=false",
-                   f"hydra.sweep.dir={sweep}")
+    proc = run_cli(
+        "-m",
+        "experiment=optuna_digits_quick",
+        "hydra.sweeper.n_trials=3",
+        "task.epochs=2",
+        "tensorboard=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr
     results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(3)]
     assert [r["status"] for r in results] == ["completed"] * 3

@@ -17,7 +17,7 @@ def test_focal_envelope_equals_focal_loss_value():
     logits, target = torch.randn(64, 5), torch.randint(0, 5, (64,))
     ce = F.cross_entropy(logits, target, reduction="none")
     p = torch.softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
-    focal = -(1 - p) ** 2 * torch.log(p)
+    focal = -((1 - p) ** 2) * torch.log(p)
     torch.testing.assert_close(Envelope("focal", gamma=2.0)(ce), focal)
 
 
@@ -94,8 +94,9 @@ def make_problem():
 @pytest.mark.parametrize("normalise", [False, True])
 def test_vwpr_training_loss_goes_down(per_element, normalise):
     x, y, model = make_problem()
-    vwpr = ValueWeightedRefinement(model, per_element=per_element, normalise=normalise, l1=0.01, clip=5.0,
-                                   lr=0.01, track_history=True)
+    vwpr = ValueWeightedRefinement(
+        model, per_element=per_element, normalise=normalise, l1=0.01, clip=5.0, lr=0.01, track_history=True
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     start = F.mse_loss(model(x), y).item()
     for _ in range(200):

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -41,8 +40,16 @@ def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):
     assert result["final"]["charts_return_ma100"] > 40  # a random policy averages about 22
     final_phase = [r["charts_return_ma100"] for r in rows if r["step"] >= 0.9 * 15000]
     assert result["final"]["return_ma100_final_phase"] == pytest.approx(sum(final_phase) / len(final_phase))
-    for key in ("train_policy_raw_loss_mean", "train_value_shaped_loss_mean", "train_approx_kl", "train_clip_fraction",
-                "train_explained_variance", "charts_sps", "charts_episodic_length", "envelope_policy_mean_weight"):
+    for key in (
+        "train_policy_raw_loss_mean",
+        "train_value_shaped_loss_mean",
+        "train_approx_kl",
+        "train_clip_fraction",
+        "train_explained_variance",
+        "charts_sps",
+        "charts_episodic_length",
+        "envelope_policy_mean_weight",
+    ):
         assert key in rows[-1], key
 
 
@@ -107,8 +114,16 @@ def test_same_seed_same_metrics(compose, tmp_path):
     assert strip(rows_of(tmp_path / "a")) == strip(rows_of(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("override", ["envelope@envelopes.policy=step", "envelope@envelopes.value=sigmoid",
-                                      "task.reduction=mean", "task.kl_penalty=adaptive", "task.num_envs=4"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "envelope@envelopes.policy=step",
+        "envelope@envelopes.value=sigmoid",
+        "task.reduction=mean",
+        "task.kl_penalty=adaptive",
+        "task.num_envs=4",
+    ],
+)
 def test_options_change_training(compose, tmp_path, override):
     args = ("task=cartpole", *SMALL, "task.total_steps=800")
     run_job(compose(*args), tmp_path / "base", None, [], reraise=True)
@@ -127,19 +142,26 @@ def test_lunarlander_runs(compose, tmp_path):
     assert rows_of(tmp_path)[-1]["step"] == 200
 
 
-@pytest.mark.parametrize("override, message", [
-    ("task.env_id=Pong-v5", "task.env_id must be one of ['LunarLander-v3', 'Acrobot-v1', 'CartPole-v1'], got 'Pong-v5'"),
-    ("task.minibatch_size=1000", "task.minibatch_size must be at most rollout_steps x num_envs = 500, got 1000"),
-    ("task.kl_penalty=huge", "task.kl_penalty must be one of ['none', 'fixed', 'adaptive'], got 'huge'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "task.env_id=Pong-v5",
+            "task.env_id must be one of ['LunarLander-v3', 'Acrobot-v1', 'CartPole-v1'], got 'Pong-v5'",
+        ),
+        ("task.minibatch_size=1000", "task.minibatch_size must be at most rollout_steps x num_envs = 500, got 1000"),
+        ("task.kl_penalty=huge", "task.kl_penalty must be one of ['none', 'fixed', 'adaptive'], got 'huge'"),
+    ],
+)
 def test_config_errors(compose, override, message):
     with pytest.raises(ConfigError) as info:
         validate(compose("task=cartpole", override))
     assert str(info.value) == message
 
 
-needs_envpool = pytest.mark.skipif(__import__("importlib").util.find_spec("envpool") is None,
-                                   reason="pip install -r requirements-envpool.txt")
+needs_envpool = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("envpool") is None, reason="pip install -r requirements-envpool.txt"
+)
 
 
 @needs_envpool
@@ -199,8 +221,8 @@ def test_envpool_and_gymnasium_give_the_same_episodes_in_distribution(env_id):
 
 @needs_envpool
 def test_envpool_and_gymnasium_step_the_same_dynamics_from_the_same_state():
-    import gymnasium as gym
     import envpool
+    import gymnasium as gym
 
     rng = np.random.default_rng(0)
     # Acrobot: EnvPool exposes its angles (the velocities are observed); gymnasium's state can be set
@@ -232,8 +254,14 @@ def test_seed_batched_agents_train_as_they_would_alone(compose, tmp_path, backen
     # Same episodes (actions agree), losses equal to rounding: a batch's matrix products round differently
     if backend == "envpool":
         pytest.importorskip("envpool")
-    args = ("task=cartpole", *SMALL, "task.total_steps=1000", "envelope@envelopes.policy=sigmoid",
-            "envelope@envelopes.value=step", f"task.backend={backend}")
+    args = (
+        "task=cartpole",
+        *SMALL,
+        "task.total_steps=1000",
+        "envelope@envelopes.policy=sigmoid",
+        "envelope@envelopes.value=step",
+        f"task.backend={backend}",
+    )
     run_job(compose(*args, "seed_batch=3"), tmp_path / "batch", None, [], reraise=True)
     for seed in range(3):
         run_job(compose(*args, f"seed={seed}"), tmp_path / f"single_{seed}", None, [], reraise=True)
@@ -255,9 +283,24 @@ def test_the_envpool_backend_trains_four_runs_from_the_command_line(tmp_path):
 
     from tests.conftest import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "run_ablation.py"), "-m", "task=acrobot", "task.backend=envpool",
-                           "envelope@envelopes.policy=identity,step", "seed=0,1", "task.total_steps=1000",
-                           "task.rollout_steps=100", "tensorboard=false", f"hydra.sweep.dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_ablation.py"),
+            "-m",
+            "task=acrobot",
+            "task.backend=envpool",
+            "envelope@envelopes.policy=identity,step",
+            "seed=0,1",
+            "task.total_steps=1000",
+            "task.rollout_steps=100",
+            "tensorboard=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 runs: 4 completed" in proc.stdout

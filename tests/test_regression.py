@@ -18,7 +18,9 @@ from tasks.regression import (
 from tests.conftest import SHARED_DATA
 
 DATA_DIR = SHARED_DATA / "california_housing"
-needs_california = pytest.mark.skipif(not (DATA_DIR / CSV_NAME).exists(), reason="California Housing CSV not in ../shared/data")
+needs_california = pytest.mark.skipif(
+    not (DATA_DIR / CSV_NAME).exists(), reason="California Housing CSV not in ../shared/data"
+)
 
 
 @needs_california
@@ -58,8 +60,12 @@ def test_wrong_columns_are_rejected(tmp_path):
 
 def test_a_cell_that_is_not_a_number_names_the_file_and_where(tmp_path):
     header = "longitude,latitude,housing_median_age,total_rooms,total_bedrooms,population,households,median_income,median_house_value"
-    (tmp_path / CSV_NAME).write_text(f"{header}\n-122,37,41,880,129,322,126,8.3,452600\n-122,37,21,abc,1106,2401,1138,8.3,358500\n")
-    with pytest.raises(DataError, match=f"^{tmp_path / CSV_NAME}: could not convert string 'abc' to float64 at row 1, column 4"):
+    (tmp_path / CSV_NAME).write_text(
+        f"{header}\n-122,37,41,880,129,322,126,8.3,452600\n-122,37,21,abc,1106,2401,1138,8.3,358500\n"
+    )
+    with pytest.raises(
+        DataError, match=f"^{tmp_path / CSV_NAME}: could not convert string 'abc' to float64 at row 1, column 4"
+    ):
         load_california_housing(tmp_path)
     (tmp_path / CSV_NAME).write_text(f"{header}\n-122,37,41,880,129,322,126,8.3,nan\n")
     with pytest.raises(DataError, match=f"^{tmp_path / CSV_NAME}: a value that is not a finite number on line 2"):
@@ -95,8 +101,14 @@ def test_test_rows_do_not_depend_on_the_seed():
 
 @needs_california
 def test_regression_run_end_to_end(compose, tmp_path):
-    cfg = compose("task=california_housing", f"data_root={SHARED_DATA}", "task.epochs=3", "task.test_fraction=0.1",
-                  "envelope@envelopes.mse=paper_mse_sigmoid", "tensorboard=false")
+    cfg = compose(
+        "task=california_housing",
+        f"data_root={SHARED_DATA}",
+        "task.epochs=3",
+        "task.test_fraction=0.1",
+        "envelope@envelopes.mse=paper_mse_sigmoid",
+        "tensorboard=false",
+    )
     run_job(cfg, tmp_path, None, [], reraise=True)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "completed"
@@ -105,8 +117,15 @@ def test_regression_run_end_to_end(compose, tmp_path):
     assert final["val_rmse"] == pytest.approx(final["val_mse"] ** 0.5)
     assert 30_000 < final["val_rmse_dollars"] < 90_000
     # the paper's unit: ($100,000)^2, the standardised MSE times the training target's variance (about 1.32)
-    assert final["val_mse_target_units"] == pytest.approx(final["val_mse"] * (final["val_rmse_dollars"] / 1e5 / final["val_rmse"]) ** 2)
+    assert final["val_mse_target_units"] == pytest.approx(
+        final["val_mse"] * (final["val_rmse_dollars"] / 1e5 / final["val_rmse"]) ** 2
+    )
     assert 1.25 < final["val_mse_target_units"] / final["val_mse"] < 1.40
     assert 0.2 < final["test_mse"] < 0.6
     assert final["envelope_mse_mean_weight"] < 1.0
-    assert result["effective"]["envelopes"]["mse"] == {"shape": "sigmoid", "quantile": 0.1, "width": 0.1, "step_size": 0.01}
+    assert result["effective"]["envelopes"]["mse"] == {
+        "shape": "sigmoid",
+        "quantile": 0.1,
+        "width": 0.1,
+        "step_size": 0.01,
+    }

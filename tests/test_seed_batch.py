@@ -68,7 +68,11 @@ def assert_same_runs(compose, tmp_path, overrides, rtol, elements, atol=1e-6, un
                 if not per_dimension and "_dim_" in key:
                     continue
                 tolerance = units_tol if key.endswith("active_units") else counted.get(key, atol)
-                assert a[key] == pytest.approx(b[key], rel=0 if key in counted else rtol, abs=tolerance), (seed, a["epoch"], key)
+                assert a[key] == pytest.approx(b[key], rel=0 if key in counted else rtol, abs=tolerance), (
+                    seed,
+                    a["epoch"],
+                    key,
+                )
         # the seed's config file is the single run's: running it again reproduces the seed
         assert (batched_dir / "config.yaml").read_text() == (single_dir / "config.yaml").read_text()
     # different seeds really differ
@@ -78,13 +82,26 @@ def assert_same_runs(compose, tmp_path, overrides, rtol, elements, atol=1e-6, un
 @needs_mnist
 def test_vae_seeds_batched_match_single_runs(compose, tmp_path):
     # every loss with a smoothed adaptive envelope, so per-seed quantiles and EMA state are exercised
-    overrides = ("task=vae_overparameterised", "tensorboard=false", f"data_root={SHARED_DATA}", "task.epochs=2",
-                 "task.val_size=300", "task.kl_annealing_steps=3",
-                 "envelope@envelopes.prior=step", "envelopes.prior.quantile=0.9", "envelopes.prior.step_size=0.1",
-                 "envelope@envelopes.recon=linear", "envelopes.recon.quantile=0.1", "envelopes.recon.width=0.01",
-                 "envelopes.recon.step_size=0.1", "envelope@envelopes.total=sigmoid")
+    overrides = (
+        "task=vae_overparameterised",
+        "tensorboard=false",
+        f"data_root={SHARED_DATA}",
+        "task.epochs=2",
+        "task.val_size=300",
+        "task.kl_annealing_steps=3",
+        "envelope@envelopes.prior=step",
+        "envelopes.prior.quantile=0.9",
+        "envelopes.prior.step_size=0.1",
+        "envelope@envelopes.recon=linear",
+        "envelopes.recon.quantile=0.1",
+        "envelopes.recon.width=0.01",
+        "envelopes.recon.step_size=0.1",
+        "envelope@envelopes.total=sigmoid",
+    )
     # an epoch: 200 images, 8 latent dimensions, 784 pixels
-    assert_same_runs(compose, tmp_path, overrides, rtol=1e-4, elements={"prior": 200 * 8, "recon": 200 * 784, "total": 200})
+    assert_same_runs(
+        compose, tmp_path, overrides, rtol=1e-4, elements={"prior": 200 * 8, "recon": 200 * 784, "total": 200}
+    )
 
 
 @needs_mnist
@@ -95,24 +112,52 @@ def test_vae_drift_seeds_batched_match_single_runs(compose, tmp_path):
     # from 4e-7 apart at step 3 to 1e-4 at step 4 and 5e-3 at step 8), and the latent space's
     # near-symmetries share the KL among dimensions a little differently: per-dimension KLs are left
     # out, and a count may move by one.
-    overrides = ("task=vae_drift", "tensorboard=false", f"data_root={SHARED_DATA}", "task.epochs=2", "task.val_size=300",
-                 "task.train_size=200", "task.drift_pool_size=1000", "envelope@envelopes.prior=linear",
-                 "envelopes.prior.quantile=0.5", "envelopes.prior.width=0.3")
-    assert_same_runs(compose, tmp_path, overrides, rtol=1e-3, elements={"prior": 200 * 8, "recon": 200 * 784, "total": 200},
-                     units_tol=1.0, per_dimension=False)
+    overrides = (
+        "task=vae_drift",
+        "tensorboard=false",
+        f"data_root={SHARED_DATA}",
+        "task.epochs=2",
+        "task.val_size=300",
+        "task.train_size=200",
+        "task.drift_pool_size=1000",
+        "envelope@envelopes.prior=linear",
+        "envelopes.prior.quantile=0.5",
+        "envelopes.prior.width=0.3",
+    )
+    assert_same_runs(
+        compose,
+        tmp_path,
+        overrides,
+        rtol=1e-3,
+        elements={"prior": 200 * 8, "recon": 200 * 784, "total": 200},
+        units_tol=1.0,
+        per_dimension=False,
+    )
 
 
 @needs_california
 def test_regression_seeds_batched_match_single_runs(compose, tmp_path):
-    overrides = ("task=california_housing", "tensorboard=false", f"data_root={SHARED_DATA}", "task.epochs=2",
-                 "task.test_fraction=0.1", "envelope@envelopes.mse=paper_mse_sigmoid")
+    overrides = (
+        "task=california_housing",
+        "tensorboard=false",
+        f"data_root={SHARED_DATA}",
+        "task.epochs=2",
+        "task.test_fraction=0.1",
+        "envelope@envelopes.mse=paper_mse_sigmoid",
+    )
     # 20,640 rows less 2,064 test and 4,128 validation rows
     assert_same_runs(compose, tmp_path, overrides, rtol=1e-4, elements={"mse": 14448})
 
 
 def test_classification_seeds_batched_match_single_runs(compose, tmp_path):
-    overrides = ("task=digits", "tensorboard=false", "task.epochs=3", "envelope@envelopes.classification=step",
-                 "envelopes.classification.quantile=0.5", "envelopes.classification.step_size=0.1")
+    overrides = (
+        "task=digits",
+        "tensorboard=false",
+        "task.epochs=3",
+        "envelope@envelopes.classification=step",
+        "envelopes.classification.quantile=0.5",
+        "envelopes.classification.step_size=0.1",
+    )
     assert_same_runs(compose, tmp_path, overrides, rtol=1e-4, elements={"classification": 1200})
 
 
@@ -160,8 +205,17 @@ def test_batch_skips_seeds_another_job_already_claimed(compose, tmp_path):
     duplicate = json.loads((sweep / "1" / "seed_1" / "result.json").read_text())
     assert duplicate["status"] == "duplicate" and duplicate["duplicate_of"].endswith("seed_1")
     jobs = load_jobs(sweep)
-    assert sorted(jobs["job_dir"].map(lambda p: p.split("/", )[-2] + "/" + p.split("/")[-1])) == [
-        "0/seed_0", "0/seed_1", "1/seed_1", "1/seed_2"]
+    assert sorted(
+        jobs["job_dir"].map(
+            lambda p: (
+                p.split(
+                    "/",
+                )[-2]
+                + "/"
+                + p.split("/")[-1]
+            )
+        )
+    ) == ["0/seed_0", "0/seed_1", "1/seed_1", "1/seed_2"]
     assert jobs["status"].value_counts().to_dict() == {"completed": 3, "duplicate": 1}
     assert set(jobs["config"]) == {"(defaults)"}  # seed and seed_batch are not part of the configuration
 

@@ -54,8 +54,15 @@ def test_free_bits_equals_a_static_step_envelope_on_prior():
 @pytest.mark.parametrize("loss", ["recon", "prior", "total"])
 def test_every_envelope_axis_changes_training(compose, tmp_path, loss):
     baseline = run_job(compose("task=vae_overparameterised", *TINY), tmp_path / "identity", None, [], reraise=True)
-    shaped = run_job(compose("task=vae_overparameterised", *TINY, f"envelope@envelopes.{loss}=step",
-                             f"envelopes.{loss}.quantile=0.5"), tmp_path / loss, None, [], reraise=True)
+    shaped = run_job(
+        compose(
+            "task=vae_overparameterised", *TINY, f"envelope@envelopes.{loss}=step", f"envelopes.{loss}.quantile=0.5"
+        ),
+        tmp_path / loss,
+        None,
+        [],
+        reraise=True,
+    )
     assert shaped != baseline
     rows = [json.loads(line) for line in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1][f"envelope_{loss}_mean_weight"] < 0.9
@@ -99,7 +106,9 @@ def test_class_weights_move_sinusoidally_and_normalise():
     phase = torch.linspace(0, math.pi, 10)
     w0, w1 = class_weights(0, phase, shift, 0.5, 0.25), class_weights(1, phase, shift, 0.5, 0.25)
     assert not torch.allclose(w0, w1)
-    assert torch.allclose(class_weights(0, phase, shift, 0.5, 0.25), class_weights(4, phase, shift, 0.5, 0.25), atol=1e-6)
+    assert torch.allclose(
+        class_weights(0, phase, shift, 0.5, 0.25), class_weights(4, phase, shift, 0.5, 0.25), atol=1e-6
+    )
 
 
 @needs_mnist

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
@@ -37,8 +38,11 @@ def group_key(cfg: DictConfig) -> str | None:
     """What the runs of a group must share: the whole config but envelopes and seed (None: runs alone)."""
     if cfg.vwpr.enabled or cfg.controller.mode is not None:
         return None
-    container = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-                 for key in cfg if key not in ("hydra", "envelopes", "seed")}
+    container = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key not in ("hydra", "envelopes", "seed")
+    }
     return json.dumps(container, sort_keys=True, default=str)
 
 
@@ -50,9 +54,9 @@ class BatchedLauncher(Launcher):
         self.max_batch = max_batch
         self._seen: set[str] = set()  # run ids of the jobs grouped so far
         self._to_train: dict[int, int] = {}  # per job: its runs that no earlier job repeats
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
@@ -65,7 +69,7 @@ class BatchedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        jobs: List[tuple[int, DictConfig, Member]] = []
+        jobs: list[tuple[int, DictConfig, Member]] = []
         composed: dict[tuple[str, ...], DictConfig] = {}
         for offset, overrides in enumerate(job_overrides):
             idx = initial_job_idx + offset
@@ -92,20 +96,37 @@ class BatchedLauncher(Launcher):
             (alone if key is None else groups.setdefault(key, [])).append(position)
         batches = [chunk for positions in groups.values() for chunk in self._split(positions, jobs)]
         batches += [[position] for position in alone]
-        log.info("Launching %d jobs in %d batched groups (at most %d runs to train each)", len(jobs), len(batches), self.max_batch)
+        log.info(
+            "Launching %d jobs in %d batched groups (at most %d runs to train each)",
+            len(jobs),
+            len(batches),
+            self.max_batch,
+        )
         returns: dict[int, Any] = {}
         for number, batch in enumerate(batches, 1):
             members = [jobs[p][2] for p in batch]
             runs = sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
-            log.info("group %d/%d: %d jobs, %d runs to train (#%s)", number, len(batches), len(members), runs,
-                     ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""))
+            log.info(
+                "group %d/%d: %d jobs, %d runs to train (#%s)",
+                number,
+                len(batches),
+                len(members),
+                runs,
+                ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""),
+            )
             values = run_members(members, sweep_dir, reraise=False)
             for position, value in zip(batch, values):
                 returns[position] = value
         out = []
-        for position, (idx, cfg, member) in enumerate(jobs):
-            ret = JobReturn(overrides=member.overrides, cfg=member.cfg, hydra_cfg=cfg, working_dir=str(member.dir),
-                            task_name=str(cfg.hydra.job.name), status=JobStatus.COMPLETED)
+        for position, (_, cfg, member) in enumerate(jobs):
+            ret = JobReturn(
+                overrides=member.overrides,
+                cfg=member.cfg,
+                hydra_cfg=cfg,
+                working_dir=str(member.dir),
+                task_name=str(cfg.hydra.job.name),
+                status=JobStatus.COMPLETED,
+            )
             ret.return_value = returns[position]
             out.append(ret)
         return out
@@ -124,7 +145,10 @@ class BatchedLauncher(Launcher):
         for position in positions:
             cfg = jobs[position][2].cfg
             effective = effective_config(cfg, validate(cfg))
-            ids = {config_id({**effective, "seed": seed}, with_seed=True) for seed in range(cfg.seed, cfg.seed + cfg.seed_batch)}
+            ids = {
+                config_id({**effective, "seed": seed}, with_seed=True)
+                for seed in range(cfg.seed, cfg.seed + cfg.seed_batch)
+            }
             runs = len(ids - self._seen) if cfg.deduplicate else len(ids)
             self._seen |= ids
             self._to_train[position] = runs
