@@ -67,6 +67,35 @@ def test_max_batch_splits_a_group_counting_runs_to_train(tmp_path):
     assert len(results(tmp_path / "split")) == 12
 
 
+def test_groups_run_as_submitit_jobs_and_match_the_groups_run_here(tmp_path):
+    # executor=local: each group is one submitit job (a process of its own), as executor=slurm makes it one
+    # Slurm job; the runs are those of the groups trained in the launching process
+    here = sweep(tmp_path, "here", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
+    local = sweep(
+        tmp_path,
+        "local",
+        *MIXED,
+        "hydra/launcher=batched",
+        "hydra.launcher.max_batch=5",
+        "hydra.launcher.executor=local",
+        "+hydra.launcher.submitit.timeout_min=10",
+    )
+    assert here.returncode == 0 and local.returncode == 0, local.stderr[-2000:]
+    log = local.stderr + local.stdout
+    assert "group 1 submitted: local job" in log and "group 2 submitted: local job" in log
+    assert len(list((tmp_path / "local" / ".submitit").glob("*/*_log.out"))) == 2  # one job per group
+    ours, theirs = results(tmp_path / "local"), results(tmp_path / "here")
+    assert sorted(ours) == sorted(theirs) and len(ours) == 12
+    for job, result in ours.items():
+        assert (result["run_id"], result["status"]) == (theirs[job]["run_id"], theirs[job]["status"])
+        if result["status"] == "completed":
+            assert result["final"]["val_loss"] == theirs[job]["final"]["val_loss"], job
+    bad = sweep(tmp_path, "bad", *MIXED, "hydra/launcher=batched", "hydra.launcher.executor=pbs")
+    assert bad.returncode != 0 and "hydra.launcher.executor must be one of ['here', 'slurm', 'local'], got 'pbs'" in (
+        bad.stderr
+    )
+
+
 def test_a_run_that_fails_inside_a_group_leaves_the_others_completed(compose, tmp_path, monkeypatch):
     import tasks.supervised as supervised
     from runner.job import Member, run_members

@@ -15,12 +15,22 @@ de-duplication, the results cache and the analysis see runs as usual.
 
 Jobs that cannot share a model (VWPR on, the loss controller on) run one
 by one, as under the basic launcher.
+
+Where the groups run: ``executor=here`` (the default) trains them in the
+launching process one after another; ``executor=slurm`` submits each group
+as one Slurm job through submitit, and ``executor=local`` as one process on
+this machine (submitit's local executor: all groups at once), with
+``submitit`` holding the executor's parameters (``timeout_min``,
+``slurm_partition``, ``cpus_per_task``, ``gpus_per_node``, ``mem_gb``, ...).
+The launcher waits for every group; a group whose job dies leaves its runs
+unfinished (the sweep then exits 1, and re-running it resumes them).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,11 +57,19 @@ def group_key(cfg: DictConfig) -> str | None:
 
 
 class BatchedLauncher(Launcher):
-    def __init__(self, max_batch: int = 256) -> None:
+    EXECUTORS = ("here", "slurm", "local")
+
+    def __init__(self, max_batch: int = 256, executor: str = "here", submitit: Any = None) -> None:
         super().__init__()
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"hydra.launcher.max_batch must be a positive integer, got {max_batch!r}")
+        if executor not in self.EXECUTORS:
+            raise ValueError(f"hydra.launcher.executor must be one of {list(self.EXECUTORS)}, got {executor!r}")
         self.max_batch = max_batch
+        self.executor = executor
+        if OmegaConf.is_config(submitit):
+            submitit = OmegaConf.to_container(submitit, resolve=True)
+        self.submitit = dict(submitit or {})
         self._seen: set[str] = set()  # run ids of the jobs grouped so far
         self._to_train: dict[int, int] = {}  # per job: its runs that no earlier job repeats
         self.config: DictConfig | None = None
@@ -103,6 +121,7 @@ class BatchedLauncher(Launcher):
             self.max_batch,
         )
         returns: dict[int, Any] = {}
+        submitted = []
         for number, batch in enumerate(batches, 1):
             members = [jobs[p][2] for p in batch]
             runs = sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
@@ -114,7 +133,18 @@ class BatchedLauncher(Launcher):
                 runs,
                 ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""),
             )
-            values = run_members(members, sweep_dir, reraise=False)
+            if self.executor == "here":
+                values = run_members(members, sweep_dir, reraise=False)
+                for position, value in zip(batch, values):
+                    returns[position] = value
+            else:
+                submitted.append((number, batch, self._submit(members, sweep_dir, number)))
+        for number, batch, job in submitted:
+            try:
+                values = job.result()
+            except Exception as error:  # the job died (killed, timed out, node failure): its runs stay unfinished
+                log.error("group %d (%s job %s) failed: %s", number, self.executor, job.job_id, error)
+                values = [math.nan] * len(batch)
             for position, value in zip(batch, values):
                 returns[position] = value
         out = []
@@ -130,6 +160,22 @@ class BatchedLauncher(Launcher):
             ret.return_value = returns[position]
             out.append(ret)
         return out
+
+    def _submit(self, members: list, sweep_dir: Path, number: int):
+        """Submit one group as a submitit job (Slurm, or a process on this machine) that trains it."""
+        import submitit
+
+        from runner.job import run_members
+
+        params = dict(self.submitit)
+        folder = Path(str(params.pop("folder", None) or sweep_dir / ".submitit"))
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster=self.executor)
+        params.setdefault("name", f"lae_group_{number}")
+        executor.update_parameters(**params)
+        # each run's torch threads: the CPUs its job was given, as under Hydra's submitit launcher
+        job = executor.submit(run_members, members, sweep_dir, False, params.get("cpus_per_task"))
+        log.info("group %d submitted: %s job %s (logs in %s)", number, self.executor, job.job_id, folder)
+        return job
 
     def _split(self, positions: list[int], jobs) -> list[list[int]]:
         """Consecutive chunks of at most ``max_batch`` runs to train (a seed-batched job counts its seeds).
