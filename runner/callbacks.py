@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -229,6 +230,12 @@ class SweepCallback(Callback):
         try:
             jobs = load_jobs(sweep_dir)
             write_report([sweep_dir], sweep_dir, jobs=jobs)
+            if config.get("tensorboard", False) and not jobs.empty:
+                from runner.recorder import write_sweep_hparams
+
+                done = jobs.loc[jobs["status"] == "completed", "job_dir"]
+                write_sweep_hparams(sweep_dir, [json.loads((Path(d) / "result.json").read_text()) for d in done])
+                print(f"TensorBoard (curves, HPARAMS of every run): tensorboard --logdir {sweep_dir}")
         except Exception as error:  # the jobs' results are on disk whatever happens here
             log.exception("analysis of %s failed: %s; run python -m analysis %s", sweep_dir, error, sweep_dir)
             raise SystemExit(1) from None

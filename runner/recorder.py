@@ -64,6 +64,61 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def hparam_values(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's effective config as HPARAMS values: flattened, anything but a number, string or bool as text."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(hparams).items()}
+
+
+def write_sweep_hparams(sweep_dir: Path, results: list[Mapping[str, Any]]) -> Path | None:
+    """One HPARAMS experiment summary at the sweep's root: the parameters that vary, the final metrics.
+
+    ``results`` are the runs' ``result.json`` contents (completed runs with
+    an ``effective`` config). The summary lists every parameter that takes
+    more than one value across them (with its values as a discrete domain)
+    and every numeric final metric, so TensorBoard's HPARAMS tab, opened on
+    the sweep directory, shows all runs with all swept parameters. Written
+    in ``<sweep>/tb_hparams/``; returns that directory (None: no runs).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    runs = [hparam_values(r["effective"]) for r in results if r.get("effective")]
+    if not runs:
+        return None
+    values: dict[str, set] = {}
+    for run in runs:
+        for key, value in run.items():
+            values.setdefault(key, set()).add(value)
+    swept = {k for k, v in values.items() if len(v) > 1 or sum(k in run for run in runs) < len(runs)}
+    if not swept:  # one configuration (seeds only): show the seed
+        swept = {k for k in values if k == "seed"}
+    domains, example = {}, {}
+    for key in sorted(swept):
+        kinds = {type(v) for v in values[key]}
+        if kinds == {bool}:
+            domain = sorted(values[key])
+        elif kinds <= {int, float}:
+            domain = sorted(float(v) for v in values[key])
+        else:  # mixed kinds (a number here, text there) are shown as text
+            domain = sorted(str(v) for v in values[key])
+        domains[key], example[key] = domain, domain[0]
+    metrics = sorted(
+        {
+            f"hparams/{k}"
+            for r in results
+            for k, v in (r.get("final") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
+    experiment, _, _ = hparams_summary(example, dict.fromkeys(metrics, 0.0), hparam_domain_discrete=domains)
+    directory = Path(sweep_dir) / "tb_hparams"
+    shutil.rmtree(directory, ignore_errors=True)
+    writer = SummaryWriter(log_dir=str(directory))
+    writer._get_file_writer().add_summary(experiment)
+    writer.close()
+    return directory
+
+
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mapping to ``{"a.b.c": scalar}``; lists become strings."""
     out: dict[str, Any] = {}
@@ -150,18 +205,23 @@ class Recorder:
                 self.best = dict(row)
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """Log hyperparameters once, with the final metrics, for TensorBoard's HPARAMS tab."""
+        """Log the run's hyperparameters and final metrics as one session of TensorBoard's HPARAMS tab.
+
+        Only the session (its start and end): the experiment summary, which
+        says which hyperparameters and metrics the tab shows, is the sweep's,
+        written once at its root by :func:`write_sweep_hparams`. A run with its
+        own would hide the others' parameters (TensorBoard shows one).
+        """
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(hparams).items()}
         metric_tags = {
             f"hparams/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None
         }
-        experiment, start, end = hparams_summary(clean, metric_tags)
+        _, start, end = hparams_summary(hparam_values(hparams), metric_tags)
         file_writer = self.writer._get_file_writer()
-        for summary in (experiment, start, end):
+        for summary in (start, end):
             file_writer.add_summary(summary)
         for tag, value in metric_tags.items():
             self.writer.add_scalar(tag, value)

@@ -352,3 +352,51 @@ def test_results_cache_serves_a_second_sweep_and_follows_the_code_version(compos
     run_job(compose(*common), tmp_path / "d" / "0", tmp_path / "d", [], reraise=True)
     assert "cached_from" not in json.loads((tmp_path / "d" / "0" / "result.json").read_text())
     assert (cache / first["run_id"] / "edited" / "result.json").exists()
+
+
+def test_tensorboard_hparams_show_every_swept_parameter_of_every_run(tmp_path):
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    sweep = tmp_path / "sweep"
+    # the first job is identity, which has no quantile or step size: they must still be columns
+    proc = run_cli(
+        "-m",
+        "envelope@envelopes.classification=identity,sigmoid",
+        "envelopes.classification.quantile=0.1,0.5",
+        "envelopes.classification.step_size=0.1,1.0",
+        "task.epochs=1",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"tensorboard --logdir {sweep}" in proc.stdout
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(sweep))
+    multiplexer.Reload()
+    content = multiplexer.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    experiments = {
+        run: tags[metadata.EXPERIMENT_TAG] for run, tags in content.items() if metadata.EXPERIMENT_TAG in tags
+    }
+    assert list(experiments) == ["tb_hparams"]  # one experiment summary, the sweep's
+    experiment = metadata.parse_experiment_plugin_data(experiments["tb_hparams"])
+    infos = {info.name: info for info in experiment.hparam_infos}
+    assert {"envelopes.classification.shape", "envelopes.classification.quantile"} <= set(infos)
+    assert "envelopes.classification.step_size" in infos and "task.epochs" not in infos  # swept ones only
+    assert [v.number_value for v in infos["envelopes.classification.quantile"].domain_discrete.values] == [0.1, 0.5]
+    assert {m.name.tag for m in experiment.metric_infos} >= {"hparams/val_loss", "hparams/val_accuracy"}
+    sessions = {
+        run: metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG])
+        for run, tags in content.items()
+        if metadata.SESSION_START_INFO_TAG in tags
+    }
+    assert len(sessions) == 5  # identity once (its quantile and step size are ignored) + 4 sigmoid runs
+    shapes = sorted(s.hparams["envelopes.classification.shape"].string_value for s in sessions.values())
+    assert shapes == ["identity"] + ["sigmoid"] * 4
+    sigmoid = [s for s in sessions.values() if "envelopes.classification.quantile" in s.hparams]
+    assert sorted(
+        (
+            s.hparams["envelopes.classification.quantile"].number_value,
+            s.hparams["envelopes.classification.step_size"].number_value,
+        )
+        for s in sigmoid
+    ) == [(0.1, 0.1), (0.1, 1.0), (0.5, 0.1), (0.5, 1.0)]
