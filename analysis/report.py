@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
+from analysis.html import write_html
 from analysis.load import load_jobs, load_metrics, read_at_step
 from analysis.stats import aggregate
 from analysis.tables import (
@@ -207,6 +208,14 @@ def _markdown_frame(frame: pd.DataFrame) -> str:
     return header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
 
 
+def _write(out_dir: Path, lines: list[str]) -> Path:
+    """``report.md`` and its self-contained ``report.html``; returns the Markdown file's path."""
+    report = out_dir / "report.md"
+    report.write_text("".join(lines))
+    write_html(report)
+    return report
+
+
 class NoRunsError(ValueError):
     """The directories given hold no runs (nothing to report, and no report is written)."""
 
@@ -275,8 +284,7 @@ def write_report(
     print(f"\nSweep {', '.join(str(d) for d in sweep_dirs)}: {summary}")
     print("".join(failures), end="")
     if counts.get("completed", 0) == 0:
-        (out_dir / "report.md").write_text("".join(lines))
-        return out_dir / "report.md"
+        return _write(out_dir, lines)
 
     try:
         spec = default_spec(jobs, metric, mode)
@@ -286,8 +294,7 @@ def write_report(
         # no completed run logged the objective (a PPO run in which no episode ended, say)
         lines.append(f"\nNo table: {error}\n".replace("--metric ", "the objective "))
         print(f"No table: the objective is in no completed run's final metrics ({error})")
-        (out_dir / "report.md").write_text("".join(lines))
-        return out_dir / "report.md"
+        return _write(out_dir, lines)
     done = jobs[jobs["status"] == "completed"]
     groups = split_by_task_parameters(done)
     metrics = load_metrics(done) if make_figures else pd.DataFrame()
@@ -335,8 +342,8 @@ def write_report(
     if plotted:
         lines.append("\n## Figures\n\n")
         lines += [f"![{p.stem}](figures/{p.name})\n\n" for p in plotted if p.suffix == ".png"]
-    report = out_dir / "report.md"
-    report.write_text("".join(lines))
+    report = _write(out_dir, lines)
+    written.insert(1, "report.html")
     print("\n".join(printed))
     if not comparison.empty:
         print(_markdown_frame(comparison))

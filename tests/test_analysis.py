@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +367,34 @@ def test_command_line_reads_a_sweep_as_a_paper_table(tmp_path):
         [sys.executable, "-m", "analysis", str(sweep), "--paper-table", "9"], cwd=ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "invalid choice: '9'" in bad.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a headless browser: apt-get install chromium (CI installs it)")
+def test_the_html_report_renders_its_tables_and_figures_in_a_browser(sweep, tmp_path):
+    import matplotlib.image
+
+    write_report([sweep], sweep)
+    page = sweep / "report.html"
+    shutil.copy(page, tmp_path / "alone.html")  # self-contained: nothing beside it
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", (tmp_path / "alone.html").as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert dom.count("<table>") == 1 and "<th>shape</th>" in dom and "<td>step</td>" in dom
+    figures = sorted((sweep / "figures").glob("*.png"))
+    assert len(figures) >= 4 and dom.count('src="data:image/png;base64,') == len(figures)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1200,3000", (tmp_path / "alone.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (3000, 1200)
+    assert (pixels < 0.9).mean() > 0.02  # text, table rules and plots: not a blank page
+    # the figures are drawn: some pixels carry the plots' colours, not only grey text
+    saturation = pixels.max(-1) - pixels.min(-1)
+    assert (saturation > 0.3).mean() > 0.001
