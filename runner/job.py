@@ -28,7 +28,7 @@ from envelopes import Envelope, EnvelopeBank
 from methods.loss_controller import ControllerSettings
 from runner.cache import ResultsCache
 from runner.config import config_id, controller_settings, effective_config, validate
-from runner.recorder import Recorder, file_key, write_json_atomic
+from runner.recorder import Recorder, file_key, run_label, write_json_atomic
 from tasks import task_module
 from tasks.common import resolve_path
 
@@ -505,7 +505,13 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
     for i, run in enumerate(runs):
         # one progress bar per job: the first seed's
         recorders.append(
-            Recorder(run.dir, module.OBJECTIVE, tensorboard=cfg.tensorboard, progress=cfg.progress if i == 0 else False)
+            Recorder(
+                run.dir,
+                module.OBJECTIVE,
+                tensorboard=cfg.tensorboard,
+                progress=cfg.progress if i == 0 else False,
+                run_name=run_label(run.overrides),
+            )
         )
     per_run = [{name: envelope.to(device) for name, envelope in run.envelopes.items()} for run in runs]
     same = all(run.envelopes is runs[0].envelopes for run in runs)

@@ -133,6 +133,31 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Overrides that change how a run is watched or where its data is, not what it is (runner.config keeps the
+# same list for run ids): left out of its TensorBoard name.
+_UNNAMED = {"experiment", "data_root", "tensorboard", "progress", "device", "threads", "cache_dir", "deduplicate"}
+
+
+def run_label(overrides: Iterable[str]) -> str:
+    """A run's TensorBoard name from its overrides: ``classification=sigmoid,classification.quantile=0.5,seed=1``.
+
+    Config-group keys lose their package (``envelope@envelopes.classification`` is
+    ``classification``), envelope keys their ``envelopes.`` prefix; overrides
+    that do not change what the run computes are left out.
+    """
+    parts = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in _UNNAMED or key.startswith("hydra."):
+            continue
+        key = key.split("@", 1)[1] if "@" in key else key
+        key = key.removeprefix("envelopes.")
+        parts.append(f"{key}={value}")
+    label = ",".join(parts).replace("/", "_").replace(os.sep, "_") or "run"
+    return label[:200]
+
+
 class Recorder:
     """Writes per-step metrics to ``metrics.jsonl`` and TensorBoard; tracks final and best.
 
@@ -141,10 +166,17 @@ class Recorder:
         objective: ``(tag, "min" | "max")``; the best row is the one where it is best.
         tensorboard: write TensorBoard events under ``job_dir/tb``.
         progress: show a progress bar (None: only when stderr is a terminal).
+        run_name: the events go to ``job_dir/tb/<run_name>``, so that TensorBoard,
+            opened on a sweep, names the run ``<job>/tb/<run_name>`` (see :func:`run_label`).
     """
 
     def __init__(
-        self, job_dir: str | Path, objective: tuple[str, str], tensorboard: bool = True, progress: bool | None = None
+        self,
+        job_dir: str | Path,
+        objective: tuple[str, str],
+        tensorboard: bool = True,
+        progress: bool | None = None,
+        run_name: str | None = None,
     ):
         self.job_dir = Path(job_dir)
         self.job_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +185,7 @@ class Recorder:
         self.best: dict[str, float] = {}
         self.progress_enabled = sys.stderr.isatty() if progress is None else progress
         self.tensorboard = tensorboard
+        self.tb_dir = self.job_dir / "tb" / run_name if run_name else self.job_dir / "tb"
         # Files are opened at the first row, so a job that fails while loading data leaves none.
         self._metrics_file = None
         self.writer = None
@@ -164,7 +197,7 @@ class Recorder:
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.job_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir))
 
     def writer_for_steps(self):
         """The TensorBoard writer (None if off), opened now, for values logged between epoch rows."""

@@ -71,7 +71,11 @@ def test_multirun_writes_every_file_and_survives_a_failing_job(tmp_path):
         assert result["best"]["val_loss"] == min(r["val_loss"] for r in rows)
         assert result["objective"] == {"metric": "val_loss", "mode": "min", "value": rows[-1]["val_loss"]}
         assert 0 < result["final"]["test_accuracy"] <= 1
-        scalars, hparams = tensorboard_tags(job / "tb")
+        (tb_run,) = (job / "tb").iterdir()  # named by what the run is
+        assert tb_run.name == ",".join(
+            o.replace("envelope@envelopes.", "").replace("envelopes.", "") for o in overrides if "sweep.dir" not in o
+        )
+        scalars, hparams = tensorboard_tags(tb_run)
         assert {"train/raw_loss_mean", "val/loss", "val/accuracy", "envelope/classification/mean_weight"} <= scalars
         if "sigmoid" in " ".join(overrides):
             assert {"envelope/classification/threshold", "envelope/classification/inverse_slope"} <= scalars
@@ -252,7 +256,7 @@ def test_rerunning_a_sweep_redoes_only_unfinished_jobs(tmp_path):
     assert redone["status"] == "completed"
     rows = [json.loads(line) for line in (sweep / "1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["val_loss"] != 99.0
-    assert len(list((sweep / "1" / "tb").glob("events.*"))) == 1
+    assert len(list((sweep / "1" / "tb").rglob("events.*"))) == 1
 
 
 def test_a_sweep_killed_mid_job_resumes_to_the_tables_of_an_uninterrupted_one(tmp_path):

@@ -105,7 +105,8 @@ def test_every_mode_changes_training_and_logs_its_decisions(compose, tmp_path, m
     assert len(weights) > 1  # the weight moved
     state = torch.load(tmp_path / mode / "controller.pt", weights_only=False)
     assert state["mode"] == mode
-    accumulator = EventAccumulator(str(tmp_path / mode / "tb"))
+    (tb_run,) = (tmp_path / mode / "tb").iterdir()
+    accumulator = EventAccumulator(str(tb_run))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     if mode in ("monitor_only", "full"):
