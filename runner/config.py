@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -82,11 +83,27 @@ class Config:
     flush_denormal: bool = True
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def help_groups() -> str:
+    """The user-facing config groups (``conf/<group>/*.yaml``, Hydra's and the schemas left out) and their options."""
+    lines = []
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        key = {"envelope": "envelope@envelopes.<loss>"}.get(group.name, group.name)
+        lines.append(f"{key}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     if not OmegaConf.has_resolver("or_else"):
         # ${or_else:x,default}: x, or the default where x is null (a group left unchosen).
         OmegaConf.register_new_resolver("or_else", lambda value, default: default if value is None else value)
+    if not OmegaConf.has_resolver("lae_help_groups"):
+        # ${lae_help_groups:}: the config groups a user chooses from, for --help (not the internal schema/ ones)
+        OmegaConf.register_new_resolver("lae_help_groups", help_groups)
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     store.store(group="schema", name="envelope", node=EnvelopeConfig)

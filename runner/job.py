@@ -412,6 +412,12 @@ def run_members(
         values = [objective_value(run.result) for run in runs if run.result.get("status") == "completed"]
         finite = [v for v in values if math.isfinite(v)]
         outcomes[index] = sum(finite) / len(finite) if finite else math.nan
+        if sweep_dir is None:  # a single run: say where its files went (a sweep's report does)
+            status = ", ".join(sorted({str(run.result.get("status")) for run in runs}))
+            print(
+                f"Run {status}: files in {member.dir} (config.yaml, metrics.jsonl, result.json, tb/); "
+                f"tensorboard --logdir {member.dir}"
+            )
     return outcomes
 
 

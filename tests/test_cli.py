@@ -404,3 +404,21 @@ def test_tensorboard_hparams_show_every_swept_parameter_of_every_run(tmp_path):
         )
         for s in sigmoid
     ) == [(0.1, 0.1), (0.1, 1.0), (0.5, 0.1), (0.5, 1.0)]
+
+
+def test_a_single_run_says_where_its_files_went(tmp_path):
+    proc = run_cli("task.epochs=1", "tensorboard=false", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Run completed: files in {tmp_path} (config.yaml, metrics.jsonl, result.json, tb/)" in proc.stdout
+
+
+def test_help_names_the_app_gives_examples_and_hides_the_schema_groups():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.startswith("LAE Lab: ablations of Loss Attenuation Envelopes")
+    assert "python run_ablation.py -m experiment=quick_digits" in text and "--paper-table 5" in text
+    groups = text.split("== Config groups (group=option) ==")[1].split("==")[0]
+    assert "task: acrobot, california_housing" in groups and "envelope@envelopes.<loss>: focal" in groups
+    assert "schema" not in groups  # the internal schema groups are not offered
+    assert 'eval "$(python run_ablation.py -sc install=bash)"' in text
