@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -73,6 +74,25 @@ def _row_colours(table: pd.DataFrame) -> list:
     return [cycle[i % len(cycle)] for i in range(len(table))]
 
 
+SPELLED = {
+    "q": "threshold quantile",
+    "w": "width",
+    "T": "threshold",
+    "s": "inverse slope",
+    "a": "step size",
+    "γ": "focusing γ",
+    "k": "hardest fraction",
+}
+
+
+def readable(label: str) -> str:
+    """A table's envelope label with its abbreviations spelled out, for legends.
+
+    ``mse: linear q=0.9 w=0.3 a=0.01`` reads ``mse: linear, threshold quantile 0.9, width 0.3, step size 0.01``.
+    """
+    return re.sub(r" (q|w|T|s|a|γ|k)=([^\s;]+)", lambda m: f", {SPELLED[m.group(1)]} {m.group(2)}", label)
+
+
 def _step_column(metrics: pd.DataFrame) -> str:
     return "epoch" if "epoch" in metrics.columns else "step"
 
@@ -80,33 +100,45 @@ def _step_column(metrics: pd.DataFrame) -> str:
 def learning_curves(
     metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out_dir: Path, suffix: str = ""
 ) -> list[Path]:
-    """Mean ± std over seeds of ``metric`` for each row of the table (the best config per shape)."""
+    """``metric`` for each row of the table (the best config per shape): mean ± std over seeds, and beside it
+    each row's mean minus identity's, where the curves of near-equal envelopes would lie on top of each other."""
     if metrics.empty or metric not in metrics.columns:
         return []
     x = _step_column(metrics)
-    fig, ax = plt.subplots(figsize=(4.8, 3.2 + 0.18 * len(table)), layout="constrained")
+    curves = {
+        row["config_id"]: metrics[metrics["config_id"] == row["config_id"]]
+        .groupby(x)[metric]
+        .agg(["mean", "std", "count"])
+        for _, row in table.iterrows()
+    }
+    baseline = table[table["verdict"] == "baseline"] if "verdict" in table.columns else table.iloc[:0]
+    base = curves[baseline["config_id"].iloc[0]] if not baseline.empty else None
+    panels = 1 if base is None or len(table) < 2 else 2
+    fig, axes = plt.subplots(
+        1, panels, figsize=(4.8 * panels, 3.2 + 0.18 * len(table)), layout="constrained", squeeze=False
+    )
+    axes = axes[0]
     for colour, (_, row) in zip(_row_colours(table), table.iterrows()):
-        curve = metrics[metrics["config_id"] == row["config_id"]].groupby(x)[metric].agg(["mean", "std", "count"])
-        ax.plot(
-            curve.index,
-            curve["mean"],
-            label=f"{row['envelopes']} (n={int(curve['count'].max())})",
-            color=colour,
-            lw=1.4,
+        curve = curves[row["config_id"]]
+        label = f"{readable(row['envelopes'])} (n={int(curve['count'].max())})"
+        axes[0].plot(curve.index, curve["mean"], label=label, color=colour, lw=1.4)
+        spread = curve["std"].fillna(0)
+        axes[0].fill_between(
+            curve.index, curve["mean"] - spread, curve["mean"] + spread, color=colour, alpha=0.12, lw=0
         )
-        ax.fill_between(
-            curve.index,
-            curve["mean"] - curve["std"].fillna(0),
-            curve["mean"] + curve["std"].fillna(0),
-            color=colour,
-            alpha=0.12,
-            lw=0,
-        )
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean ± std over seeds{' (' + suffix.strip('_') + ')' if suffix else ''}")
-    fig.legend(loc="outside lower center", frameon=False)
-    ax.grid(alpha=0.3)
+        if panels == 2:
+            difference = (curve["mean"] - base["mean"]).dropna()
+            axes[1].plot(difference.index, difference.values, color=colour, lw=1.4)
+    axes[0].set_ylabel(metric)
+    axes[0].set_title(f"{metric}: mean ± std over seeds{' (' + suffix.strip('_') + ')' if suffix else ''}")
+    if panels == 2:
+        axes[1].axhline(0.0, color="0.3", lw=0.8)
+        axes[1].set_ylabel(f"{metric} minus identity's")
+        axes[1].set_title("difference from identity (mean over seeds)")
+    for ax in axes:
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", frameon=False)
     return save(fig, out_dir, f"learning_curves_{metric}{suffix}")
 
 
@@ -182,7 +214,7 @@ def envelope_dynamics(
         for ax, (column, _) in zip(axes, columns):
             if column in data.columns and data[column].notna().any():
                 curve = data.groupby(x)[column].mean()
-                ax.plot(curve.index, curve.values, color=colour, lw=1.3, label=row["envelopes"])
+                ax.plot(curve.index, curve.values, color=colour, lw=1.3, label=readable(row["envelopes"]))
     for ax, (_, label) in zip(axes, columns):
         ax.set_xlabel(x)
         ax.set_title(label)

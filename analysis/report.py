@@ -208,6 +208,26 @@ def _markdown_frame(frame: pd.DataFrame) -> str:
     return header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
 
 
+def _split_note(group: pd.DataFrame, spec) -> str | None:
+    """Why the reported test metric differs from the validation one that selected the rows (supervised tasks)."""
+    if not spec.report[0].startswith("final_test_") or "task_json" not in group.columns:
+        return None
+    task = json.loads(group["task_json"].iloc[0])
+    if "val_size" in task and "test_size" in task:
+        val = f"{task['val_size']:,} examples drawn afresh for each seed"
+        test = f"the same {task['test_size']:,} examples for every seed (the last of the data pool)"
+    elif "val_fraction" in task and "test_fraction" in task:
+        val = f"{task['val_fraction']:.0%} of the rows drawn afresh for each seed"
+        test = f"the same {task['test_fraction']:.0%} of the rows for every seed (drawn once, with a fixed seed)"
+    else:
+        return None
+    return (
+        f"Why test and validation figures differ: validation is {val}, test {test}; the two hold different "
+        "examples, and test figures vary less across seeds. The rows were chosen on validation, so test is "
+        "the figure not biased by that choice."
+    )
+
+
 def _write(out_dir: Path, lines: list[str]) -> Path:
     """``report.md`` and its self-contained ``report.html``; returns the Markdown file's path."""
     report = out_dir / "report.md"
@@ -311,6 +331,9 @@ def write_report(
         (out_dir / f"table{suffix}.tex").write_text(to_latex(table, spec))
         written.append(f"table{suffix}.md/.tex")
         lines += [f"\n## Best configuration per envelope shape{heading}\n\n", markdown]
+        split = _split_note(group, spec)
+        if split:
+            lines.append(f"\n{split}\n")
         printed.append(f"{heading.strip(' ()')}\n{markdown}" if heading else markdown)
         if make_figures:
             agg_group = aggregate(group, [spec.select])

@@ -257,6 +257,10 @@ def to_markdown(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
         f" p: Welch's t-test against identity on `{spec.report[0]}`, Holm-corrected over the rows; "
         f"'within noise' means corrected p ≥ {spec.alpha}."
     )
+    note += (
+        " Envelope labels: q = threshold quantile, w = width (a quantile span), a = EMA step size of the"
+        " adaptive statistics, T = static threshold, s = static inverse slope."
+    )
     if "iqm" in table.columns:
         note += (
             " IQM: interquartile mean over seeds with a 95% percentile bootstrap interval (2,000 resamples of "

@@ -258,7 +258,9 @@ def test_command_line(sweep, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "| step |" in proc.stdout and (out / "report.md").exists() and not (out / "figures").exists()
-    assert f"Results: {out} (report.md, table.md/.tex, configs.csv, jobs.csv)" in proc.stdout  # what was written
+    assert (
+        f"Results: {out} (report.md, report.html, table.md/.tex, configs.csv, jobs.csv)" in proc.stdout
+    )  # what was written
     bad = subprocess.run(
         [sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True
     )
@@ -398,3 +400,40 @@ def test_the_html_report_renders_its_tables_and_figures_in_a_browser(sweep, tmp_
     # the figures are drawn: some pixels carry the plots' colours, not only grey text
     saturation = pixels.max(-1) - pixels.min(-1)
     assert (saturation > 0.3).mean() > 0.001
+
+
+def test_learning_curves_show_differences_from_identity_with_spelled_out_legends(sweep, monkeypatch):
+    from analysis import figures
+    from analysis.figures import readable
+
+    assert (
+        readable("mse: linear q=0.9 w=0.3 a=0.01") == "mse: linear, threshold quantile 0.9, width 0.3, step size 0.01"
+    )
+    jobs = load_jobs(sweep)
+    spec = default_spec(jobs)
+    table = paper_table(jobs, spec)
+    captured = []
+    monkeypatch.setattr(figures, "save", lambda fig, out_dir, name: captured.append(fig) or [])
+    figures.learning_curves(load_metrics(jobs[jobs["status"] == "completed"]), table, "val_loss", sweep)
+    (fig,) = captured
+    absolute, difference = fig.axes
+    assert "minus identity" in difference.get_ylabel()
+    # identity's own difference is zero at every epoch; step's is its mean minus identity's
+    lines = {line.get_color(): line.get_ydata() for line in difference.get_lines()[1:]}  # [0] is the zero line
+    assert any(np.allclose(values, 0.0) for values in lines.values())
+    assert any(np.allclose(values, 0.85 - 1.0525) for values in lines.values())
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "classification: step, threshold quantile 0.1, step size 0.1 (n=4)" in labels
+    assert not any(" q=" in label for label in labels)
+
+
+def test_the_report_says_why_test_differs_from_validation():
+    import pandas as pd
+
+    from analysis.report import _split_note
+    from analysis.tables import TableSpec
+
+    group = pd.DataFrame({"task_json": [json.dumps({"train_size": 1200, "val_size": 300, "test_size": 297})]})
+    note = _split_note(group, TableSpec("final_val_loss", "min", ["final_test_loss", "final_val_loss"]))
+    assert "validation is 300 examples drawn afresh for each seed, test the same 297 examples for every seed" in note
+    assert _split_note(group, TableSpec("final_val_loss", "min", ["final_val_loss"])) is None  # no test reported
