@@ -13,7 +13,7 @@ Acrobot grid's 1,210 runs, 5% of LunarLander's 2,420), each for
   them before the batching launcher.
 
 Rates are the median over updates of what each run logs
-(``charts/sps_with_update``: environment steps of all the group's agents
+(``charts/SPS``: environment steps of all the group's agents
 per second of rollout plus update), so start-up is left out; the
 command's whole wall time is printed too. The extrapolation divides the
 paper grid's environment steps by the rate (one process on this machine).
@@ -64,7 +64,7 @@ def sweep(args: list[str], out: Path) -> tuple[float, list[float]]:
     rates = []
     for metrics in sorted(out.glob("*/metrics.jsonl")):
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        rates.append(statistics.median(r["charts_sps_with_update"] for r in rows))
+        rates.append(statistics.median(r["charts_SPS"] for r in rows))
     return wall, rates
 
 

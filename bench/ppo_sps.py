@@ -52,8 +52,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 run_job(cfg, Path(tmp), None, [], reraise=True)
                 rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-            rollout = statistics.median(r["charts_sps"] for r in rows)
-            whole = statistics.median(r["charts_sps_with_update"] for r in rows)
+            rollout = statistics.median(r["charts_rollout_SPS"] for r in rows)
+            whole = statistics.median(r["charts_SPS"] for r in rows)
             print(f"{cfg.task.env_id:15s} {num_envs:8d} {rollout:16.0f} {whole:12.0f}")
 
 

@@ -460,12 +460,12 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             metrics.update(envelope_stats["policy"][k])
             metrics.update(envelope_stats["value"][k])
             if math.isfinite(explained[k]):  # returns without spread: explained variance is undefined, not a divergence
-                metrics["train/explained_variance"] = explained[k]
-            metrics["train/approx_kl"] = approx_kl[k]
-            metrics["train/clip_fraction"] = clip_fraction[k]
-            metrics["train/kl_coef"] = coefs[k] if task_cfg.kl_penalty != "none" else 0.0
-            metrics["charts/sps"] = batch * K / rollout_seconds
-            metrics["charts/sps_with_update"] = batch * K / elapsed
+                metrics["losses/explained_variance"] = explained[k]
+            metrics["losses/approx_kl"] = approx_kl[k]
+            metrics["losses/clipfrac"] = clip_fraction[k]
+            metrics["losses/kl_coef"] = coefs[k] if task_cfg.kl_penalty != "none" else 0.0
+            metrics["charts/rollout_SPS"] = batch * K / rollout_seconds
+            metrics["charts/SPS"] = batch * K / elapsed
             if finished[k]:  # no episode ended in this rollout: log no return rather than NaN
                 returns_k = [r for r, _ in finished[k]]
                 recent[k].extend(returns_k)

@@ -43,10 +43,11 @@ def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):
     for key in (
         "train_policy_raw_loss_mean",
         "train_value_shaped_loss_mean",
-        "train_approx_kl",
-        "train_clip_fraction",
-        "train_explained_variance",
-        "charts_sps",
+        "losses_approx_kl",
+        "losses_clipfrac",
+        "losses_explained_variance",
+        "charts_rollout_SPS",
+        "charts_SPS",
         "charts_episodic_length",
         "envelope_policy_mean_weight",
     ):
@@ -110,7 +111,7 @@ def test_same_seed_same_metrics(compose, tmp_path):
     args = ("task=cartpole", *SMALL, "task.total_steps=600", "envelope@envelopes.policy=sigmoid")
     run_job(compose(*args), tmp_path / "a", None, [], reraise=True)
     run_job(compose(*args), tmp_path / "b", None, [], reraise=True)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("charts_sps")} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("charts_rollout_SPS", "charts_SPS"))} for r in rows]  # noqa: E731
     assert strip(rows_of(tmp_path / "a")) == strip(rows_of(tmp_path / "b"))
 
 
@@ -131,7 +132,7 @@ def test_options_change_training(compose, tmp_path, override):
     key = "train_policy_raw_loss_mean"
     assert [r[key] for r in rows_of(tmp_path / "base")] != [r[key] for r in rows_of(tmp_path / "other")]
     if "kl_penalty" in override:
-        coefs = [r["train_kl_coef"] for r in rows_of(tmp_path / "other")]
+        coefs = [r["losses_kl_coef"] for r in rows_of(tmp_path / "other")]
         assert coefs[0] > 0 and len(set(coefs)) > 1  # the adaptive coefficient moves
 
 
