@@ -250,17 +250,6 @@ def evaluate(model, x: torch.Tensor, threshold: float) -> tuple[list[dict[str, f
     return out, recon_per_sample
 
 
-def image_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
-    """(N, 784) in [0, 1] to a (1, H, W) tile image for TensorBoard."""
-    n = images.shape[0]
-    rows = math.ceil(n / columns)
-    grid = torch.zeros(rows * IMAGE_SIDE, columns * IMAGE_SIDE)
-    for i, image in enumerate(images.reshape(n, IMAGE_SIDE, IMAGE_SIDE).cpu()):
-        r, c = divmod(i, columns)
-        grid[r * IMAGE_SIDE : (r + 1) * IMAGE_SIDE, c * IMAGE_SIDE : (c + 1) * IMAGE_SIDE] = image
-    return grid.unsqueeze(0)
-
-
 def load_data(task_cfg, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     from tasks.datasets import split_indices, task_pool
 
@@ -407,9 +396,14 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
 @torch.no_grad()
 def log_images(model: VAE, val_x: torch.Tensor, generator: torch.Generator, task_cfg, writer) -> None:
-    """A grid of 16 validation images over their reconstructions, and one of 32 samples from the prior."""
+    """A grid of 16 validation images above their reconstructions, and one of 32 samples from the prior.
+
+    TensorBoard's ``add_images`` tiles each batch (N, 1, 28, 28) into one image.
+    """
     shown = val_x[:16]
     logits, _, _ = model(shown)
-    writer.add_image("images/reconstructions", image_grid(torch.cat([shown, torch.sigmoid(logits)])), task_cfg.epochs)
+    pairs = torch.cat([shown, torch.sigmoid(logits)]).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+    writer.add_images("images/reconstructions", pairs.cpu(), task_cfg.epochs)
     noise = torch.randn(32, task_cfg.latent_dim, device=val_x.device, generator=generator)
-    writer.add_image("images/samples", image_grid(torch.sigmoid(model.decoder(noise))), task_cfg.epochs)
+    samples = torch.sigmoid(model.decoder(noise)).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+    writer.add_images("images/samples", samples.cpu(), task_cfg.epochs)

@@ -121,3 +121,30 @@ def test_drift_setting_resamples_and_reports_three_distributions(compose, tmp_pa
         assert key in rows[-1], key
     weights = [[r[f"drift_class_weight_{c}"] for c in range(10)] for r in rows]
     assert weights[0] != weights[1] and sum(weights[0]) == pytest.approx(1.0)
+
+
+def test_image_grids_reach_tensorboard_tiled(tmp_path):
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tasks.vae import VAE, log_images
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    model = VAE(784, [32], 4)
+    val_x = torch.rand(20, 784)
+    log_images(model, val_x, torch.Generator().manual_seed(0), SimpleNamespace(epochs=3, latent_dim=4), writer)
+    writer.close()
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    accumulator.Reload()
+    assert set(accumulator.Tags()["images"]) == {"images/reconstructions", "images/samples"}
+    (pairs,) = accumulator.Images("images/reconstructions")
+    (samples,) = accumulator.Images("images/samples")
+    assert pairs.step == 3
+    # 32 images (16 shown over 16 reconstructions) and 32 samples, each tiled 8 to a row of 28-pixel tiles
+    assert (
+        pairs.width > 4 * 28
+        and pairs.height > 3 * 28
+        and (samples.width, samples.height) == (pairs.width, pairs.height)
+    )
