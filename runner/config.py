@@ -67,19 +67,31 @@ class ControllerConfig(ControllerSettings):
 
 @dataclass
 class Config:
-    task: Any = MISSING
-    envelopes: dict[str, EnvelopeConfig] = field(default_factory=dict)
+    """A job's config: the defaults of every top-level key (conf/config.yaml chooses the groups only)."""
+
+    task: Any = MISSING  # a task config (conf/task/*.yaml), its schema the task module's Config
+    envelopes: dict[str, EnvelopeConfig] = field(default_factory=dict)  # one per loss of the task
+    # Value-Weighted Parameter Refinement (methods/vwpr.py): per-parameter value weights on gradients
     vwpr: VWPRConfig = field(default_factory=VWPRConfig)
+    # adaptive loss weighting (methods/loss_controller.py); mode null (off) | baseline | monitor_only |
+    # controller_only | full
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     seed: int = 0
+    # seeds trained together in one job as one batched model: seed, seed+1, ..., seed+seed_batch-1
+    # (each seed still gets its own files and result)
     seed_batch: int = 1
-    device: str = "auto"
-    threads: int | None = None
-    data_root: str = "data"
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch threads per job (null: torch's default)
+    data_root: str = "data"  # where data sets live; each task's data_dir defaults to a folder below it
     tensorboard: bool = True
-    progress: bool | None = None
+    progress: bool | None = None  # progress bar; null: only when stderr is a terminal
+    # skip a job whose effective config (shape-ignored parameters dropped) already ran in the sweep
     deduplicate: bool = True
+    # results cache shared between sweeps (runner/cache.py): a run already completed there with the same
+    # effective config, seed and code version is copied instead of trained; null: off
     cache_dir: str | None = None
+    # flush denormal floats to zero on CPU: a sigmoid envelope's tiny weights make denormal gradients,
+    # which CPUs process many times slower (bench/envelope_overhead.py --keep-denormals)
     flush_denormal: bool = True
 
 

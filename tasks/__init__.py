@@ -18,7 +18,27 @@ Modules are imported lazily, so a run pays only for the task it runs.
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import Any, Protocol, cast, runtime_checkable
+
+
+@runtime_checkable
+class TaskModule(Protocol):
+    """What the runner needs of a task module (see the module docstring).
+
+    Optional: ``data_files(task_cfg)`` (the files a run reads, for its data
+    digest) and ``check_data(task_cfg)`` (refuse a sweep whose data is missing).
+    """
+
+    Config: type
+    OBJECTIVE: tuple[str, str]
+    SEED_BATCH: bool
+
+    def loss_names(self, task_cfg: Any) -> tuple[str, ...]: ...
+
+    def validate(self, task_cfg: Any) -> None: ...
+
+    def run(self, cfg: Any, context: Any) -> list[dict[str, float] | Exception]: ...
+
 
 TASKS = {
     "classification": "tasks.classification",
@@ -28,7 +48,7 @@ TASKS = {
 }
 
 
-def task_module(name: str) -> ModuleType:
+def task_module(name: str) -> TaskModule:
     if name not in TASKS:
         raise ValueError(f"task.name must be one of {list(TASKS)}, got {name!r}")
-    return importlib.import_module(TASKS[name])
+    return cast(TaskModule, importlib.import_module(TASKS[name]))

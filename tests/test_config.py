@@ -251,3 +251,18 @@ def test_paper_table_presets_run_every_row_at_the_papers_protocol(table):
 @pytest.mark.parametrize("table", ["1", "2", "3", "6", "7"])
 def test_paper_table_grid_presets_run_every_row_at_the_papers_protocol(table):
     _preset_covers_its_paper_table(table)
+
+
+@pytest.mark.parametrize("name", ["classification", "regression", "vae", "ppo"])
+def test_every_task_module_implements_the_task_interface(name):
+    import dataclasses
+    import inspect
+
+    from tasks import TaskModule, task_module
+
+    module = task_module(name)
+    assert isinstance(module, TaskModule)
+    assert dataclasses.is_dataclass(module.Config) and module.OBJECTIVE[1] in ("min", "max")
+    for function, parameters in (("loss_names", 1), ("validate", 1), ("run", 2)):
+        assert len(inspect.signature(getattr(module, function)).parameters) == parameters, function
+    assert isinstance(module.SEED_BATCH, bool)
