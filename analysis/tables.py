@@ -306,31 +306,40 @@ CONTROLLER_COMPONENTS = {
 def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float = 0.05) -> pd.DataFrame:
     """Each loss-controller mode minus ``baseline`` on the reported metric, per configuration.
 
-    Configurations are matched on everything but the mode (envelopes, VWPR,
-    task parameters); the difference of means over seeds comes with the
-    95% Welch interval and Welch's p-value, Holm-corrected over the rows.
-    Empty when the sweep has no ``baseline`` mode and another mode to set against it.
+    ``baseline`` (the base loss alone) is the run without the controller:
+    the runner trains and identifies the two as one run, so runs with the
+    controller off are the baseline. Configurations are matched on
+    everything but the mode (envelopes, VWPR, task parameters), and each row
+    names the other settings that vary in the sweep (``vwpr``,
+    ``task.<key>``), so rows that differ only there are told apart. The
+    difference of means over seeds comes with the 95% Welch interval and
+    Welch's p-value, Holm-corrected over the rows. Empty when no run has a
+    controller mode other than baseline.
     """
-    done = jobs[(jobs["status"] == "completed")]
-    if "controller" not in done.columns or not (done["controller"] == "baseline").any():
+    done = jobs[jobs["status"] == "completed"]
+    if "controller" not in done.columns:
+        return pd.DataFrame()
+    modes = done["controller"].where(done["controller"].notna(), "baseline")
+    if not (modes != "baseline").any():
         return pd.DataFrame()
     metric = spec.report[0]
-    done = done[done["controller"].notna()].assign(
-        _key=lambda d: d["envelopes_json"] + d["task_json"] + d["vwpr"].astype(str)
-    )
+    done = done.assign(_mode=modes, _key=done["envelopes_json"] + done["task_json"] + done["vwpr"].astype(str))
+    settings = _varying_settings(done)
     rows = []
     for _, group in done.groupby("_key", sort=False):
-        base = group.loc[group["controller"] == "baseline", metric].to_numpy(float)
+        base = group.loc[group["_mode"] == "baseline", metric].to_numpy(float)
         if len(base) == 0:
             continue
         for mode, label in CONTROLLER_COMPONENTS.items():
-            values = group.loc[group["controller"] == mode, metric].to_numpy(float)
+            values = group.loc[group["_mode"] == mode, metric].to_numpy(float)
             if len(values) == 0:
                 continue
             half, _ = difference_interval(values, base)
+            first = group.index[0]
             rows.append(
                 {
                     "envelopes": group["envelopes"].iloc[0],
+                    **{name: column[first] for name, column in settings.items()},
                     "dataset": group["dataset"].iloc[0],
                     "mode": mode,
                     "component": label,
@@ -345,6 +354,7 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    table.attrs["settings"] = list(settings)
     table["p_holm"] = holm(table["p"].tolist())
     better = (table["difference"] < 0) == (spec.mode == "min")
     table["verdict"] = [
@@ -354,20 +364,53 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
     return table
 
 
+def _varying_settings(done: pd.DataFrame) -> dict[str, pd.Series]:
+    """The settings besides envelopes and mode that take more than one value: ``vwpr`` and ``task.<key>``."""
+    settings = {}
+    if done["vwpr"].nunique() > 1:
+        settings["vwpr"] = done["vwpr"].map({True: "on", False: "off"})
+    params = done["task_json"].map(json.loads)
+    for key in sorted({k for p in params for k in p}):
+        values = params.map(lambda p, key=key: json.dumps(p.get(key), sort_keys=True))
+        if values.nunique() > 1:
+            settings[f"task.{key}"] = params.map(lambda p, key=key: p.get(key))
+    return settings
+
+
 def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:
-    lines = [
-        "| envelopes | component (mode) | Δ vs baseline ± 95% CI | n (mode / baseline) | p (Holm) | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in table.itertuples():
-        ci = "" if math.isnan(row.ci95) else f" ± {row.ci95:.{digits}f}"
-        p = "" if math.isnan(row.p_holm) else f"{row.p_holm:.3g}"
-        lines.append(
-            f"| {row.envelopes} | {row.component} (`{row.mode}`) | {row.difference:+.{digits}f}{ci} | "
-            f"{row.n_mode} / {row.n_baseline} | {p} | {row.verdict} |"
-        )
+    """The contributions as a Markdown table; an accuracy is shown in percentage points."""
     metric = table["metric"].iloc[0]
+    points = "accuracy" in metric
+    scale, unit = (100.0, " (pp)") if points else (1.0, "")
+    places = 2 if points else digits
+    settings = table.attrs.get("settings", [])
+    header = [
+        "envelopes",
+        *settings,
+        "component (mode)",
+        f"Δ vs baseline ± 95% CI{unit}",
+        "n (mode / baseline)",
+        "p (Holm)",
+        "verdict",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        ci = "" if math.isnan(row["ci95"]) else f" ± {scale * row['ci95']:.{places}f}"
+        p = "" if math.isnan(row["p_holm"]) else f"{row['p_holm']:.3g}"
+        cells = [
+            row["envelopes"],
+            *[str(row[name]) for name in settings],
+            f"{row['component']} (`{row['mode']}`)",
+            f"{scale * row['difference']:+.{places}f}{ci}",
+            f"{row['n_mode']} / {row['n_baseline']}",
+            p,
+            row["verdict"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    what = "percentage points of " if points else ""
     return (
-        "\n".join(lines) + f"\n\nΔ: mean `{metric}` of the mode minus that of `baseline` (base loss only) with the "
-        f"same envelopes, over seeds; 95% Welch interval; Welch's t-test, Holm-corrected over the rows.\n"
+        "\n".join(lines)
+        + f"\n\nΔ: mean `{metric}` of the mode minus that of `baseline` (the base loss alone, the same run as no "
+        f"controller) with the same other settings, over seeds, in {what}the metric's units; 95% Welch interval; "
+        "Welch's t-test, Holm-corrected over the rows.\n"
     )

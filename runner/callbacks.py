@@ -229,7 +229,7 @@ class SweepCallback(Callback):
         wait_for_other_processes(sweep_dir)
         try:
             jobs = load_jobs(sweep_dir)
-            report = write_report([sweep_dir], sweep_dir, jobs=jobs)
+            report = write_report([sweep_dir], sweep_dir, config.report.metric, config.report.mode, jobs=jobs)
             print(f"Report: {report} (and {report.with_suffix('.html').name}, self-contained)")
             if config.get("tensorboard", False) and not jobs.empty:
                 from runner.recorder import write_sweep_hparams

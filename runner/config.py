@@ -66,6 +66,15 @@ class ControllerConfig(ControllerSettings):
 
 
 @dataclass
+class ReportConfig:
+    """What the end-of-sweep report selects on: a metric (e.g. val_accuracy; null: the task's objective) and
+    whether lower or higher is better (null: the objective's direction, else min)."""
+
+    metric: str | None = None
+    mode: str | None = None
+
+
+@dataclass
 class Config:
     """A job's config: the defaults of every top-level key (conf/config.yaml chooses the groups only)."""
 
@@ -93,6 +102,8 @@ class Config:
     # flush denormal floats to zero on CPU: a sigmoid envelope's tiny weights make denormal gradients,
     # which CPUs process many times slower (bench/envelope_overhead.py --keep-denormals)
     flush_denormal: bool = True
+    # the end-of-sweep report's selection metric (python -m analysis <sweep> --metric ... --mode ... the same)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -160,6 +171,8 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
         raise ConfigError(f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
+    if cfg.report.mode not in (None, "min", "max"):
+        raise ConfigError(f"report.mode must be one of ['min', 'max'] or null, got {cfg.report.mode!r}")
     if cfg.seed_batch < 1:
         raise ConfigError(
             f"seed_batch must be a positive integer (seeds trained together in one job), got {cfg.seed_batch!r}"
@@ -229,6 +242,7 @@ _NOT_EFFECTIVE = {
     "progress",
     "deduplicate",
     "flush_denormal",
+    "report",
 }
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
@@ -262,9 +276,10 @@ def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope], data: bool
             out["data"] = identity
     # VWPR's settings matter only when it is on
     out["vwpr"] = container["vwpr"] if container["vwpr"]["enabled"] else {"enabled": False}
-    # the controller's only when it is on (a run without it keeps the id it always had)
+    # the controller's only when it is on (a run without it keeps the id it always had); its baseline mode
+    # (the base loss alone) trains what no controller trains, so it is the same run
     out.pop("controller", None)
-    if container["controller"]["mode"] is not None:
+    if container["controller"]["mode"] not in (None, "baseline"):
         out["controller"] = container["controller"]
     return out
 

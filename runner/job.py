@@ -527,7 +527,8 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
         recorders,
         [run.seed for run in runs],
         cfg.vwpr if cfg.vwpr.enabled else None,
-        None if cfg.controller.mode is None else controller_settings(cfg),
+        # baseline (the base loss alone) trains exactly what no controller trains: it is that run
+        None if cfg.controller.mode in (None, "baseline") else controller_settings(cfg),
         run_envelopes=None if same else per_run,
     )
     extras = module.run(cfg, context)

@@ -123,8 +123,8 @@ def test_baseline_mode_trains_exactly_as_without_the_controller(compose, tmp_pat
     off = [json.loads(line)["val_loss"] for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
     base = [json.loads(line)["val_loss"] for line in (tmp_path / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert off == base
-    ids = [json.loads((tmp_path / d / "result.json").read_text())["config_id"] for d in ("off", "baseline")]
-    assert ids[0] != ids[1]  # a controller run is its own configuration
+    ids = [json.loads((tmp_path / d / "result.json").read_text())["run_id"] for d in ("off", "baseline")]
+    assert ids[0] == ids[1]  # one run: de-duplication and the results cache treat them as one
 
 
 @needs_mnist
@@ -262,8 +262,78 @@ def test_report_shows_each_component_against_baseline(tmp_path):
     assert list(table["mode"]) == ["monitor_only", "controller_only", "full"]
     assert (table["n_mode"] == 2).all() and (table["n_baseline"] == 2).all() and table["ci95"].notna().all()
     jobs = pd.read_csv(sweep / "jobs.csv")
+    # baseline is the run without the controller: its runs say controller = none
+    assert jobs["controller"].isna().sum() == 2
     for row in table.itertuples():
-        means = jobs.groupby("controller")[row.metric].mean()
+        means = jobs.assign(controller=jobs["controller"].fillna("baseline")).groupby("controller")[row.metric].mean()
         assert row.difference == pytest.approx(means[row.mode] - means["baseline"])
     report = (sweep / "report.md").read_text()
     assert "Contribution of each loss-controller component" in report and "meta-learning controller" in report
+
+
+def test_baseline_and_no_controller_are_one_run(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_cli import ROOT
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_ablation.py"),
+            "-m",
+            "task.epochs=2",
+            "tensorboard=false",
+            "controller.mode=null,baseline",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first, second = (json.loads((sweep / str(n) / "result.json").read_text()) for n in (0, 1))
+    assert first["status"] == "completed" and second["status"] == "duplicate"
+    assert second["run_id"] == first["run_id"]  # the same run: trained once
+
+
+def test_contributions_name_every_other_swept_setting_and_speak_percentage_points():
+    import pandas as pd
+
+    from analysis.tables import TableSpec, contributions_markdown, controller_contributions
+
+    rows = []
+    for vwpr in (False, True):
+        for mode, base in ((None, 0.80), ("full", 0.82)):
+            for seed in range(3):
+                rows.append(
+                    {
+                        "status": "completed",
+                        "controller": mode,
+                        "vwpr": vwpr,
+                        "seed": seed,
+                        "envelopes": "classification: identity",
+                        "envelopes_json": "{}",
+                        "dataset": "fashion_mnist",
+                        "task_json": json.dumps({"epochs": 25}),
+                        "final_val_accuracy": base + (0.05 if vwpr else 0.0) + 0.001 * seed,
+                    }
+                )
+    spec = TableSpec("final_val_accuracy", "max", ["final_val_accuracy"])
+    table = controller_contributions(pd.DataFrame(rows), spec)
+    assert list(table["vwpr"]) == ["off", "on"]  # rows that differ only in VWPR are told apart
+    assert table["difference"].tolist() == pytest.approx([0.02, 0.02])
+    markdown = contributions_markdown(table)
+    assert "| envelopes | vwpr | component (mode) | Δ vs baseline ± 95% CI (pp) |" in markdown
+    assert "| classification: identity | off | monitor + controller (full) (`full`) | +2.00 ± " in markdown
+
+
+def test_the_end_of_sweep_report_takes_its_metric_from_the_config(compose):
+    from runner.config import ConfigError, validate
+
+    cfg = compose("report.metric=val_accuracy", "report.mode=max")
+    assert (cfg.report.metric, cfg.report.mode) == ("val_accuracy", "max")
+    with pytest.raises(ConfigError, match=r"report.mode must be one of \['min', 'max'\] or null, got 'high'"):
+        validate(compose("report.mode=high"))

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def group_key(cfg: DictConfig) -> str | None:
     """What the runs of a group must share: the whole config but envelopes and seed (None: runs alone)."""
-    if cfg.vwpr.enabled or cfg.controller.mode is not None:
+    if cfg.vwpr.enabled or cfg.controller.mode not in (None, "baseline"):
         return None
     container = {
         key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
