@@ -56,7 +56,9 @@ class ControllerSettings:
     min_weight: float = 0.0
     max_weight: float = 1.0
     max_change: float = 0.05  # largest change of a weight per adjustment
-    interval: int = 20  # optimiser steps between the monitor's decisions
+    # optimiser steps between the monitor's decisions; null: the run's steps / decisions
+    interval: int | None = None
+    decisions: int = 200  # the monitor's decisions over the run (when interval is null)
     adjust_step: float = 0.05  # the monitor's increase/decrease
     divergence_factor: float = 10.0  # combined loss above this times the base loss level diverges
     fallback_steps: int = 50  # steps on the base loss alone after a divergence
@@ -65,11 +67,13 @@ class ControllerSettings:
     lr: float = 1e-3
     gamma: float = 0.9
     buffer_size: int = 2000
-    batch_size: int = 32
-    target_sync: int = 25  # learning updates between target-network copies
+    batch_size: int = 16
+    updates_per_decision: int = 4  # Q-learning updates on replayed minibatches after each decision
+    warmup: float = 0.1  # fraction of the run's decisions stored before learning starts (at least batch_size)
+    target_sync: int = 20  # learning updates between target-network copies
     epsilon_start: float = 1.0
     epsilon_end: float = 0.05
-    epsilon_decay: float = 0.95  # per decision
+    explore_fraction: float = 0.5  # epsilon falls linearly to epsilon_end over this fraction of the decisions
     # meta controller
     target_step: float = 0.05  # the target's move per epoch
     range_radius: float = 0.2  # half-width of the range given to the monitor
@@ -97,8 +101,15 @@ def check_settings(settings: ControllerSettings) -> None:
     )
     for key in ("max_change", "adjust_step", "target_step", "range_radius", "lr"):
         need(getattr(settings, key) > 0, key, "must be > 0", getattr(settings, key))
-    for key in ("interval", "hidden", "buffer_size", "batch_size", "target_sync"):
+    for key in ("decisions", "hidden", "buffer_size", "batch_size", "target_sync", "updates_per_decision"):
         need(getattr(settings, key) >= 1, key, "must be a positive integer", getattr(settings, key))
+    need(
+        settings.interval is None or settings.interval >= 1,
+        "interval",
+        "must be a positive integer or null",
+        settings.interval,
+    )
+    need(0 <= settings.warmup < 1, "warmup", "must lie in [0, 1)", settings.warmup)
     need(settings.fallback_steps >= 0, "fallback_steps", "must be >= 0", settings.fallback_steps)
     need(settings.divergence_factor > 1, "divergence_factor", "must be > 1", settings.divergence_factor)
     need(0 <= settings.gamma < 1, "gamma", "must lie in [0, 1)", settings.gamma)
@@ -108,7 +119,7 @@ def check_settings(settings: ControllerSettings) -> None:
         "must satisfy 0 <= epsilon_end <= epsilon_start <= 1",
         (settings.epsilon_start, settings.epsilon_end),
     )
-    need(0 < settings.epsilon_decay <= 1, "epsilon_decay", "must lie in (0, 1]", settings.epsilon_decay)
+    need(0 < settings.explore_fraction <= 1, "explore_fraction", "must lie in (0, 1]", settings.explore_fraction)
 
 
 class LossExecutor:
@@ -201,10 +212,18 @@ class LossMonitor:
 
     Actions are the 3^n combinations of (decrease, keep, increase) over n
     weights. Runs on the CPU (its inputs are a few numbers per decision).
+    Its schedule is in units of the run's ``planned`` decisions, so that a
+    run of any length learns: learning starts once ``warmup`` of them are
+    stored, each decision is followed by ``updates_per_decision`` replayed
+    updates, the target network is copied every ``target_sync`` updates, and
+    epsilon falls linearly over the first ``explore_fraction`` of them.
     """
 
-    def __init__(self, n_weights: int, settings: ControllerSettings, seed: int):
+    def __init__(self, n_weights: int, settings: ControllerSettings, seed: int, planned: int | None = None):
         self.settings = settings
+        self.planned = max(1, planned if planned is not None else settings.decisions)
+        self.made = 0  # decisions taken
+        self.syncs = 0  # target-network copies
         self.n_weights = n_weights
         self.state_dim = 5 + n_weights
         self.n_actions = 3**n_weights
@@ -241,15 +260,23 @@ class LossMonitor:
         return out
 
     def act(self, state: Tensor) -> int:
-        """Epsilon-greedy; decays epsilon."""
+        """Epsilon-greedy; then epsilon steps along its linear schedule over the run's decisions."""
         explore = torch.rand((), generator=self.generator).item() < self.epsilon
         if explore:
             action = int(torch.randint(self.n_actions, (), generator=self.generator))
         else:
             with torch.no_grad():
                 action = int(self.q(state).argmax())
-        self.epsilon = max(self.settings.epsilon_end, self.epsilon * self.settings.epsilon_decay)
+        self.made += 1
+        progress = min(1.0, self.made / (self.settings.explore_fraction * self.planned))
+        start, end = self.settings.epsilon_start, self.settings.epsilon_end
+        self.epsilon = start + (end - start) * progress
         return action
+
+    @property
+    def warmed_up(self) -> bool:
+        filled = min(self.stored, self.settings.buffer_size)
+        return filled >= max(self.settings.batch_size, math.ceil(self.settings.warmup * self.planned))
 
     def remember(self, state: Tensor, action: int, reward: float, next_state: Tensor) -> None:
         slot = self.stored % self.settings.buffer_size
@@ -261,9 +288,9 @@ class LossMonitor:
 
     def learn(self) -> float | None:
         """One Q-learning update on a replayed minibatch (Huber loss, target network)."""
-        filled = min(self.stored, self.settings.buffer_size)
-        if filled < self.settings.batch_size:
+        if not self.warmed_up:
             return None
+        filled = min(self.stored, self.settings.buffer_size)
         index = torch.randint(filled, (self.settings.batch_size,), generator=self.generator)
         state, action = self.buffer["state"][index], self.buffer["action"][index]
         reward, next_state = self.buffer["reward"][index], self.buffer["next_state"][index]
@@ -277,6 +304,7 @@ class LossMonitor:
         self.updates += 1
         if self.updates % self.settings.target_sync == 0:
             self.target.load_state_dict(self.q.state_dict())
+            self.syncs += 1
         self.last_td_loss = loss.item()
         return self.last_td_loss
 
@@ -288,6 +316,8 @@ class LossMonitor:
             "buffer": self.buffer,
             "stored": self.stored,
             "updates": self.updates,
+            "made": self.made,
+            "syncs": self.syncs,
             "epsilon": self.epsilon,
             "generator": self.generator.get_state(),
         }
@@ -298,6 +328,7 @@ class LossMonitor:
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer = state["buffer"]
         self.stored, self.updates, self.epsilon = state["stored"], state["updates"], state["epsilon"]
+        self.made, self.syncs = state["made"], state["syncs"]
         self.generator.set_state(state["generator"])
 
 
@@ -394,14 +425,19 @@ class LossController:
         self.settings = settings
         self.mode = settings.mode
         self.executor = LossExecutor(self.names, settings, device)
-        self.monitor = LossMonitor(len(self.names), settings, seed) if self.mode in ("monitor_only", "full") else None
+        self.total_steps = max(total_steps, 1)
+        # decisions in units the run has: every `interval` steps, by default spread so the run makes `decisions`
+        self.interval = settings.interval or max(1, self.total_steps // settings.decisions)
+        planned = self.total_steps // self.interval
+        self.monitor = (
+            LossMonitor(len(self.names), settings, seed, planned) if self.mode in ("monitor_only", "full") else None
+        )
         self.meta = MetaController(self.names, settings) if self.mode in ("controller_only", "full") else None
         self.probe = probe
         self.parameters = list(parameters)
-        self.total_steps = max(total_steps, 1)
         self.writer = writer
         self.step = 0
-        self.recent = torch.zeros(settings.interval, device=device)
+        self.recent = torch.zeros(self.interval, device=device)
         self.previous: tuple[Tensor, int] | None = None  # the monitor's last state and action
         self.probe_loss = probe() if self.monitor is not None else math.nan
         self.rewards: list[float] = []
@@ -421,9 +457,9 @@ class LossController:
 
     def after_step(self, base: Tensor) -> None:
         """Call after each optimiser step, with the step's base loss (gradients still in place)."""
-        self.recent[self.step % self.settings.interval] = base.detach()
+        self.recent[self.step % self.interval] = base.detach()
         self.step += 1
-        if self.monitor is None or self.step % self.settings.interval:
+        if self.monitor is None or self.step % self.interval:
             return
         self._decide()
 
@@ -460,7 +496,8 @@ class LossController:
         if self.previous is not None:
             previous_state, previous_action = self.previous
             self.monitor.remember(previous_state, previous_action, reward, state)
-            td_loss = self.monitor.learn()
+            for _ in range(self.settings.updates_per_decision):
+                td_loss = self.monitor.learn()
             self.rewards.append(reward)
         action = self.monitor.act(state)
         self.actions.append(action)
@@ -491,6 +528,8 @@ class LossController:
                 metrics["monitor/mean_reward"] = sum(self.rewards) / len(self.rewards)
             if self.monitor.last_td_loss is not None:
                 metrics["monitor/td_loss"] = self.monitor.last_td_loss
+            metrics["monitor/updates"] = float(self.monitor.updates)
+            metrics["monitor/target_syncs"] = float(self.monitor.syncs)
         if self.meta is not None:
             # the change since the last decision (before its own adjustment) preceded this epoch's improvement
             improvement = (

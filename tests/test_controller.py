@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.loss_controller import ControllerSettings, LossExecutor, LossMonitor, MetaController
+from methods.loss_controller import ControllerSettings, LossController, LossExecutor, LossMonitor, MetaController
 from runner.config import ConfigError, validate
 from runner.job import run_job
 from tests.conftest import SHARED_DATA, needs_mnist
@@ -48,10 +48,8 @@ def test_executor_skips_non_finite_aux_losses_and_falls_back_on_divergence():
 
 
 def test_monitor_dqn_learns_which_action_pays_in_which_state():
-    settings = ControllerSettings(
-        mode="monitor_only", batch_size=16, target_sync=10, lr=1e-2, gamma=0.0, epsilon_decay=0.99
-    )
-    monitor = LossMonitor(1, settings, seed=0)  # 3 actions; state dim 6
+    settings = ControllerSettings(mode="monitor_only", batch_size=16, target_sync=10, lr=1e-2, gamma=0.0)
+    monitor = LossMonitor(1, settings, seed=0, planned=600)  # 3 actions; state dim 6
     states = [torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.tensor([0.0, 1, 0, 0, 0, 0])]
     best = [0, 2]  # decrease in the first state, increase in the second
     gen = torch.Generator().manual_seed(1)
@@ -337,3 +335,38 @@ def test_the_end_of_sweep_report_takes_its_metric_from_the_config(compose):
     assert (cfg.report.metric, cfg.report.mode) == ("val_accuracy", "max")
     with pytest.raises(ConfigError, match=r"report.mode must be one of \['min', 'max'\] or null, got 'high'"):
         validate(compose("report.mode=high"))
+
+
+def _synthetic_run(seed: int, random_policy: bool):
+    """The monitor alone on a problem whose probe loss is lowest at weight 0.6: 1,000 steps, the headline run's
+    length (25 epochs of 40 steps), default schedule."""
+    settings = ControllerSettings(mode="monitor_only", init_weight=0.1)
+    if random_policy:
+        settings.epsilon_start = settings.epsilon_end = 1.0
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.ones(3)
+    holder = {}
+
+    def probe():
+        weight = holder["controller"].weights["aux"] if "controller" in holder else settings.init_weight
+        return 1.0 + 10.0 * (weight - 0.6) ** 2
+
+    controller = LossController(["aux"], settings, torch.device("cpu"), seed, probe, [parameter], total_steps=1000)
+    holder["controller"] = controller
+    for _ in range(1000):
+        controller.after_step(torch.tensor(1.0))
+    return controller
+
+
+def test_the_monitor_learns_within_a_run_and_beats_a_random_policy():
+    learned = [_synthetic_run(seed, random_policy=False) for seed in range(3)]
+    monitor = learned[0].monitor
+    # scheduled in the run's units: 200 decisions, hundreds of updates, many target copies, exploration ended
+    assert learned[0].interval == 5 and monitor.made == 200
+    assert monitor.updates >= 500 and monitor.syncs >= 20 and monitor.epsilon == pytest.approx(0.05)
+    metrics = learned[0].epoch_end(1, 1.0)
+    assert metrics["monitor/updates"] == monitor.updates and "monitor/td_loss" in metrics
+    random = [_synthetic_run(seed, random_policy=True) for seed in range(3)]
+    distance = [abs(c.weights["aux"] - 0.6) for c in learned]
+    chance = [abs(c.weights["aux"] - 0.6) for c in random]
+    assert max(distance) <= 0.1 < sum(chance) / len(chance)
