@@ -16,15 +16,17 @@ loss. Three parts set and guard the weights ``w``:
   keep or increase. Its reward is the relative improvement of the probe
   loss over the interval. Replay buffer, target network, epsilon-greedy
   exploration with decay.
-- :class:`MetaController` acts once per epoch. For each weight it keeps a
-  score per direction of change (down, none, up): the mean advantage of the
-  epochs in which the weight moved that way, where an epoch's advantage is
-  its relative validation improvement minus a running average of the
-  previous epochs' (improvements shrink as training goes on, so raw
-  improvements would favour whichever direction was tried first). It tries
-  each direction once, then moves the weight's target in the best-scoring
-  direction, and gives the monitor a range around that target, narrowing
-  it while the same direction keeps winning.
+- :class:`MetaController` acts once per epoch. It perturbs one weight per
+  epoch, in turn, the others holding their targets, and keeps for each
+  weight a score per direction of change (down, none, up): the mean
+  advantage of the epochs in which that weight alone moved that way, where
+  an epoch's advantage is its relative validation improvement minus a
+  running average of the previous epochs' (improvements shrink as training
+  goes on, so raw improvements would favour whichever direction was tried
+  first; the first improvement only sets that average). The perturbed
+  weight tries each direction once, then the best-scoring one, or a random
+  one with chance ``meta_explore``; the monitor gets a range around each
+  target, narrowing while the same direction keeps winning.
 
 Modes (one switch): ``baseline`` (base loss only), ``monitor_only``,
 ``controller_only``, ``full`` (the controller sets each epoch's targets and
@@ -76,6 +78,7 @@ class ControllerSettings:
     explore_fraction: float = 0.5  # epsilon falls linearly to epsilon_end over this fraction of the decisions
     # meta controller
     target_step: float = 0.05  # the target's move per epoch
+    meta_explore: float = 0.2  # chance that the perturbed weight tries a random direction instead of the best
     range_radius: float = 0.2  # half-width of the range given to the monitor
 
 
@@ -119,6 +122,7 @@ def check_settings(settings: ControllerSettings) -> None:
         "must satisfy 0 <= epsilon_end <= epsilon_start <= 1",
         (settings.epsilon_start, settings.epsilon_end),
     )
+    need(0 <= settings.meta_explore <= 1, "meta_explore", "must lie in [0, 1]", settings.meta_explore)
     need(0 < settings.explore_fraction <= 1, "explore_fraction", "must lie in (0, 1]", settings.explore_fraction)
 
 
@@ -346,9 +350,19 @@ class Decision:
 
 
 class MetaController:
-    """Learns across epochs which direction of each weight's change preceded validation improvement."""
+    """Learns across epochs which direction of each weight's change preceded validation improvement.
 
-    def __init__(self, names: Sequence[str], settings: ControllerSettings):
+    One weight is perturbed per epoch, in turn, and the others hold their
+    targets, so an epoch's advantage is credited to the one weight that
+    moved, for the direction it moved: weights that start equal are told
+    apart. An epoch is scored only against a baseline (the running average
+    of the epochs before it), so the first improvement sets the baseline
+    and is not counted. The perturbed weight tries each direction once,
+    then takes the best-scoring one, or, with chance ``meta_explore``, a
+    random one, so exploration never stops.
+    """
+
+    def __init__(self, names: Sequence[str], settings: ControllerSettings, seed: int = 0):
         self.names = list(names)
         self.settings = settings
         self.totals = {name: {d: 0.0 for d in DIRECTIONS} for name in self.names}
@@ -357,38 +371,54 @@ class MetaController:
         self.streak = {name: 0 for name in self.names}
         self.decisions: list[Decision] = []
         self.typical: float | None = None  # running average of the epochs' relative improvements
+        self.active: str | None = None  # the weight perturbed over the epoch now ending
+        self.turn = 0
+        self.generator = torch.Generator().manual_seed(seed)
 
     def score(self, name: str, direction: int) -> float | None:
         count = self.counts[name][direction]
         return self.totals[name][direction] / count if count else None
+
+    def _choose(self, name: str) -> int:
+        untried = [d for d in (1, -1, 0) if self.counts[name][d] == 0]
+        if untried:
+            return untried[0]
+        if torch.rand((), generator=self.generator).item() < self.settings.meta_explore:
+            return DIRECTIONS[int(torch.randint(len(DIRECTIONS), (), generator=self.generator))]
+        return max(DIRECTIONS, key=lambda d: (self.score(name, d), -abs(d)))
 
     def decide(
         self, epoch: int, before: dict[str, float], after: dict[str, float], improvement: float
     ) -> list[Decision]:
         """Record the epoch's outcome (``improvement``: relative validation improvement); return each
         weight's target and range for the next epoch."""
-        out = []
         advantage = math.nan
         if math.isfinite(improvement):
-            advantage = improvement - (improvement if self.typical is None else self.typical)
+            if self.typical is not None:  # scored against the epochs before; the first sets the baseline
+                advantage = improvement - self.typical
             self.typical = improvement if self.typical is None else 0.5 * self.typical + 0.5 * improvement
+        moves = {}
         for name in self.names:
             change = after[name] - before[name]
-            moved = 0 if abs(change) < 1e-12 else (1 if change > 0 else -1)
-            if math.isfinite(advantage) and len(self.decisions) >= len(self.names):  # the first epoch has no baseline
-                self.totals[name][moved] += advantage
-                self.counts[name][moved] += 1
-            untried = [d for d in (1, -1, 0) if self.counts[name][d] == 0]
-            chosen = untried[0] if untried else max(DIRECTIONS, key=lambda d: (self.score(name, d), -abs(d)))
-            self.streak[name] = self.streak[name] + 1 if chosen == self.last_choice[name] and not untried else 0
-            self.last_choice[name] = chosen
+            moves[name] = 0 if abs(change) < 1e-12 else (1 if change > 0 else -1)
+        if self.active is not None and math.isfinite(advantage):
+            self.totals[self.active][moves[self.active]] += advantage
+            self.counts[self.active][moves[self.active]] += 1
+        active = self.names[self.turn % len(self.names)]
+        self.turn += 1
+        out = []
+        for name in self.names:
+            chosen = self._choose(name) if name == active else 0  # the others hold their targets
+            if name == active:
+                self.streak[name] = self.streak[name] + 1 if chosen == self.last_choice[name] else 0
+                self.last_choice[name] = chosen
             low_bound, high_bound = self.settings.min_weight, self.settings.max_weight
             target = min(max(after[name] + chosen * self.settings.target_step, low_bound), high_bound)
             radius = self.settings.range_radius / (1 + self.streak[name])
             decision = Decision(
                 epoch,
                 name,
-                moved,
+                moves[name],
                 improvement,
                 chosen,
                 target,
@@ -398,6 +428,7 @@ class MetaController:
             )
             self.decisions.append(decision)
             out.append(decision)
+        self.active = active
         return out
 
 
@@ -432,7 +463,7 @@ class LossController:
         self.monitor = (
             LossMonitor(len(self.names), settings, seed, planned) if self.mode in ("monitor_only", "full") else None
         )
-        self.meta = MetaController(self.names, settings) if self.mode in ("controller_only", "full") else None
+        self.meta = MetaController(self.names, settings, seed) if self.mode in ("controller_only", "full") else None
         self.probe = probe
         self.parameters = list(parameters)
         self.writer = writer

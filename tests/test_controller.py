@@ -69,23 +69,47 @@ def test_monitor_dqn_learns_which_action_pays_in_which_state():
     assert torch.equal(fresh.q(states[1]), monitor.q(states[1])) and fresh.epsilon == monitor.epsilon
 
 
+def _meta_loop(meta: MetaController, start: dict[str, float], epochs: int, gain) -> list[list[int]]:
+    """Drive ``meta`` as the runner does: each epoch's weights move to the last decision's targets, and the
+    next epoch improves by ``gain(moves)``, ``moves`` the direction each weight moved."""
+    weights, previous, improvement, chosen = dict(start), dict(start), math.nan, []
+    for epoch in range(1, epochs + 1):
+        decisions = meta.decide(epoch, previous, weights, improvement)
+        chosen.append([d.chosen for d in decisions])
+        improvement = gain({d.weight: d.chosen for d in decisions})
+        previous, weights = weights, {d.weight: d.target for d in decisions}
+    return chosen
+
+
 def test_meta_controller_learns_the_direction_that_preceded_improvement():
-    settings = ControllerSettings(mode="controller_only", target_step=0.05, range_radius=0.2)
+    settings = ControllerSettings(mode="controller_only", target_step=0.05, range_radius=0.2, meta_explore=0.0)
     meta = MetaController(["a"], settings)
-    weight = previous = 0.5
-    chosen, improvement = [], math.nan
-    for epoch in range(1, 12):
-        # the weight moved from `previous` (the last decision's) to `weight` (its target) over this epoch
-        decision = meta.decide(epoch, {"a": previous}, {"a": weight}, improvement)[0]
-        chosen.append(decision.chosen)
-        # lowering the weight helps: the epoch after a decrease improves by more than usual
-        improvement = 0.02 + (0.05 if decision.chosen < 0 else 0.0)
-        previous, weight = weight, decision.target
-    assert chosen[:3] == [1, -1, 0]  # each direction tried once
+    # lowering the weight helps: the epoch after a decrease improves by more than usual
+    chosen = [c[0] for c in _meta_loop(meta, {"a": 0.5}, 12, lambda moves: 0.02 + (0.05 if moves["a"] < 0 else 0))]
+    assert chosen[:4] == [1, 1, -1, 0]  # the first scored epoch only sets the baseline: up is tried again
     assert chosen[-4:] == [-1, -1, -1, -1]
     assert meta.score("a", -1) > meta.score("a", 1)
     last = meta.decisions[-1]
     assert last.high - last.low < 2 * settings.range_radius  # the range narrows while down keeps winning
+
+
+def test_meta_controller_tells_equal_weights_apart_and_keeps_exploring():
+    settings = ControllerSettings(mode="controller_only", target_step=0.02, meta_explore=0.2)
+    meta = MetaController(["a", "b"], settings, seed=0)
+
+    def gain(moves):  # lowering a helps, raising b helps; each epoch shows only the weight that moved
+        return 0.02 + 0.05 * (moves["a"] == -1) + 0.05 * (moves["b"] == 1)
+
+    chosen = _meta_loop(meta, {"a": 0.5, "b": 0.5}, 60, gain)
+    assert all(sum(c != 0 for c in epoch) <= 1 for epoch in chosen)  # one weight perturbed per epoch
+    assert meta.score("a", -1) > max(meta.score("a", 0), meta.score("a", 1))
+    assert meta.score("b", 1) > max(meta.score("b", 0), meta.score("b", -1))
+    final = {d.weight: d.target for d in meta.decisions[-2:]}
+    assert final["a"] < 0.4 < 0.6 < final["b"]  # equal at the start, apart now
+    late = [c for epoch in chosen[20:] for c in epoch if c != 0]
+    assert {-1, 1} <= set(late)  # exploration goes on after the first epochs (b's up and a's down, and others)
+    a_late = [epoch[0] for epoch in chosen[20::2]]
+    assert a_late.count(-1) < len(a_late)  # a still tries other directions now and then
 
 
 @pytest.mark.parametrize("mode", ["monitor_only", "controller_only", "full"])
