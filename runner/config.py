@@ -51,11 +51,15 @@ class VWPRConfig:
     """Value-Weighted Parameter Refinement (methods/vwpr.py); off unless ``enabled``."""
 
     enabled: bool = False
+    # bounded: phi ascends sum(phi * l) - strength/2 * sum((phi - 1)^2), bounded by 1 + max(l) / strength;
+    # document: phi <- softplus(phi + lr * l), as its document writes it (unbounded but for clip)
+    rule: str = "bounded"
+    strength: float = 1.0
     per_element: bool = False
     normalise: bool = True
-    l1: float = 0.0
+    l1: float = 0.0  # the document's lambda in L_total = L_transformed + lambda ||phi||_1 (reported only)
     clip: float | None = None
-    lr: float = 0.01
+    lr: float = 0.01  # the document rule's alpha; the bounded rule's Adam learning rate
 
 
 @dataclass
@@ -199,7 +203,7 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
             )
     # every setting given is range-checked, also while its method is off
     try:
-        check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr)
+        check_vwpr_settings(cfg.vwpr.l1, cfg.vwpr.clip, cfg.vwpr.lr, cfg.vwpr.rule, cfg.vwpr.strength)
     except ValueError as error:
         raise ConfigError(f"vwpr.{error}") from None
     try:

@@ -49,9 +49,9 @@ def adam(parameters, lr: float) -> torch.optim.Adam:
 
 
 def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, vwpr=None) -> None:
-    """One optimiser step on ``loss``: VWPR's dual step when it is on (a ``ValueWeightedRefinement``)."""
+    """One optimiser step on ``loss``: VWPR's step when it is on (an ``EnhancedVWPRWrapper``)."""
     if vwpr is not None:
-        vwpr.dual_step(loss, optimizer)
+        vwpr.apply_vwpr_step(loss, optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,16 +153,18 @@ class VWPRMonitor:
     """Builds VWPR for a model when configured; logs its value weights each epoch and draws their distribution."""
 
     def __init__(self, vwpr_cfg, model: torch.nn.Module):
-        from methods.vwpr import ValueWeightedRefinement
+        from methods.vwpr import EnhancedVWPRWrapper
 
-        self.vwpr = ValueWeightedRefinement(
+        self.vwpr = EnhancedVWPRWrapper(
             model,
-            per_element=vwpr_cfg.per_element,
-            normalise=vwpr_cfg.normalise,
-            l1=vwpr_cfg.l1,
-            clip=vwpr_cfg.clip,
-            lr=vwpr_cfg.lr,
+            normalize_phi=vwpr_cfg.normalise,
+            l1_lambda=vwpr_cfg.l1,
+            phi_clip_value=vwpr_cfg.clip,
             track_history=True,
+            rule=vwpr_cfg.rule,
+            alpha=vwpr_cfg.lr,
+            strength=vwpr_cfg.strength,
+            per_element=vwpr_cfg.per_element,
         )
         self.per_epoch: list[torch.Tensor] = []
 
