@@ -6,6 +6,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LAE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The README's four-run EnvPool sweep (the grid-batching issue's acceptance command), without a launcher
+ACROBOT_ENVPOOL_SWEEP = (
+    "-m",
+    "task=acrobot",
+    "task.backend=envpool",
+    "envelope@envelopes.policy=identity,step",
+    "seed=0,1",
+    "task.total_steps=1000",
+    "task.rollout_steps=100",
+    "tensorboard=false",
+)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from analysis.load import load_jobs
-from tests.conftest import ROOT
+from tests.conftest import ACROBOT_ENVPOOL_SWEEP, ROOT
 
 MIXED = (
     "-m",
@@ -154,19 +154,7 @@ def test_an_interrupted_batched_sweep_resumes(tmp_path):
 
 def test_the_acrobot_envpool_command_writes_four_completed_runs(tmp_path):
     pytest.importorskip("envpool")
-    proc = sweep(
-        tmp_path,
-        "rl",
-        "-m",
-        "task=acrobot",
-        "task.backend=envpool",
-        "envelope@envelopes.policy=identity,step",
-        "seed=0,1",
-        "task.total_steps=1000",
-        "task.rollout_steps=100",
-        "tensorboard=false",
-        "hydra/launcher=batched",
-    )
+    proc = sweep(tmp_path, "rl", *ACROBOT_ENVPOOL_SWEEP, "hydra/launcher=batched")
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = results(tmp_path / "rl")
     assert [r["status"] for r in found.values()] == ["completed"] * 4

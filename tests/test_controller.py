@@ -255,28 +255,11 @@ def test_cnn_with_the_full_controller_on_cifar10_format_data(compose, tmp_path):
 
 
 def test_report_shows_each_component_against_baseline(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.test_cli import ROOT
+    from tests.test_cli import run_cli
 
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run_ablation.py"),
-            "-m",
-            *TINY,
-            "tensorboard=false",
-            "controller.mode=baseline,monitor_only,controller_only,full",
-            "seed=0,1",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    modes = "controller.mode=baseline,monitor_only,controller_only,full"
+    proc = run_cli("-m", *TINY, "tensorboard=false", modes, "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
     import pandas as pd
 
@@ -294,26 +277,11 @@ def test_report_shows_each_component_against_baseline(tmp_path):
 
 
 def test_baseline_and_no_controller_are_one_run(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.test_cli import ROOT
+    from tests.test_cli import run_cli
 
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run_ablation.py"),
-            "-m",
-            "task.epochs=2",
-            "tensorboard=false",
-            "controller.mode=null,baseline",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_cli(
+        "-m", "task.epochs=2", "tensorboard=false", "controller.mode=null,baseline", f"hydra.sweep.dir={sweep}"
     )
     assert proc.returncode == 0, proc.stderr
     first, second = (json.loads((sweep / str(n) / "result.json").read_text()) for n in (0, 1))

@@ -282,29 +282,9 @@ def test_seed_batched_agents_train_as_they_would_alone(compose, tmp_path, backen
 
 @needs_envpool
 def test_the_envpool_backend_trains_four_runs_from_the_command_line(tmp_path):
-    import subprocess
-    import sys
+    from tests.conftest import ACROBOT_ENVPOOL_SWEEP
+    from tests.test_cli import run_cli
 
-    from tests.conftest import ROOT
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run_ablation.py"),
-            "-m",
-            "task=acrobot",
-            "task.backend=envpool",
-            "envelope@envelopes.policy=identity,step",
-            "seed=0,1",
-            "task.total_steps=1000",
-            "task.rollout_steps=100",
-            "tensorboard=false",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli(*ACROBOT_ENVPOOL_SWEEP, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 runs: 4 completed" in proc.stdout
