@@ -113,8 +113,12 @@ def evaluate(
 def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
     """Each split as (S, n, ...) features and (S, n) labels: per seed its own train/val draw and label noise."""
     from tasks.datasets import split_indices, symmetric_label_noise, task_pool
+    from tasks.seed_batch import check_batch_memory
 
     pool = task_pool(task_cfg)
+    sizes = task_cfg.train_size + task_cfg.val_size + task_cfg.test_size
+    per_example = pool.features[0].numel() * pool.features.element_size() + pool.labels.element_size()
+    check_batch_memory(len(seeds), sizes * per_example, device, "the data (train, val and test splits)")
     per_seed = []
     for seed in seeds:
         try:

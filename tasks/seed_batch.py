@@ -86,6 +86,40 @@ def normal(shape: Sequence[int], gens: Sequence[torch.Generator], device: torch.
     return torch.stack([torch.randn(tuple(shape), device=device, generator=g) for g in gens])
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_batch_memory(runs: int, bytes_per_run: int, device: torch.device, what: str) -> None:
+    """Refuse, with what to do instead, a batch whose per-run data copies would not fit in memory.
+
+    A batched group holds each run's own data draw; ``runs`` copies of a
+    large data set can exceed the machine, and the kernel would kill the
+    whole process without a word. Raises ``MemoryError`` when they need
+    more than 80% of the free memory.
+    """
+    free = available_memory(device)
+    need = runs * bytes_per_run
+    if free is None or need <= 0.8 * free:
+        return
+    fits = max(1, int(0.8 * free // max(bytes_per_run, 1)))
+    raise MemoryError(
+        f"{what} for {runs} runs batched together needs {need / 2**30:.1f} GiB (one copy per run, "
+        f"{bytes_per_run / 2**20:.0f} MiB each); {free / 2**30:.1f} GiB is free on {device}. Train at most "
+        f"{fits} runs per group: hydra.launcher.max_batch={fits} (or seed_batch={min(fits, runs)})"
+    )
+
+
 def take(data: Tensor, index: Tensor) -> Tensor:
     """Rows ``index[s]`` of ``data[s]`` for every seed s: (S, n, ...) and (S, b) give (S, b, ...).
 

@@ -226,3 +226,17 @@ def test_seed_batch_is_refused_where_unsupported(compose):
         validate(compose("seed_batch=2", "vwpr.enabled=true"))
     with pytest.raises(ConfigError, match="seed_batch must be a positive integer"):
         validate(compose("seed_batch=0"))
+
+
+def test_a_batch_whose_data_would_not_fit_in_memory_is_refused_with_what_to_do(compose, tmp_path, monkeypatch):
+    import tasks.seed_batch as seed_batch
+
+    monkeypatch.setattr(seed_batch, "available_memory", lambda device: 2**20)  # 1 MiB free
+    cfg = compose("seed_batch=3", "task.epochs=1", "tensorboard=false")
+    # three copies of digits' splits (about 0.45 MiB each) need more than 80% of 1 MiB
+    with pytest.raises(
+        MemoryError, match=r"for 3 runs batched together needs 0\.0 GiB .* hydra\.launcher\.max_batch=1"
+    ):
+        run_job(cfg, tmp_path, None, [], reraise=True)
+    monkeypatch.setattr(seed_batch, "available_memory", lambda device: 2**30)
+    run_job(cfg, tmp_path / "fits", None, [], reraise=True)  # with room, the same batch trains
