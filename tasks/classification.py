@@ -111,16 +111,19 @@ def evaluate(
 
 
 def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
-    """Each split as (S, n, ...) features and (S, n) labels: per seed its own train/val draw and label noise."""
+    """Each split as (S, n, ...) features and (S, n) labels: per seed its own train/val draw and label noise.
+
+    Runs of the same seed share one copy (:class:`~tasks.seed_batch.PerRun`)."""
     from tasks.datasets import split_indices, symmetric_label_noise, task_pool
-    from tasks.seed_batch import check_batch_memory
+    from tasks.seed_batch import check_batch_memory, per_run
 
     pool = task_pool(task_cfg)
     sizes = task_cfg.train_size + task_cfg.val_size + task_cfg.test_size
     per_example = pool.features[0].numel() * pool.features.element_size() + pool.labels.element_size()
-    check_batch_memory(len(seeds), sizes * per_example, device, "the data (train, val and test splits)")
+    distinct = list(dict.fromkeys(seeds))  # runs of one seed (differing in envelopes) share their splits
+    check_batch_memory(len(distinct), sizes * per_example, device, "the data (train, val and test splits)")
     per_seed = []
-    for seed in seeds:
+    for seed in distinct:
         try:
             index = split_indices(len(pool.labels), task_cfg.train_size, task_cfg.val_size, task_cfg.test_size, seed)
         except ValueError as error:
@@ -130,8 +133,9 @@ def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
             x, y = splits["train"]
             splits["train"] = (x, symmetric_label_noise(y, task_cfg.label_noise, pool.num_classes, seed + 1))
         per_seed.append(splits)
+    position = {seed: i for i, seed in enumerate(distinct)}
     out: dict = {
-        name: tuple(torch.stack([splits[name][i] for splits in per_seed]).to(device) for i in range(2))
+        name: tuple(per_run([per_seed[position[seed]][name][i].to(device) for seed in seeds], seeds) for i in range(2))
         for name in per_seed[0]
     }
     out["num_classes"] = pool.num_classes

@@ -103,9 +103,9 @@ def available_memory(device: torch.device) -> int | None:
 def check_batch_memory(runs: int, bytes_per_run: int, device: torch.device, what: str) -> None:
     """Refuse, with what to do instead, a batch whose per-run data copies would not fit in memory.
 
-    A batched group holds each run's own data draw; ``runs`` copies of a
-    large data set can exceed the machine, and the kernel would kill the
-    whole process without a word. Raises ``MemoryError`` when they need
+    A batched group holds one data draw per distinct seed (``runs`` copies);
+    copies of a large data set can exceed the machine, and the kernel would
+    kill the whole process without a word. Raises ``MemoryError`` when they need
     more than 80% of the free memory.
     """
     free = available_memory(device)
@@ -114,17 +114,59 @@ def check_batch_memory(runs: int, bytes_per_run: int, device: torch.device, what
         return
     fits = max(1, int(0.8 * free // max(bytes_per_run, 1)))
     raise MemoryError(
-        f"{what} for {runs} runs batched together needs {need / 2**30:.1f} GiB (one copy per run, "
+        f"{what} for {runs} seeds batched together needs {need / 2**30:.1f} GiB (one copy per seed, "
         f"{bytes_per_run / 2**20:.0f} MiB each); {free / 2**30:.1f} GiB is free on {device}. Train at most "
-        f"{fits} runs per group: hydra.launcher.max_batch={fits} (or seed_batch={min(fits, runs)})"
+        f"{fits} seeds per group: hydra.launcher.max_batch={fits} (or seed_batch={min(fits, runs)})"
     )
 
 
-def take(data: Tensor, index: Tensor) -> Tensor:
+class PerRun:
+    """The (S, n, ...) data of S runs stored once per distinct draw: ``base`` (U, n, ...), run s reading ``base[slot[s]]``.
+
+    Runs of a batched group that share a seed (they differ in envelopes
+    only) draw the same splits; one copy each keeps the group's memory
+    independent of how many envelopes it trains. Supports what the tasks
+    use of their data: ``shape``, ``device``, ``[:, a:b]`` (materialised
+    for the S runs: a batch or an evaluation chunk) and :func:`take`.
+    """
+
+    def __init__(self, base: Tensor, slot: Tensor):
+        self.base, self.slot = base, slot.to(base.device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.slot), *self.base.shape[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def __getitem__(self, key) -> Tensor:
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)):
+            raise TypeError(f"PerRun supports [:, rows] only, got {key!r}")
+        return self.base[:, key[1]].index_select(0, self.slot)
+
+
+def per_run(per_seed: Sequence[Tensor], seeds: Sequence[int]) -> Tensor | PerRun:
+    """Stack per-run tensors, storing runs of equal seed once (a :class:`PerRun`) where seeds repeat."""
+    distinct = list(dict.fromkeys(seeds))
+    if len(distinct) == len(seeds):
+        return torch.stack(list(per_seed))
+    first = {seed: i for i, seed in reversed(list(enumerate(seeds)))}
+    base = torch.stack([per_seed[first[seed]] for seed in distinct])
+    return PerRun(base, torch.tensor([distinct.index(seed) for seed in seeds]))
+
+
+def take(data: Tensor | PerRun, index: Tensor) -> Tensor:
     """Rows ``index[s]`` of ``data[s]`` for every seed s: (S, n, ...) and (S, b) give (S, b, ...).
 
     One index_select on the flattened data (5x faster than advanced indexing).
     """
+    if isinstance(data, PerRun):
+        n = data.base.shape[1]
+        flat_index = index + (data.slot * n).unsqueeze(1)
+        base = data.base.reshape(-1, *data.base.shape[2:])
+        return base.index_select(0, flat_index.reshape(-1)).reshape(*index.shape, *data.base.shape[2:])
     seeds, n = data.shape[:2]
     flat_index = index if seeds == 1 else index + torch.arange(0, seeds * n, n, device=index.device).unsqueeze(1)
     return (

@@ -235,8 +235,23 @@ def test_a_batch_whose_data_would_not_fit_in_memory_is_refused_with_what_to_do(c
     cfg = compose("seed_batch=3", "task.epochs=1", "tensorboard=false")
     # three copies of digits' splits (about 0.45 MiB each) need more than 80% of 1 MiB
     with pytest.raises(
-        MemoryError, match=r"for 3 runs batched together needs 0\.0 GiB .* hydra\.launcher\.max_batch=1"
+        MemoryError, match=r"for 3 seeds batched together needs 0\.0 GiB .* hydra\.launcher\.max_batch=1"
     ):
         run_job(cfg, tmp_path, None, [], reraise=True)
     monkeypatch.setattr(seed_batch, "available_memory", lambda device: 2**30)
     run_job(cfg, tmp_path / "fits", None, [], reraise=True)  # with room, the same batch trains
+
+
+def test_runs_of_one_seed_share_their_data_and_read_it_as_their_own():
+    from tasks.seed_batch import PerRun, per_run
+
+    draws = {0: torch.arange(12.0).reshape(6, 2), 1: -torch.arange(12.0).reshape(6, 2)}
+    seeds = [0, 1, 0, 0]
+    shared = per_run([draws[s] for s in seeds], seeds)
+    plain = torch.stack([draws[s] for s in seeds])
+    assert isinstance(shared, PerRun) and shared.base.shape == (2, 6, 2)  # two copies for four runs
+    assert shared.shape == plain.shape and shared.device == plain.device
+    index = torch.tensor([[5, 0], [1, 2], [3, 3], [0, 4]])
+    assert torch.equal(take(shared, index), take(plain, index))
+    assert torch.equal(shared[:, 2:5], plain[:, 2:5])
+    assert isinstance(per_run([draws[0], draws[1]], [0, 1]), torch.Tensor)  # distinct seeds: stacked as before
