@@ -107,9 +107,9 @@ def check_settings(settings: ControllerSettings) -> None:
     for key in ("decisions", "hidden", "buffer_size", "batch_size", "target_sync", "updates_per_decision"):
         need(getattr(settings, key) >= 1, key, "must be a positive integer", getattr(settings, key))
     need(
-        settings.interval is None or settings.interval >= 1,
+        settings.interval is None or settings.interval >= 2,
         "interval",
-        "must be a positive integer or null",
+        "must be an integer >= 2 or null (the monitor's state has the loss trend and variance over it)",
         settings.interval,
     )
     need(0 <= settings.warmup < 1, "warmup", "must lie in [0, 1)", settings.warmup)
@@ -458,7 +458,8 @@ class LossController:
         self.executor = LossExecutor(self.names, settings, device)
         self.total_steps = max(total_steps, 1)
         # decisions in units the run has: every `interval` steps, by default spread so the run makes `decisions`
-        self.interval = settings.interval or max(1, self.total_steps // settings.decisions)
+        # (at least 2 steps apart: the monitor's state has the loss trend and variance over its interval)
+        self.interval = settings.interval or max(2, self.total_steps // settings.decisions)
         planned = self.total_steps // self.interval
         self.monitor = (
             LossMonitor(len(self.names), settings, seed, planned) if self.mode in ("monitor_only", "full") else None

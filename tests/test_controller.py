@@ -362,3 +362,15 @@ def test_the_monitor_learns_within_a_run_and_beats_a_random_policy():
     distance = [abs(c.weights["aux"] - 0.6) for c in learned]
     chance = [abs(c.weights["aux"] - 0.6) for c in random]
     assert max(distance) <= 0.1 < sum(chance) / len(chance)
+
+
+def test_a_short_run_decides_every_second_step_and_an_interval_of_one_is_refused():
+    from methods.loss_controller import check_settings
+
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    parameter.grad = torch.ones(2)
+    settings = ControllerSettings(mode="monitor_only")
+    controller = LossController(["aux"], settings, torch.device("cpu"), 0, lambda: 1.0, [parameter], total_steps=100)
+    assert controller.interval == 2 and controller.monitor.planned == 50  # a trend and a variance need two steps
+    with pytest.raises(ValueError, match=r"interval must be an integer >= 2 or null"):
+        check_settings(ControllerSettings(interval=1))
