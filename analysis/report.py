@@ -22,6 +22,7 @@ from analysis.tables import (
     paper_table,
     to_latex,
     to_markdown,
+    varying_task_keys,
 )
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "paper_results.csv"
@@ -191,8 +192,7 @@ def split_by_task_parameters(done: pd.DataFrame) -> list[tuple[tuple, pd.DataFra
     if done.empty or "task_json" not in done.columns:
         return [((), done)]
     params = done["task_json"].map(json.loads)
-    keys = sorted({k for p in params for k in p})
-    varying = [k for k in keys if params.map(lambda p, k=k: json.dumps(p.get(k), sort_keys=True)).nunique() > 1]
+    varying = varying_task_keys(params)
     if not varying:
         return [((), done)]
     labels = params.map(lambda p: tuple((k, p.get(k)) for k in varying))

@@ -370,11 +370,15 @@ def _varying_settings(done: pd.DataFrame) -> dict[str, pd.Series]:
     if done["vwpr"].nunique() > 1:
         settings["vwpr"] = done["vwpr"].map({True: "on", False: "off"})
     params = done["task_json"].map(json.loads)
-    for key in sorted({k for p in params for k in p}):
-        values = params.map(lambda p, key=key: json.dumps(p.get(key), sort_keys=True))
-        if values.nunique() > 1:
-            settings[f"task.{key}"] = params.map(lambda p, key=key: p.get(key))
+    for key in varying_task_keys(params):
+        settings[f"task.{key}"] = params.map(lambda p, key=key: p.get(key))
     return settings
+
+
+def varying_task_keys(params: pd.Series) -> list[str]:
+    """The task parameters (``params``: parsed task configs) that take more than one value, sorted."""
+    keys = sorted({k for p in params for k in p})
+    return [k for k in keys if params.map(lambda p, k=k: json.dumps(p.get(k), sort_keys=True)).nunique() > 1]
 
 
 def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:

@@ -236,7 +236,7 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
 
 
 # Keys that change how a run is watched, not what it computes.
-_NOT_EFFECTIVE = {
+NOT_EFFECTIVE = {
     "seed_batch",
     "cache_dir",
     "device",
@@ -269,7 +269,7 @@ def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope], data: bool
         if key != "hydra":
             node = cfg[key]
             container[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    out = {key: value for key, value in container.items() if key not in _NOT_EFFECTIVE | {"envelopes"}}
+    out = {key: value for key, value in container.items() if key not in NOT_EFFECTIVE | {"envelopes"}}
     out["task"] = {key: value for key, value in container["task"].items() if key not in _TASK_NOT_EFFECTIVE}
     out["envelopes"] = {name: envelope.config() for name, envelope in sorted(envelopes.items())}
     if data:

@@ -133,11 +133,6 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Overrides that change how a run is watched or where its data is, not what it is (runner.config keeps the
-# same list for run ids): left out of its TensorBoard name.
-_UNNAMED = {"experiment", "data_root", "tensorboard", "progress", "device", "threads", "cache_dir", "deduplicate"}
-
-
 def run_label(overrides: Iterable[str]) -> str:
     """A run's TensorBoard name from its overrides: ``classification=sigmoid,classification.quantile=0.5,seed=1``.
 
@@ -145,11 +140,13 @@ def run_label(overrides: Iterable[str]) -> str:
     ``classification``), envelope keys their ``envelopes.`` prefix; overrides
     that do not change what the run computes are left out.
     """
+    from runner.config import NOT_EFFECTIVE  # the keys a run id leaves out
+
     parts = []
     for override in overrides:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
-        if key in _UNNAMED or key.startswith("hydra."):
+        if key in NOT_EFFECTIVE or key == "experiment" or key.startswith(("hydra.", "report.")):
             continue
         key = key.split("@", 1)[1] if "@" in key else key
         key = key.removeprefix("envelopes.")
