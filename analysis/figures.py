@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from analysis.load import ABBREVIATIONS
+
 plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 7})
 
 SHAPE_COLOURS = {
@@ -74,15 +76,7 @@ def _row_colours(table: pd.DataFrame) -> list:
     return [cycle[i % len(cycle)] for i in range(len(table))]
 
 
-SPELLED = {
-    "q": "threshold quantile",
-    "w": "width",
-    "T": "threshold",
-    "s": "inverse slope",
-    "a": "step size",
-    "γ": "focusing γ",
-    "k": "hardest fraction",
-}
+SPELLED = dict(ABBREVIATIONS.values())  # letter -> name
 
 
 def readable(label: str) -> str:
@@ -90,7 +84,8 @@ def readable(label: str) -> str:
 
     ``mse: linear q=0.9 w=0.3 a=0.01`` reads ``mse: linear, threshold quantile 0.9, width 0.3, step size 0.01``.
     """
-    return re.sub(r" (q|w|T|s|a|γ|k)=([^\s;]+)", lambda m: f", {SPELLED[m.group(1)]} {m.group(2)}", label)
+    letters = "|".join(map(re.escape, SPELLED))
+    return re.sub(rf" ({letters})=([^\s;]+)", lambda m: f", {SPELLED[m.group(1)]} {m.group(2)}", label)
 
 
 def _step_column(metrics: pd.DataFrame) -> str:

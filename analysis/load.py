@@ -45,17 +45,21 @@ def config_label(overrides: Iterable[str]) -> str:
     return " ".join(sorted(kept)) or "(defaults)"
 
 
+# Each envelope parameter's letter in a label and its name spelled out (legends, table notes).
+ABBREVIATIONS = {
+    "quantile": ("q", "threshold quantile"),
+    "width": ("w", "width"),
+    "threshold": ("T", "threshold"),
+    "inverse_slope": ("s", "inverse slope"),
+    "step_size": ("a", "step size"),
+    "gamma": ("γ", "focusing γ"),
+    "fraction": ("k", "hardest fraction"),
+}
+
+
 def envelope_label(envelopes: dict) -> str:
     """``loss: shape q=0.1 w=0.1 a=0.1`` per loss, in the paper's terms."""
-    short = {
-        "quantile": "q",
-        "width": "w",
-        "threshold": "T",
-        "inverse_slope": "s",
-        "step_size": "a",
-        "gamma": "γ",
-        "fraction": "k",
-    }
+    short = {key: letter for key, (letter, _) in ABBREVIATIONS.items()}
     parts = []
     for loss, params in sorted(envelopes.items()):
         text = params.get("shape", "?")
