@@ -29,8 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envelopes import Envelope
-from tasks.classification import per_sample_cross_entropy
-from tasks.common import EnvelopeMeter, MeanStd, adam
+from tasks.classification import ClassificationConfig, per_sample_cross_entropy
+from tasks.common import EnvelopeMeter, MeanStd, make_optimizer
 from tasks.datasets import load_classification_pool
 from tasks.seed_batch import ModelGroup
 from tasks.supervised import build_mlp, train_step
@@ -77,7 +77,7 @@ def main() -> None:
 
     def setup(envelope: Envelope):
         model = ModelGroup(lambda: build_mlp(x.shape[1], [256], 10), [0], device)  # one seed, as a single run
-        return model, adam(model.parameters(), 1e-3), envelope.to(device)
+        return model, make_optimizer(model.parameters(), ClassificationConfig(lr=1e-3)), envelope.to(device)
 
     variants = {
         "identity": setup(Envelope("identity")),

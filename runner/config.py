@@ -251,6 +251,21 @@ NOT_EFFECTIVE = {
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
 
+def _unused_task_keys(task: dict[str, Any]) -> set[str]:
+    """Task keys that change nothing as set: left out of the run's id.
+
+    Each is a setting added after runs existed, at the value those runs
+    trained with, so they keep their ids: Adam (which also ignores the
+    momentum), and no rare classes (which leaves the fraction kept unused).
+    """
+    unused = set()
+    if task.get("optimizer") == "adam":
+        unused |= {"optimizer", "momentum"}
+    if task.get("rare_classes") == []:
+        unused |= {"rare_classes", "rare_fraction"}
+    return unused
+
+
 def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope], data: bool = True) -> dict[str, Any]:
     """The parameters that determine a run's results, in canonical form.
 
@@ -270,7 +285,10 @@ def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope], data: bool
             node = cfg[key]
             container[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     out = {key: value for key, value in container.items() if key not in NOT_EFFECTIVE | {"envelopes"}}
-    out["task"] = {key: value for key, value in container["task"].items() if key not in _TASK_NOT_EFFECTIVE}
+    task = container["task"]
+    out["task"] = {
+        key: value for key, value in task.items() if key not in _TASK_NOT_EFFECTIVE | _unused_task_keys(task)
+    }
     out["envelopes"] = {name: envelope.config() for name, envelope in sorted(envelopes.items())}
     if data:
         from runner.data import data_identity

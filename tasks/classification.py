@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tasks.common import ControlledLoss, VWPRMonitor, adam, check
+from tasks.common import ControlledLoss, VWPRMonitor, check, check_optimizer, make_optimizer
 from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
+NUM_CLASSES = 10  # in each of them
 MODELS = ("mlp", "cnn")
 AUX_LOSSES = ("confidence_penalty", "label_smoothing")
 PROBE_SIZE = 500
@@ -38,10 +39,16 @@ class ClassificationConfig:
     val_size: int = 300
     test_size: int = 297
     label_noise: float = 0.0
+    # rare classes: of each, only rare_fraction of its training examples are kept, the rest replaced by
+    # examples of the other classes (validation and test keep every class); val/rare_accuracy reports them
+    rare_classes: list[int] = field(default_factory=list)
+    rare_fraction: float = 0.1
     model: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [256])
     channels: list[int] = field(default_factory=lambda: [32, 64])
     lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd's momentum (adam ignores it)
     batch_size: int = 1000
     epochs: int = 20
     eval_batch_size: int = 10000
@@ -69,6 +76,7 @@ def check_data(task_cfg) -> None:
 
 
 def validate(task_cfg) -> None:
+    check_optimizer(task_cfg)
     check(task_cfg.dataset in DATASETS, "dataset", f"must be one of {list(DATASETS)}", task_cfg.dataset)
     check(
         len(task_cfg.subsets) > 0 and all(s in SUBSETS for s in task_cfg.subsets),
@@ -80,7 +88,14 @@ def validate(task_cfg) -> None:
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.test_size >= 0, "test_size", "must be >= 0", task_cfg.test_size)
     check(0.0 <= task_cfg.label_noise < 1.0, "label_noise", "must lie in [0, 1)", task_cfg.label_noise)
-    check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
+    rare = list(task_cfg.rare_classes)
+    check(
+        all(isinstance(c, int) and 0 <= c < NUM_CLASSES for c in rare) and len(set(rare)) == len(rare),
+        "rare_classes",
+        f"must be a list of distinct classes (integers 0 to {NUM_CLASSES - 1})",
+        rare,
+    )
+    check(0.0 < task_cfg.rare_fraction <= 1.0, "rare_fraction", "must lie in (0, 1]", task_cfg.rare_fraction)
     check(
         all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden)
     )
@@ -95,26 +110,44 @@ def validate(task_cfg) -> None:
 
 @torch.no_grad()
 def evaluate(
-    group: ModelGroup, features: torch.Tensor, labels: torch.Tensor, batch_size: int
+    group: ModelGroup,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    rare_classes: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
-    """Per seed: mean cross-entropy and accuracy over a split ((S, n, ...) features; one host sync)."""
+    """Per seed: mean cross-entropy and accuracy over a split ((S, n, ...) features; one host sync).
+
+    With ``rare_classes`` (a tensor of class indices), also ``rare_accuracy``:
+    the accuracy over the examples of those classes.
+    """
     seeds, n = labels.shape
     loss_sum = torch.zeros(seeds, device=features.device)
-    correct = torch.zeros(seeds, device=features.device, dtype=torch.long)
+    correct = torch.zeros(seeds, device=features.device)
+    rare_correct = torch.zeros(seeds, device=features.device)
+    rare_count = torch.zeros(seeds, device=features.device)
     for start in range(0, n, batch_size):
         logits = group(features[:, start : start + batch_size])
         target = labels[:, start : start + batch_size]
         loss_sum += per_sample_cross_entropy(logits, target).sum(-1)
-        correct += (logits.argmax(-1) == target).sum(-1)
-    totals = (torch.stack([loss_sum, correct.to(loss_sum.dtype)], dim=1) / n).tolist()
-    return [{"loss": loss, "accuracy": accuracy} for loss, accuracy in totals]
+        hit = logits.argmax(-1) == target
+        correct += hit.sum(-1)
+        if rare_classes is not None:
+            rare = torch.isin(target, rare_classes)
+            rare_correct += (hit & rare).sum(-1)
+            rare_count += rare.sum(-1)
+    columns = [loss_sum / n, correct / n]
+    if rare_classes is not None:
+        columns.append(rare_correct / rare_count.clamp(min=1))
+    names = ("loss", "accuracy", "rare_accuracy")
+    return [dict(zip(names, row)) for row in torch.stack(columns, dim=1).tolist()]
 
 
 def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
     """Each split as (S, n, ...) features and (S, n) labels: per seed its own train/val draw and label noise.
 
     Runs of the same seed share one copy (:class:`~tasks.seed_batch.PerRun`)."""
-    from tasks.datasets import split_indices, symmetric_label_noise, task_pool
+    from tasks.datasets import split_indices, symmetric_label_noise, task_pool, thin_classes
     from tasks.seed_batch import check_batch_memory, per_run
 
     pool = task_pool(task_cfg)
@@ -125,9 +158,15 @@ def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
     per_seed = []
     for seed in distinct:
         try:
-            index = split_indices(len(pool.labels), task_cfg.train_size, task_cfg.val_size, task_cfg.test_size, seed)
+            index = split_indices(
+                len(pool.labels), task_cfg.train_size, task_cfg.val_size, task_cfg.test_size, seed, spare=True
+            )
         except ValueError as error:
             raise ValueError(f"task.train_size/val_size/test_size: {error}") from None
+        spare = index.pop("spare")
+        if task_cfg.rare_classes:
+            rare = list(task_cfg.rare_classes)
+            index["train"] = thin_classes(index["train"], spare, pool.labels, rare, task_cfg.rare_fraction)
         splits = {name: (pool.features[idx], pool.labels[idx]) for name, idx in index.items()}
         if task_cfg.label_noise > 0:
             x, y = splits["train"]
@@ -187,7 +226,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     else:
         build = lambda: build_mlp(train_x.shape[-1], list(task_cfg.hidden), data["num_classes"])  # noqa: E731
     group = ModelGroup(build, seeds, device)
-    optimizer = adam(group.parameters(), task_cfg.lr)
+    optimizer = make_optimizer(group.parameters(), task_cfg)
     controlled = None
     if context.controller is not None:
         probe_x, probe_y = data["val"][0][:, :PROBE_SIZE], data["val"][1][:, :PROBE_SIZE]
@@ -199,10 +238,12 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         steps = task_cfg.epochs * -(-train_x.shape[1] // task_cfg.batch_size)
         controlled = ControlledLoss(cfg, context, aux_losses, AUX_LOSSES, "val/loss", probe, group.parameters(), steps)
 
+    rare = torch.tensor(list(task_cfg.rare_classes), device=device) if task_cfg.rare_classes else None
+
     def evaluate_val() -> list[dict[str, float]]:
         return [
-            {"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
-            for val in evaluate(group, *data["val"], task_cfg.eval_batch_size)
+            {f"val/{name}": value for name, value in val.items()}
+            for val in evaluate(group, *data["val"], task_cfg.eval_batch_size, rare)
         ]
 
     failed = fit(
@@ -224,7 +265,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         tests = [{} for _ in seeds]
     else:
         tests = [
-            {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
-            for test in evaluate(group, *data["test"], task_cfg.eval_batch_size)
+            {f"test_{name}": value for name, value in test.items()}
+            for test in evaluate(group, *data["test"], task_cfg.eval_batch_size, rare)
         ]
     return seed_outcomes(tests, failed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,13 +40,32 @@ def resolve_path(path: str) -> Path:
         return Path(path).absolute()
 
 
-def adam(parameters, lr: float) -> torch.optim.Adam:
-    """Adam with the fused kernel where torch has it: about 30% faster per step for the small models here."""
+OPTIMIZERS = ("adam", "sgd")
+
+
+def check_optimizer(task_cfg) -> None:
+    """``task.optimizer`` is adam or sgd; ``task.lr`` > 0; ``task.momentum`` in [0, 1)."""
+    check(task_cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {list(OPTIMIZERS)}", task_cfg.optimizer)
+    check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
+    check(0.0 <= task_cfg.momentum < 1.0, "momentum", "must lie in [0, 1)", task_cfg.momentum)
+
+
+def make_optimizer(parameters, task_cfg) -> torch.optim.Optimizer:
+    """The task's optimiser (``task.optimizer``: adam, or sgd with ``task.momentum``) at ``task.lr``.
+
+    Both act element by element, so one optimiser over stacked parameters is
+    one optimiser per run. The fused kernel where torch has it: about 30%
+    faster per step for the small models here.
+    """
     parameters = list(parameters)
+    if task_cfg.optimizer == "sgd":
+        make = functools.partial(torch.optim.SGD, parameters, lr=task_cfg.lr, momentum=task_cfg.momentum)
+    else:
+        make = functools.partial(torch.optim.Adam, parameters, lr=task_cfg.lr)
     try:
-        return torch.optim.Adam(parameters, lr=lr, fused=True)
+        return make(fused=True)
     except (RuntimeError, ValueError):  # a device or build without the fused kernel
-        return torch.optim.Adam(parameters, lr=lr)
+        return make()
 
 
 def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, vwpr=None) -> None:

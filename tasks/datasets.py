@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -282,11 +283,15 @@ def task_files(task_cfg) -> list[Path]:
     return image_files(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
 
 
-def split_indices(pool_size: int, train_size: int, val_size: int, test_size: int, seed: int) -> dict[str, torch.Tensor]:
+def split_indices(
+    pool_size: int, train_size: int, val_size: int, test_size: int, seed: int, spare: bool = False
+) -> dict[str, torch.Tensor]:
     """Train/val drawn per seed; test fixed: the last ``test_size`` examples of the pool.
 
     With the pool ``[train, test]`` of an IDX data set and ``test_size`` equal
     to the official test split, the test split is exactly the official one.
+    With ``spare``, also ``"spare"``: the examples in none of the splits, in
+    the seed's order.
     """
     available = pool_size - test_size
     if train_size + val_size > available:
@@ -296,11 +301,40 @@ def split_indices(pool_size: int, train_size: int, val_size: int, test_size: int
         )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(available, generator=generator)
-    return {
+    out = {
         "train": order[:train_size],
         "val": order[train_size : train_size + val_size],
         "test": torch.arange(available, pool_size),
     }
+    if spare:
+        out["spare"] = order[train_size + val_size :]
+    return out
+
+
+def thin_classes(
+    train: torch.Tensor, spare: torch.Tensor, labels: torch.Tensor, rare: list[int], fraction: float
+) -> torch.Tensor:
+    """``train`` with each rare class cut to ``ceil(fraction * its count)`` examples, the same size.
+
+    A rare class keeps its first examples in ``train``'s order; the places of
+    those dropped go to the first examples of other classes in ``spare``, so
+    the training split keeps its size (and a seed's split does not depend on
+    which other runs it is trained with).
+    """
+    rare_set = torch.tensor(rare, dtype=labels.dtype)
+    train_labels = labels[train]
+    keep = ~torch.isin(train_labels, rare_set)
+    for c in rare:
+        members = (train_labels == c).nonzero().squeeze(1)
+        keep[members[: math.ceil(fraction * len(members))]] = True
+    dropped = int((~keep).sum())
+    fill = spare[~torch.isin(labels[spare], rare_set)][:dropped]
+    if len(fill) < dropped:
+        raise ValueError(
+            f"task.rare_classes: {dropped} rare-class training examples to replace, but only {len(fill)} examples "
+            "of other classes are outside the splits; lower task.train_size or task.val_size"
+        )
+    return torch.cat([train[keep], fill])
 
 
 def symmetric_label_noise(labels: torch.Tensor, rate: float, num_classes: int, seed: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from envelopes import EnvelopeBank
-from tasks.common import DivergedError, EnvelopeMeter, MeanStd, adam, check, divergence
+from tasks.common import DivergedError, EnvelopeMeter, MeanStd, check, check_optimizer, divergence, make_optimizer
 from tasks.seed_batch import seed_outcomes
 
 OBJECTIVE = ("charts/return_ma100", "max")
@@ -56,6 +56,8 @@ class PPOConfig:
     update_epochs: int = 4
     minibatch_size: int = 100
     lr: float = 3e-4
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd's momentum (adam ignores it)
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip: float = 0.2
@@ -80,10 +82,10 @@ def loss_names(task_cfg) -> tuple[str, ...]:
 
 
 def validate(task_cfg) -> None:
+    check_optimizer(task_cfg)
     check(task_cfg.env_id in ENVIRONMENTS, "env_id", f"must be one of {list(ENVIRONMENTS)}", task_cfg.env_id)
     for key in ("total_steps", "num_envs", "rollout_steps", "update_epochs", "minibatch_size", "moving_average"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
-    check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
     check(0 < task_cfg.gamma <= 1, "gamma", "must lie in (0, 1]", task_cfg.gamma)
     check(0 <= task_cfg.gae_lambda <= 1, "gae_lambda", "must lie in [0, 1]", task_cfg.gae_lambda)
     check(task_cfg.clip > 0, "clip", "must be > 0", task_cfg.clip)
@@ -316,7 +318,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         actors.append(mlp([obs_dim, *task_cfg.hidden, n_actions], 0.01))
         critics.append(mlp([obs_dim, *task_cfg.hidden, 1], 1.0))
     actor, critic = AgentStack(actors, device), AgentStack(critics, device)
-    optimizer = adam(actor.parameters() + critic.parameters(), task_cfg.lr)
+    optimizer = make_optimizer(actor.parameters() + critic.parameters(), task_cfg)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     obs_buf = torch.zeros(T, K, N, obs_dim, device=device)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.common import VWPRMonitor, adam, check, resolve_path
+from tasks.common import VWPRMonitor, check, check_optimizer, make_optimizer, resolve_path
 from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
@@ -49,6 +49,8 @@ class RegressionConfig:
     test_fraction: float = 0.0
     hidden: list[int] = field(default_factory=lambda: [64])
     lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd's momentum (adam ignores it)
     batch_size: int = 129
     epochs: int = 100
 
@@ -61,6 +63,7 @@ def loss_names(task_cfg) -> tuple[str, ...]:
 
 
 def validate(task_cfg) -> None:
+    check_optimizer(task_cfg)
     check(
         task_cfg.dataset == "california_housing", "dataset", "must be one of ['california_housing']", task_cfg.dataset
     )
@@ -74,7 +77,6 @@ def validate(task_cfg) -> None:
     )
     for key in ("batch_size", "epochs"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
-    check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
     check(
         all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden)
     )
@@ -214,7 +216,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     target_std = torch.tensor([std for _, std in per_seed], device=device)
 
     group = ModelGroup(lambda: build_mlp(len(FEATURES), list(task_cfg.hidden), 1), seeds, device)
-    optimizer = adam(group.parameters(), task_cfg.lr)
+    optimizer = make_optimizer(group.parameters(), task_cfg)
     failed = fit(
         group,
         optimizer,

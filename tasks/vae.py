@@ -33,9 +33,10 @@ from tasks.common import (
     EnvelopeMeter,
     MeanStd,
     VWPRMonitor,
-    adam,
     check,
+    check_optimizer,
     divergence,
+    make_optimizer,
     optimise,
 )
 from tasks.seed_batch import ModelGroup, generators, normal, permutations, seed_outcomes, stack_seeds, take
@@ -63,6 +64,8 @@ class VAEConfig:
     latent_dim: int = 8
     hidden: list[int] = field(default_factory=lambda: [800, 400])
     lr: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd's momentum (adam ignores it)
     batch_size: int = 50
     epochs: int = 10
     free_bits: float | None = None
@@ -97,6 +100,7 @@ def check_data(task_cfg) -> None:
 
 
 def validate(task_cfg) -> None:
+    check_optimizer(task_cfg)
     check(task_cfg.setting in SETTINGS, "setting", f"must be one of {list(SETTINGS)}", task_cfg.setting)
     check(
         task_cfg.dataset in ("mnist", "fashion_mnist"),
@@ -107,7 +111,6 @@ def validate(task_cfg) -> None:
     for key in ("train_size", "val_size", "latent_dim", "batch_size", "epochs", "drift_pool_size"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.test_size >= 0, "test_size", "must be >= 0", task_cfg.test_size)
-    check(task_cfg.lr > 0, "lr", "must be > 0", task_cfg.lr)
     check(
         task_cfg.free_bits is None or task_cfg.free_bits >= 0, "free_bits", "must be null or >= 0", task_cfg.free_bits
     )
@@ -275,7 +278,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     group = ModelGroup(
         lambda: VAE(data["train_x"].shape[-1], list(task_cfg.hidden), task_cfg.latent_dim), seeds, device
     )
-    optimizer = adam(group.parameters(), task_cfg.lr)
+    optimizer = make_optimizer(group.parameters(), task_cfg)
     gens = generators(seeds, device)
     vwpr = None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module)
 

@@ -1,6 +1,7 @@
 """The classification task through the job runner: determinism, failures, data options."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,61 @@ def test_label_noise_is_applied_to_training_labels_only(compose):
     flipped = (clean["train"][1] != noisy["train"][1]).float().mean().item()
     assert flipped == pytest.approx(0.4, abs=0.05)
     assert torch.equal(clean["val"][1], noisy["val"][1]) and torch.equal(clean["test"][1], noisy["test"][1])
+
+
+def test_rare_classes_are_thinned_in_training_only(compose):
+    from tasks.classification import load_splits
+
+    clean = load_splits(compose("task.train_size=800").task, [0, 1], torch.device("cpu"))
+    rare = load_splits(
+        compose("task.train_size=800", "task.rare_classes=[3,7]", "task.rare_fraction=0.2").task,
+        [0, 1],
+        torch.device("cpu"),
+    )
+    for seed in range(2):
+        before, after = clean["train"][1][seed], rare["train"][1][seed]
+        assert len(after) == len(before)  # the same size: dropped examples replaced by other classes
+        for c in (3, 7):
+            assert (after == c).sum().item() == math.ceil(0.2 * (before == c).sum().item())
+        assert torch.equal(clean["val"][1][seed], rare["val"][1][seed])
+
+
+def test_thinned_training_indices_are_distinct_and_outside_validation():
+    from tasks.datasets import split_indices, thin_classes
+
+    labels = torch.arange(1000) % 10
+    index = split_indices(1000, 500, 200, 100, seed=0, spare=True)
+    train = thin_classes(index["train"], index["spare"], labels, [2], 0.5)
+    assert len(train) == 500 and len(train.unique()) == 500
+    assert not torch.isin(train, torch.cat([index["val"], index["test"]])).any()
+    assert (labels[train] == 2).sum() == math.ceil(0.5 * (labels[index["train"]] == 2).sum().item())
+
+
+def test_rare_class_accuracy_is_the_accuracy_on_those_classes(compose):
+    from tasks.classification import evaluate
+    from tasks.seed_batch import ModelGroup
+
+    group = ModelGroup(lambda: torch.nn.Linear(4, 3), [0], torch.device("cpu"))
+    x = torch.randn(1, 50, 4)
+    predicted = group(x).argmax(-1)
+    labels = torch.where(torch.arange(50) % 2 == 0, predicted[0], (predicted[0] + 1) % 3).unsqueeze(0)
+    (result,) = evaluate(group, x, labels, 16, torch.tensor([1]))
+    expected = ((predicted[0] == labels[0]) & (labels[0] == 1)).sum() / (labels[0] == 1).sum()
+    assert result["rare_accuracy"] == pytest.approx(expected.item())
+    assert result["accuracy"] == pytest.approx(0.5)
+
+
+def test_rare_class_runs_report_rare_accuracy(compose, tmp_path):
+    cfg = compose("task.epochs=2", "tensorboard=false", "task.train_size=800", "task.rare_classes=[3]")
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= rows[-1]["val_rare_accuracy"] <= 1.0
+    assert 0.0 <= json.loads((tmp_path / "result.json").read_text())["final"]["test_rare_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="only .* examples of other classes are outside the splits"):
+        run_job(
+            compose("task.rare_classes=[3]", "task.rare_fraction=0.01"),
+            tmp_path / "x",
+            None,
+            [],
+            reraise=True,
+        )

@@ -144,6 +144,14 @@ def test_missing_loss_name_is_an_error(compose):
         ("task.subsets=[val]", "task.subsets must be a non-empty list drawn from ['train', 'test'], got ['val']"),
         ("task.epochs=0", "task.epochs must be a positive integer, got 0"),
         ("task.lr=-1", "task.lr must be > 0, got -1.0"),
+        ("task.optimizer=rmsprop", "task.optimizer must be one of ['adam', 'sgd'], got 'rmsprop'"),
+        ("task.momentum=1.0", "task.momentum must lie in [0, 1), got 1.0"),
+        ("task.rare_fraction=0", "task.rare_fraction must lie in (0, 1], got 0.0"),
+        ("task.rare_classes=[12]", "task.rare_classes must be a list of distinct classes (integers 0 to 9), got [12]"),
+        (
+            "task.rare_classes=[3,3]",
+            "task.rare_classes must be a list of distinct classes (integers 0 to 9), got [3, 3]",
+        ),
         # a value the chosen shape or method ignores is range-checked all the same
         (
             "envelope@envelopes.classification=identity envelopes.classification.quantile=1.5",
@@ -266,3 +274,15 @@ def test_every_task_module_implements_the_task_interface(name):
     for function, parameters in (("loss_names", 1), ("validate", 1), ("run", 2)):
         assert len(inspect.signature(getattr(module, function)).parameters) == parameters, function
     assert isinstance(module.SEED_BATCH, bool)
+
+
+def test_optimizer_and_rare_class_keys_leave_earlier_runs_ids_alone(compose):
+    def run_id(*overrides):
+        cfg = compose(*overrides)
+        return config_id(effective_config(cfg, validate(cfg)), with_seed=True)
+
+    plain = run_id()
+    # Adam ignores the momentum; with no rare classes the fraction kept is unused
+    assert plain == run_id("task.momentum=0.5") == run_id("task.rare_fraction=0.5")
+    sgd = run_id("task.optimizer=sgd")
+    assert len({plain, sgd, run_id("task.optimizer=sgd", "task.momentum=0.5"), run_id("task.rare_classes=[3]")}) == 4

@@ -10,6 +10,7 @@ from envelopes import Envelope, focal_weight
 from methods.vwpr import EnhancedVWPRWrapper
 from runner.config import ConfigError, validate
 from runner.job import run_job
+from tasks.common import optimise
 
 
 def test_focal_envelope_equals_focal_loss_value():
@@ -226,3 +227,26 @@ def test_vwpr_settings_do_not_split_configs_when_off(compose):
 
     assert cid() == cid("vwpr.lr=0.5", "vwpr.l1=0.1")
     assert cid("vwpr.enabled=true") != cid("vwpr.enabled=true", "vwpr.lr=0.5")
+
+
+def _parameters_after(optimizer_name: str, vwpr_on: bool, steps: int = 20) -> torch.Tensor:
+    from tasks.common import make_optimizer
+    from tasks.regression import RegressionConfig
+
+    x, y, model = make_problem()
+    optimizer = make_optimizer(model.parameters(), RegressionConfig(optimizer=optimizer_name, lr=1e-2))
+    vwpr = EnhancedVWPRWrapper(model, rule="bounded", alpha=0.1) if vwpr_on else None
+    for _ in range(steps):
+        optimise(F.mse_loss(model(x), y), optimizer, vwpr)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_vwpr_moves_parameters_under_sgd_where_adam_cancels_it():
+    """Adam divides each element's step by its own gradient scale: a weight on a whole tensor cancels."""
+    _, _, model = make_problem()
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    relative = {}
+    for name in ("adam", "sgd"):
+        plain = _parameters_after(name, False, steps=1)
+        relative[name] = ((_parameters_after(name, True, steps=1) - plain).norm() / (plain - start).norm()).item()
+    assert relative["adam"] < 1e-4 and relative["sgd"] > 1e-2
