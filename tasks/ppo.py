@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -182,10 +183,13 @@ class Environments:
     """K agents x N environments, stepped as one batch; same-step autoreset on either back end.
 
     ``step`` returns the observation to act on next (a new episode's first
-    where one ended), the reward, ``terminated``, ``truncated`` and the
-    final observation of every environment (equal to the next observation
-    where no episode ended), all (K * N, ...). Agent k owns environments
-    ``k * N .. k * N + N - 1``.
+    where one ended), the reward, ``terminated``, ``truncated``, the final
+    observation of every environment (equal to the next observation where
+    no episode ended), all (K * N, ...), and the episodes that ended on
+    this step: ``(ended, returns, lengths)`` from gymnasium's
+    ``RecordEpisodeStatistics`` (the environment's own rewards; ``returns``
+    and ``lengths`` hold 0 where ``ended`` is False), or None where none
+    ended. Agent k owns environments ``k * N .. k * N + N - 1``.
 
     Agent k's environment j is seeded ``seed_k + j`` on either back end, as
     in a run alone, so an agent's episodes do not depend on the batch it is
@@ -193,38 +197,21 @@ class Environments:
     back ends' episodes differ from each other).
 
     - ``gymnasium``: one synchronous vector env with same-step autoreset.
-    - ``envpool``: one C++ pool; EnvPool resets an ended episode on the next
-      ``step`` (that step ignores its action and returns reward 0), so
-      ended environments are reset at once with ``reset(env_id)`` instead,
-      which gives the same-step convention. EnvPool also reports an episode
-      that terminates on the step its time limit is reached as truncated
-      alone (CartPole-v1, seed 0, action 0 and a limit of 8 steps), which
-      would bootstrap a terminal state; the time limit is therefore applied
-      here, as gymnasium's TimeLimit does: ``truncated`` at the limit,
-      ``terminated`` as the environment says.
+    - ``envpool``: one C++ pool made a gymnasium vector env with same-step
+      autoreset (:class:`EnvPoolVector`).
     """
 
     def __init__(self, backend: str, env_id: str, seeds: list[int], num_envs: int, max_episode_steps: int | None):
-        self.backend, self.count = backend, len(seeds) * num_envs
+        self.count = len(seeds) * num_envs
         # agent k's environment j seeded seed_k + j, as in a run alone
         env_seeds = [int(seed) + j for seed in seeds for j in range(num_envs)]
-        kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
         if backend == "envpool":
-            import envpool
-            import gymnasium as gym
-
-            # EnvPool reports an episode that terminates on its time limit's step as truncated
-            # only: the time limit is applied here instead, past which the pool never gets.
-            self.limit = max_episode_steps if max_episode_steps is not None else gym.spec(env_id).max_episode_steps
-            self.envs = envpool.make_gymnasium(
-                env_id, num_envs=self.count, max_episode_steps=self.limit + 1, env_seed=env_seeds
-            )
-            self.elapsed = np.zeros(self.count, dtype=np.int64)
+            limit = max_episode_steps if max_episode_steps is not None else gym.spec(env_id).max_episode_steps
+            envs = EnvPoolVector(env_id, env_seeds, limit)
             self.reset_seeds = None
         else:
-            import gymnasium as gym
-
-            self.envs = gym.make_vec(
+            kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+            envs = gym.make_vec(
                 env_id,
                 num_envs=self.count,
                 vectorization_mode="sync",
@@ -232,6 +219,7 @@ class Environments:
                 **kwargs,
             )
             self.reset_seeds = env_seeds
+        self.envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
         self.observation_size = int(np.prod(self.envs.single_observation_space.shape))
         self.actions = int(self.envs.single_action_space.n)
 
@@ -242,23 +230,70 @@ class Environments:
     def step(self, actions: np.ndarray):
         obs, reward, terminated, truncated, info = self.envs.step(actions)
         obs = np.asarray(obs, dtype=np.float32)
-        if self.backend == "envpool":
-            self.elapsed += 1
-            truncated = self.elapsed >= self.limit  # both flags where it also terminated, as gymnasium's TimeLimit
-        done = terminated | truncated
-        final = obs
-        if done.any():
+        final, episodes = obs, None
+        if "_final_obs" in info:  # the ended environments were reset: obs holds their new episodes' first
+            ended = info["_final_obs"]
             final = obs.copy()
-            if self.backend == "envpool":  # reset now: obs becomes the new episodes' first
-                self.elapsed[done] = 0
-                fresh, fresh_info = self.envs.reset(np.flatnonzero(done).astype(np.int32))
-                obs[fresh_info["env_id"]] = fresh
-            else:  # gymnasium reset in the step: final becomes the ended episodes' last
-                final[done] = np.stack([info["final_obs"][i] for i in np.flatnonzero(done)])
-        return obs, np.asarray(reward, dtype=np.float32), terminated, truncated, final
+            final[ended] = np.stack(list(info["final_obs"][ended]))
+        if "_episode" in info:
+            episodes = (info["_episode"], info["episode"]["r"], info["episode"]["l"])
+        return obs, np.asarray(reward, dtype=np.float32), terminated, truncated, final, episodes
 
     def close(self) -> None:
         self.envs.close()
+
+
+class EnvPoolVector(gym.vector.VectorEnv):
+    """EnvPool's C++ pool as a gymnasium vector env with same-step autoreset.
+
+    EnvPool resets an ended episode on the next ``step`` (that step ignores
+    its action and returns reward 0); here ended environments are reset at
+    once with ``reset(env_id)`` instead, and their last observations go to
+    ``info["final_obs"]`` (mask ``info["_final_obs"]``), as gymnasium's
+    same-step vector envs do. EnvPool also reports an episode that
+    terminates on the step its time limit is reached as truncated alone
+    (CartPole-v1, seed 0, action 0 and a limit of 8 steps), which would
+    bootstrap a terminal state; the time limit is therefore applied here,
+    as gymnasium's TimeLimit does: ``truncated`` at the limit,
+    ``terminated`` as the environment says.
+    """
+
+    def __init__(self, env_id: str, seeds: list[int], limit: int):
+        import envpool
+
+        self.metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        self.num_envs, self.limit = len(seeds), limit
+        # the pool's own limit lies past ours, so that it never cuts an episode itself
+        self.pool = envpool.make_gymnasium(env_id, num_envs=self.num_envs, max_episode_steps=limit + 1, env_seed=seeds)
+        self.single_observation_space = self.pool.observation_space
+        self.single_action_space = self.pool.action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+        self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            raise ValueError("EnvPoolVector is seeded when made (env_seed), not on reset")
+        self.elapsed[:] = 0
+        obs, _ = self.pool.reset()
+        return obs, {}
+
+    def step(self, actions):
+        obs, reward, terminated, _, _ = self.pool.step(actions)
+        self.elapsed += 1
+        truncated = self.elapsed >= self.limit  # both flags where it also terminated, as gymnasium's TimeLimit
+        done = terminated | truncated
+        info = {}
+        if done.any():
+            final = obs.copy()
+            self.elapsed[done] = 0
+            fresh, fresh_info = self.pool.reset(np.flatnonzero(done).astype(np.int32))
+            obs[fresh_info["env_id"]] = fresh
+            info = {"final_obs": final, "_final_obs": done}
+        return obs, reward, terminated, truncated, info
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def bootstrap_time_limits(
@@ -329,7 +364,6 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     values_buf = torch.zeros(T, K, N, device=device)
 
     obs = torch.as_tensor(envs.reset(), device=device).reshape(K, N, obs_dim)
-    episode_return, episode_length = np.zeros(K * N), np.zeros(K * N, dtype=np.int64)
     recent = [deque(maxlen=task_cfg.moving_average) for _ in range(K)]
     history: list[list[tuple[int, float]]] = [[] for _ in range(K)]
     failed: dict[int, str] = {}
@@ -354,7 +388,9 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 logits = actor(obs)
                 value = critic(obs).squeeze(-1)
                 action = (logits + gumbel[t]).argmax(-1)
-                next_obs, raw_reward, terminated, truncated, final = envs.step(action.reshape(-1).cpu().numpy())
+                next_obs, raw_reward, terminated, truncated, final, episodes = envs.step(
+                    action.reshape(-1).cpu().numpy()
+                )
                 reward = raw_reward
                 if bootstrap:  # a time limit alone is not an ending: add the discounted value of where it stopped
 
@@ -371,11 +407,10 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 obs_buf[t], actions_buf[t], logits_buf[t], values_buf[t] = obs, action, logits, value
                 rewards_buf[t] = torch.as_tensor(reward, device=device).reshape(K, N)
                 dones_buf[t] = torch.as_tensor(done, dtype=torch.float32, device=device).reshape(K, N)
-                episode_return += raw_reward  # the episode's own rewards, without the bootstrap term
-                episode_length += 1
-                for i in np.flatnonzero(done):
-                    finished[agent_of_env[i]].append((float(episode_return[i]), int(episode_length[i])))
-                    episode_return[i], episode_length[i] = 0.0, 0
+                if episodes is not None:  # the episode's own rewards, without the bootstrap term
+                    ended, returns, lengths = episodes
+                    for i in np.flatnonzero(ended):
+                        finished[agent_of_env[i]].append((float(returns[i]), int(lengths[i])))
                 obs = torch.as_tensor(next_obs, device=device).reshape(K, N, obs_dim)
             global_step += batch
             next_value = critic(obs).squeeze(-1)

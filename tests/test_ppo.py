@@ -85,7 +85,7 @@ def test_a_step_that_terminates_at_the_time_limit_is_not_bootstrapped(backend):
         envs = Environments(backend, "CartPole-v1", [0], 1, limit)
         envs.reset()
         for step in range(1, 600):
-            _, reward, terminated, truncated, _ = envs.step(np.zeros(1, dtype=np.int64))
+            _, reward, terminated, truncated, _, _ = envs.step(np.zeros(1, dtype=np.int64))
             if terminated[0] or truncated[0]:
                 fed = bootstrap_time_limits(reward, terminated, truncated, lambda: np.ones(1, dtype=np.float32), 0.99)
                 return step, bool(terminated[0]), bool(truncated[0]), float(fed[0])
@@ -177,7 +177,7 @@ def test_envpool_terminal_step_at_the_time_limit_is_terminal_and_not_bootstrappe
         envs = Environments(backend, "CartPole-v1", [0], 1, limit)
         envs.reset()
         for step in range(1, 600):
-            _, _, terminated, truncated, _ = envs.step(np.zeros(1, dtype=np.int64))
+            _, _, terminated, truncated, _, _ = envs.step(np.zeros(1, dtype=np.int64))
             if terminated[0] or truncated[0]:
                 return step, bool(terminated[0]), bool(truncated[0])
 
@@ -188,7 +188,11 @@ def test_envpool_terminal_step_at_the_time_limit_is_terminal_and_not_bootstrappe
 
 
 def episodes(backend, env_id, count, seed=0, envs_per_batch=16):
-    """Returns and lengths of ``count`` episodes under a fixed random policy (a NumPy stream)."""
+    """Returns and lengths of ``count`` episodes under a fixed random policy (a NumPy stream).
+
+    Read from the episode statistics ``step`` reports, each checked against
+    the sum of the rewards ``step`` returned over that episode.
+    """
     from tasks.ppo import Environments
 
     envs = Environments(backend, env_id, [seed], envs_per_batch, None)
@@ -196,12 +200,18 @@ def episodes(backend, env_id, count, seed=0, envs_per_batch=16):
     rng = np.random.default_rng(seed)
     ret, length, out = np.zeros(envs_per_batch), np.zeros(envs_per_batch, dtype=int), []
     while len(out) < count:
-        _, reward, terminated, truncated, _ = envs.step(rng.integers(0, envs.actions, envs_per_batch))
+        _, reward, terminated, truncated, _, ended = envs.step(rng.integers(0, envs.actions, envs_per_batch))
         ret += reward
         length += 1
-        for i in np.flatnonzero(terminated | truncated):
-            out.append((ret[i], length[i]))
-            ret[i], length[i] = 0.0, 0
+        done = terminated | truncated
+        assert (ended is not None) == done.any()
+        if ended is not None:
+            mask, returns, lengths = ended
+            assert np.array_equal(mask, done)
+            np.testing.assert_allclose(returns[done], ret[done], rtol=1e-5, atol=1e-3)
+            assert np.array_equal(lengths[done], length[done])
+            out += list(zip(returns[done], lengths[done]))
+            ret[done], length[done] = 0.0, 0
     envs.close()
     return np.array(out[:count])
 
