@@ -23,6 +23,7 @@ from analysis.tables import (
     to_latex,
     to_markdown,
     varying_task_keys,
+    vwpr_contributions,
 )
 
 PAPER_RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "paper_results.csv"
@@ -350,13 +351,21 @@ def write_report(
         f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). LaTeX: `table*.tex`.\n"
     )
 
-    contributions = controller_contributions(jobs, spec)
-    if not contributions.empty:
-        contributions.to_csv(out_dir / "contributions.csv", index=False)
-        written.append("contributions.csv")
-        markdown = contributions_markdown(contributions)
-        lines += ["\n## Contribution of each loss-controller component\n\n", markdown]
-        printed.append("Loss-controller components against baseline\n" + markdown)
+    for name, contributions, title, label in (
+        (
+            "contributions",
+            controller_contributions(jobs, spec),
+            "each loss-controller component",
+            "Loss-controller components against baseline",
+        ),
+        ("vwpr_effect", vwpr_contributions(jobs, spec), "VWPR", "VWPR on against off"),
+    ):
+        if not contributions.empty:
+            contributions.to_csv(out_dir / f"{name}.csv", index=False)
+            written.append(f"{name}.csv")
+            markdown = contributions_markdown(contributions)
+            lines += [f"\n## Contribution of {title}\n\n", markdown]
+            printed.append(f"{label}\n{markdown}")
 
     comparison = paper_comparison(jobs, table=table_number)
     if not comparison.empty:

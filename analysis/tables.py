@@ -303,6 +303,9 @@ CONTROLLER_COMPONENTS = {
 }
 
 
+VWPR_COMPONENTS = {"on": "VWPR"}
+
+
 def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float = 0.05) -> pd.DataFrame:
     """Each loss-controller mode minus ``baseline`` on the reported metric, per configuration.
 
@@ -316,22 +319,45 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
     Welch's p-value, Holm-corrected over the rows. Empty when no run has a
     controller mode other than baseline.
     """
+    return _contributions(jobs, spec, "controller", alpha)
+
+
+def vwpr_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float = 0.05) -> pd.DataFrame:
+    """VWPR on minus off on the reported metric, per configuration (matched on everything else).
+
+    As :func:`controller_contributions`, with VWPR the factor: rows name the
+    other settings that vary (``controller``, ``task.<key>``). Empty unless
+    some configuration ran with VWPR both off and on.
+    """
+    return _contributions(jobs, spec, "vwpr", alpha)
+
+
+def _factor_levels(done: pd.DataFrame, factor: str) -> pd.Series:
+    if factor == "controller":
+        return done["controller"].where(done["controller"].notna(), "baseline")
+    return done["vwpr"].map({True: "on", False: "off"})
+
+
+def _contributions(jobs: pd.DataFrame, spec: TableSpec, factor: str, alpha: float) -> pd.DataFrame:
     done = jobs[jobs["status"] == "completed"]
-    if "controller" not in done.columns:
+    if factor not in done.columns or done.empty:
         return pd.DataFrame()
-    modes = done["controller"].where(done["controller"].notna(), "baseline")
-    if not (modes != "baseline").any():
+    reference, components = ("baseline", CONTROLLER_COMPONENTS) if factor == "controller" else ("off", VWPR_COMPONENTS)
+    levels = _factor_levels(done, factor)
+    if not (levels != reference).any() or not (levels == reference).any():
         return pd.DataFrame()
+    other = "vwpr" if factor == "controller" else "controller"
+    others = _factor_levels(done, other) if other in done.columns else pd.Series("", index=done.index)
     metric = spec.report[0]
-    done = done.assign(_mode=modes, _key=done["envelopes_json"] + done["task_json"] + done["vwpr"].astype(str))
-    settings = _varying_settings(done)
+    done = done.assign(_level=levels, _key=done["envelopes_json"] + done["task_json"] + others.astype(str))
+    settings = _varying_settings(done, exclude=factor)
     rows = []
     for _, group in done.groupby("_key", sort=False):
-        base = group.loc[group["_mode"] == "baseline", metric].to_numpy(float)
+        base = group.loc[group["_level"] == reference, metric].to_numpy(float)
         if len(base) == 0:
             continue
-        for mode, label in CONTROLLER_COMPONENTS.items():
-            values = group.loc[group["_mode"] == mode, metric].to_numpy(float)
+        for level, label in components.items():
+            values = group.loc[group["_level"] == level, metric].to_numpy(float)
             if len(values) == 0:
                 continue
             half, _ = difference_interval(values, base)
@@ -341,7 +367,7 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
                     "envelopes": group["envelopes"].iloc[0],
                     **{name: column[first] for name, column in settings.items()},
                     "dataset": group["dataset"].iloc[0],
-                    "mode": mode,
+                    "mode": level,
                     "component": label,
                     "metric": metric,
                     "difference": values.mean() - base.mean(),
@@ -355,6 +381,7 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
     if table.empty:
         return table
     table.attrs["settings"] = list(settings)
+    table.attrs["factor"], table.attrs["reference"] = factor, reference
     table["p_holm"] = holm(table["p"].tolist())
     better = (table["difference"] < 0) == (spec.mode == "min")
     table["verdict"] = [
@@ -364,11 +391,15 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
     return table
 
 
-def _varying_settings(done: pd.DataFrame) -> dict[str, pd.Series]:
-    """The settings besides envelopes and mode that take more than one value: ``vwpr`` and ``task.<key>``."""
+def _varying_settings(done: pd.DataFrame, exclude: str) -> dict[str, pd.Series]:
+    """The settings besides envelopes and ``exclude`` that take more than one value: ``vwpr``,
+    ``controller`` and ``task.<key>``."""
     settings = {}
-    if done["vwpr"].nunique() > 1:
-        settings["vwpr"] = done["vwpr"].map({True: "on", False: "off"})
+    for factor in ("vwpr", "controller"):
+        if factor != exclude and factor in done.columns:
+            levels = _factor_levels(done, factor)
+            if levels.nunique() > 1:
+                settings[factor] = levels
     params = done["task_json"].map(json.loads)
     for key in varying_task_keys(params):
         settings[f"task.{key}"] = params.map(lambda p, key=key: p.get(key))
@@ -388,12 +419,13 @@ def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:
     scale, unit = (100.0, " (pp)") if points else (1.0, "")
     places = 2 if points else digits
     settings = table.attrs.get("settings", [])
+    factor, reference = table.attrs.get("factor", "controller"), table.attrs.get("reference", "baseline")
     header = [
         "envelopes",
         *settings,
-        "component (mode)",
-        f"Δ vs baseline ± 95% CI{unit}",
-        "n (mode / baseline)",
+        "component (mode)" if factor == "controller" else factor,
+        f"Δ vs {reference} ± 95% CI{unit}",
+        f"n ({'mode' if factor == 'controller' else 'on'} / {reference})",
         "p (Holm)",
         "verdict",
     ]
@@ -404,7 +436,7 @@ def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:
         cells = [
             row["envelopes"],
             *[str(row[name]) for name in settings],
-            f"{row['component']} (`{row['mode']}`)",
+            f"{row['component']} (`{row['mode']}`)" if factor == "controller" else row["mode"],
             f"{scale * row['difference']:+.{places}f}{ci}",
             f"{row['n_mode']} / {row['n_baseline']}",
             p,
@@ -412,9 +444,12 @@ def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     what = "percentage points of " if points else ""
+    if factor == "controller":
+        minus = "of the mode minus that of `baseline` (the base loss alone, the same run as no controller)"
+    else:
+        minus = "with VWPR on minus that with it off"
     return (
         "\n".join(lines)
-        + f"\n\nΔ: mean `{metric}` of the mode minus that of `baseline` (the base loss alone, the same run as no "
-        f"controller) with the same other settings, over seeds, in {what}the metric's units; 95% Welch interval; "
-        "Welch's t-test, Holm-corrected over the rows.\n"
+        + f"\n\nΔ: mean `{metric}` {minus} with the same other settings, over seeds, in {what}the metric's units; "
+        "95% Welch interval; Welch's t-test, Holm-corrected over the rows.\n"
     )

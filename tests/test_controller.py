@@ -292,7 +292,7 @@ def test_baseline_and_no_controller_are_one_run(tmp_path):
 def test_contributions_name_every_other_swept_setting_and_speak_percentage_points():
     import pandas as pd
 
-    from analysis.tables import TableSpec, contributions_markdown, controller_contributions
+    from analysis.tables import TableSpec, contributions_markdown, controller_contributions, vwpr_contributions
 
     rows = []
     for vwpr in (False, True):
@@ -318,6 +318,14 @@ def test_contributions_name_every_other_swept_setting_and_speak_percentage_point
     markdown = contributions_markdown(table)
     assert "| envelopes | vwpr | component (mode) | Δ vs baseline ± 95% CI (pp) |" in markdown
     assert "| classification: identity | off | monitor + controller (full) (`full`) | +2.00 ± " in markdown
+    # the same sweep read for VWPR: on minus off, per controller mode
+    effect = vwpr_contributions(pd.DataFrame(rows), spec)
+    assert list(effect["controller"]) == ["baseline", "full"] and effect["difference"].tolist() == pytest.approx(
+        [0.05] * 2
+    )
+    markdown = contributions_markdown(effect)
+    assert "| envelopes | controller | vwpr | Δ vs off ± 95% CI (pp) | n (on / off) |" in markdown
+    assert "| classification: identity | full | on | +5.00 ± " in markdown
 
 
 def test_the_end_of_sweep_report_takes_its_metric_from_the_config(compose):
