@@ -108,3 +108,24 @@ def difference_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tu
     result = stats.ttest_ind(a, b, equal_var=False)
     low, high = result.confidence_interval(confidence_level=level)
     return float(high - low) / 2, float(result.df)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Half-width of the paired-t confidence interval of ``mean(a - b)`` and its two-sided p-value.
+
+    ``a[i]`` and ``b[i]`` are one pair (the same seed under two settings: the
+    same initialisation and data), so the seed's own variation cancels.
+    scipy's ``ttest_rel``; NaN with fewer than two pairs (or a non-finite
+    value in a pair), half-width 0 when every pair differs by the same amount.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if len(a) < 2:
+        return math.nan, math.nan
+    difference = a - b
+    if difference.var() == 0:
+        return 0.0, 1.0 if difference[0] == 0 else 0.0
+    result = stats.ttest_rel(a, b)
+    low, high = result.confidence_interval(confidence_level=level)
+    return float(high - low) / 2, float(result.pvalue)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis.stats import aggregate, difference_interval, holm, iqm_interval, welch_test
+from analysis.stats import aggregate, difference_interval, holm, iqm_interval, paired_difference, welch_test
 
 
 @dataclass
@@ -315,9 +315,11 @@ def controller_contributions(jobs: pd.DataFrame, spec: TableSpec, alpha: float =
     everything but the mode (envelopes, VWPR, task parameters), and each row
     names the other settings that vary in the sweep (``vwpr``,
     ``task.<key>``), so rows that differ only there are told apart. The
-    difference of means over seeds comes with the 95% Welch interval and
-    Welch's p-value, Holm-corrected over the rows. Empty when no run has a
-    controller mode other than baseline.
+    difference of means over seeds comes with its 95% interval and p-value,
+    Holm-corrected over the rows: paired by seed where both sides ran the
+    same seeds (each seed's initialisation and data are shared, so its own
+    variation cancels), Welch's otherwise (column ``test``). Empty when no
+    run has a controller mode other than baseline.
     """
     return _contributions(jobs, spec, "controller", alpha)
 
@@ -356,11 +358,19 @@ def _contributions(jobs: pd.DataFrame, spec: TableSpec, factor: str, alpha: floa
         base = group.loc[group["_level"] == reference, metric].to_numpy(float)
         if len(base) == 0:
             continue
+        base_seeds = group.loc[group["_level"] == reference, "seed"]
         for level, label in components.items():
             values = group.loc[group["_level"] == level, metric].to_numpy(float)
             if len(values) == 0:
                 continue
-            half, _ = difference_interval(values, base)
+            seeds = group.loc[group["_level"] == level, "seed"]
+            # the same seeds on both sides (the same initialisation and data): paired by seed
+            paired = seeds.is_unique and base_seeds.is_unique and set(seeds) == set(base_seeds)
+            if paired:
+                by_seed = group[group["_level"] == reference].set_index("seed")[metric]
+                half, p = paired_difference(values, by_seed.loc[seeds.to_numpy()].to_numpy(float))
+            else:
+                (half, _), p = difference_interval(values, base), welch_test(values, base)
             first = group.index[0]
             rows.append(
                 {
@@ -374,7 +384,8 @@ def _contributions(jobs: pd.DataFrame, spec: TableSpec, factor: str, alpha: floa
                     "ci95": half,
                     "n_mode": len(values),
                     "n_baseline": len(base),
-                    "p": welch_test(values, base),
+                    "test": "paired t" if paired else "Welch",
+                    "p": p,
                 }
             )
     table = pd.DataFrame(rows)
@@ -444,12 +455,20 @@ def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     what = "percentage points of " if points else ""
+    kinds = set(table["test"]) if "test" in table else {"Welch"}
+    tests = (
+        "paired by seed (each seed run both ways: the same initialisation and data), paired t-test"
+        if kinds == {"paired t"}
+        else "Welch's t-test"
+        if kinds == {"Welch"}
+        else "paired t-test where a row's seeds ran both ways, else Welch's (column `test` of the CSV)"
+    )
     if factor == "controller":
         minus = "of the mode minus that of `baseline` (the base loss alone, the same run as no controller)"
     else:
         minus = "with VWPR on minus that with it off"
     return (
         "\n".join(lines)
-        + f"\n\nΔ: mean `{metric}` {minus} with the same other settings, over seeds, in {what}the metric's units; "
-        "95% Welch interval; Welch's t-test, Holm-corrected over the rows.\n"
+        + f"\n\nΔ: mean `{metric}` {minus} with the same other settings, over seeds, in {what}the metric's units, "
+        f"with its 95% interval and p-value, Holm-corrected over the rows: {tests}.\n"
     )

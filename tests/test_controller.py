@@ -326,6 +326,26 @@ def test_contributions_name_every_other_swept_setting_and_speak_percentage_point
     markdown = contributions_markdown(effect)
     assert "| envelopes | controller | vwpr | Δ vs off ± 95% CI (pp) | n (on / off) |" in markdown
     assert "| classification: identity | full | on | +5.00 ± " in markdown
+    # each seed ran both ways: paired by seed, so the seeds' shared offsets cancel (every pair differs by 0.05)
+    assert set(effect["test"]) == {"paired t"} and effect["ci95"].tolist() == [0.0, 0.0]
+    assert "paired by seed" in markdown
+    unpaired = pd.DataFrame([r for r in rows if not (r["vwpr"] and r["seed"] == 0)])
+    effect = vwpr_contributions(unpaired, spec)
+    assert set(effect["test"]) == {"Welch"} and (effect["ci95"] > 0).all()
+
+
+def test_paired_difference_is_the_paired_t_interval():
+    from scipy import stats
+
+    from analysis.stats import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.8, 0.1, 6)  # seeds far apart ...
+    treated = base + 0.02 + rng.normal(0, 0.005, 6)  # ... each moved by about 0.02
+    half, p = paired_difference(treated, base)
+    d = treated - base
+    assert half == pytest.approx(stats.t.ppf(0.975, 5) * d.std(ddof=1) / np.sqrt(6))
+    assert p < 1e-3 < stats.ttest_ind(treated, base, equal_var=False).pvalue
 
 
 def test_the_end_of_sweep_report_takes_its_metric_from_the_config(compose):
