@@ -8,6 +8,9 @@ Acrobot grid's 1,210 runs, 5% of LunarLander's 2,420), each for
 
 - batched: the whole slice as one command with ``hydra/launcher=batched``
   and ``task.backend=envpool`` (one process, one model for all 121 runs);
+- with ``--workers W``: W slices (seeds 0 .. W-1) as groups of 121 that
+  train at once in W worker processes (``hydra.launcher.workers=W``, one
+  torch thread each on 2 cores); the rate is the sum of the groups' rates;
 - one agent per job: ``--single`` of the slice's runs, each its own job
   under the basic launcher with the gymnasium back end, as a sweep ran
   them before the batching launcher.
@@ -18,7 +21,7 @@ per second of rollout plus update), so start-up is left out; the
 command's whole wall time is printed too. The extrapolation divides the
 paper grid's environment steps by the rate (one process on this machine).
 
-    python bench/ppo_grid.py [--env acrobot lunarlander] [--updates 2] [--single 4]
+    python bench/ppo_grid.py [--env acrobot lunarlander] [--updates 2] [--single 4] [--workers 2]
     python bench/ppo_grid.py --smoke
 """
 
@@ -61,18 +64,22 @@ def sweep(args: list[str], out: Path) -> tuple[float, list[float]]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"sweep failed:\n{proc.stderr[-3000:]}")
-    rates = []
+    rates, groups = [], {}
     for metrics in sorted(out.glob("*/metrics.jsonl")):
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         rates.append(statistics.median(r["charts_SPS"] for r in rows))
-    return wall, rates
+        # every run of a group logs the group's rate; a group is the runs that share one batch record
+        batch = json.loads((metrics.parent / "result.json").read_text()).get("batch")
+        groups[json.dumps(batch, sort_keys=True)] = rates[-1]
+    return wall, rates, sum(groups.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", nargs="+", choices=sorted(GRIDS), default=sorted(GRIDS))
     parser.add_argument("--updates", type=int, default=2)
-    parser.add_argument("--single", type=int, default=4, help="runs of the slice timed one agent per job")
+    parser.add_argument("--single", type=int, default=4, help="runs of the slice timed one agent per job (0: none)")
+    parser.add_argument("--workers", type=int, default=1, help="slices trained at once, one worker process each")
     parser.add_argument(
         "--smoke", action="store_true", help="Acrobot, 4 runs batched and 2 alone: checks the script runs"
     )
@@ -93,25 +100,32 @@ def main() -> None:
                 "envelopes.policy.width=0.1",
             ]
         with tempfile.TemporaryDirectory() as tmp:
-            wall, rates = sweep(common + ["hydra/launcher=batched", "task.backend=envpool"], Path(tmp) / "batched")
+            batched_args = common + ["hydra/launcher=batched", "task.backend=envpool"]
+            if args.workers > 1:
+                batched_args = [a for a in batched_args if a != "seed=0"] + [
+                    f"seed=range({args.workers})",
+                    "hydra.launcher.max_batch=121",
+                    f"hydra.launcher.workers={args.workers}",
+                ]
+            wall, rates, batched = sweep(batched_args, Path(tmp) / "batched")
             group = len(rates)
-            batched = statistics.median(rates)  # every run of the group logs the group's rate
-            single_wall, single_rates = sweep(
-                common
-                + [
-                    "envelope@envelopes.policy=identity",
-                    "envelope@envelopes.value=identity",
-                    f"seed=range({args.single})" if not args.smoke else "seed=0,1",
-                ],
-                Path(tmp) / "single",
-            )
-            single = statistics.median(single_rates)
+            if not args.single:
+                single = float("nan")
+            else:
+                single_wall, single_rates, _ = sweep(
+                    common
+                    + [
+                        "envelope@envelopes.policy=identity",
+                        "envelope@envelopes.value=identity",
+                        f"seed=range({args.single})" if not args.smoke else "seed=0,1",
+                    ],
+                    Path(tmp) / "single",
+                )
+                single = statistics.median(single_rates)
         grid_steps = runs * steps
+        print(f"{env}: {group} runs x {updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps")
         print(
-            f"{env}: slice of {group} runs x {updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps"
-        )
-        print(
-            f"  batched (one process, EnvPool): {batched:,.0f} env steps/s (command {wall:.0f} s); "
+            f"  batched ({args.workers} worker process(es), EnvPool): {batched:,.0f} env steps/s (command {wall:.0f} s); "
             f"whole grid {grid_steps / batched / 3600:.2f} h"
         )
         print(

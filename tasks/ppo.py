@@ -172,11 +172,49 @@ class AgentStack:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(K, B, in) to (K, B, out): tanh between layers, none after the last."""
+        last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(bias[:, None, :], x, weight)
-            if i < len(self.weights) - 1:
-                x = torch.tanh(x)
+            x = torch.baddbmm(bias[:, None, :], x, weight) if i == last else tanh_layer(x, weight, bias[:, None, :])
         return x
+
+
+def tanh_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``tanh(bias + x @ weight)`` for batched (K, B, in) inputs, (K, in, out) weights and (K, 1, out) biases.
+
+    On the CPU, torch's ``tanh`` kernel is slow: 2.6 ns an element on two
+    cores here, twice the batched product before it and five times its own
+    ``sigmoid``. This computes ``tanh(z) = 2 sigmoid(2z) - 1`` instead, with
+    the 2 folded into the product (``alpha = beta = 2``, exact in binary):
+    within 1.8e-7 of the exact tanh everywhere (torch's own: 6e-8), about
+    three ulps of 1, below the rounding of the products that feed it. The
+    backward pass is the one autograd would take (``(1 - y^2)`` times the
+    incoming gradient, then the product's gradients). Elsewhere (CUDA),
+    torch's ``tanh``.
+    """
+    if x.device.type != "cpu":
+        return torch.tanh(torch.baddbmm(bias, x, weight))
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return torch.baddbmm(bias, x, weight, beta=2, alpha=2).sigmoid_().mul_(2).sub_(1)
+    return _TanhLayer.apply(x, weight, bias)
+
+
+class _TanhLayer(torch.autograd.Function):
+    """:func:`tanh_layer` on the CPU with its gradient (saves the output, as ``tanh`` does)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = torch.baddbmm(bias, x, weight, beta=2, alpha=2).sigmoid_().mul_(2).sub_(1)
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        pre = torch.ops.aten.tanh_backward(grad, y)  # the gradient of bias + x @ weight
+        grad_x = torch.bmm(pre, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(x.transpose(1, 2), pre) if ctx.needs_input_grad[1] else None
+        grad_bias = pre.sum(1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 class Environments:

@@ -96,6 +96,29 @@ def test_groups_run_as_submitit_jobs_and_match_the_groups_run_here(tmp_path):
     )
 
 
+def test_worker_processes_train_groups_at_once_and_match_the_groups_run_in_one_process(tmp_path):
+    # workers=2: the two groups train at once in two spawned processes of one torch thread each (2 CPUs here
+    # divided by 2); every run's id, status and final metrics are those of the groups trained one after another
+    here = sweep(tmp_path, "here", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
+    workers = sweep(
+        tmp_path, "workers", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5", "hydra.launcher.workers=2"
+    )
+    assert here.returncode == 0 and workers.returncode == 0, workers.stderr[-2000:]
+    assert "2 worker processes" in workers.stderr + workers.stdout
+    ours, theirs = results(tmp_path / "workers"), results(tmp_path / "here")
+    assert sorted(ours) == sorted(theirs) and len(ours) == 12
+    for job, result in ours.items():
+        assert (result["run_id"], result["status"]) == (theirs[job]["run_id"], theirs[job]["status"])
+        if result["status"] == "completed":
+            assert result["final"]["val_loss"] == theirs[job]["final"]["val_loss"], job
+    bad = sweep(
+        tmp_path, "bad", *MIXED, "hydra/launcher=batched", "hydra.launcher.workers=2", "hydra.launcher.executor=local"
+    )
+    assert (
+        bad.returncode != 0 and "with executor=local each group is a job of its own: leave workers at 1" in bad.stderr
+    )
+
+
 def test_a_run_that_fails_inside_a_group_leaves_the_others_completed(compose, tmp_path, monkeypatch):
     import tasks.supervised as supervised
     from runner.job import Member, run_members

@@ -8,7 +8,7 @@ import torch
 
 from runner.config import ConfigError, validate
 from runner.job import run_job
-from tasks.ppo import bootstrap_time_limits, gae
+from tasks.ppo import bootstrap_time_limits, gae, tanh_layer
 
 pytest.importorskip("gymnasium")
 
@@ -28,6 +28,30 @@ def test_gae_known_values():
     # t=2: delta = 1 + 0.9*2 - 0.5 = 2.3; t=1 (done): delta = 1 - 0.5 = 0.5; t=0: delta = 1 + 0.45 - 0.5 = 0.95, A = 0.95 + 0.45*0.5
     torch.testing.assert_close(advantages, torch.tensor([[0.95 + 0.45 * 0.5], [0.5], [2.3]]))
     torch.testing.assert_close(returns, advantages + values)
+
+
+def test_the_cpu_tanh_layer_is_tanh_within_its_stated_error_with_autograds_gradients():
+    # tanh(bias + x @ weight) as 2 sigmoid(2z) - 1: within 1.8e-7 of the exact tanh (float64) of z over the range
+    # pre-activations take, and saturating to exactly +-1; gradients those autograd gives torch's tanh
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 400, 8) * 4, torch.randn(3, 8, 16), torch.randn(3, 1, 16)
+    exact = torch.tanh(torch.baddbmm(bias, x, weight).double())  # of the same float32 pre-activation
+    fast = tanh_layer(x, weight, bias)
+    assert (fast.double() - exact).abs().max() <= 1.8e-7
+    assert (fast.double() - exact).abs().max() > 0  # not torch's tanh
+    assert tanh_layer(torch.full((1, 1, 1), 50.0), torch.ones(1, 1, 1), torch.zeros(1, 1, 1)).item() == 1.0
+    assert tanh_layer(torch.full((1, 1, 1), -50.0), torch.ones(1, 1, 1), torch.zeros(1, 1, 1)).item() == -1.0
+    double = [t.double().requires_grad_() for t in (x[:, :5], weight, bias)]
+    assert torch.autograd.gradcheck(tanh_layer, double)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    upstream = torch.randn(3, 400, 16)
+    tanh_layer(*leaves).backward(upstream)
+    reference = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    torch.tanh(torch.baddbmm(reference[2], reference[0], reference[1])).backward(upstream)
+    for ours, theirs in zip(leaves, reference):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=2e-5)
+    with torch.no_grad():  # the rollout's path, without autograd, computes the same values
+        assert torch.equal(tanh_layer(x, weight, bias), fast)
 
 
 def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):

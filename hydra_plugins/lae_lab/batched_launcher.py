@@ -16,8 +16,11 @@ de-duplication, the results cache and the analysis see runs as usual.
 Jobs that cannot share a model (VWPR on, the loss controller on) run one
 by one, as under the basic launcher.
 
-Where the groups run: ``executor=here`` (the default) trains them in the
-launching process one after another; ``executor=slurm`` submits each group
+Where the groups run: ``executor=here`` (the default) trains them on this
+machine, one after another in the launching process, or with ``workers=W``
+in W worker processes at once (each group in one worker, largest groups
+first; each worker's torch threads are this machine's CPUs divided by W
+unless ``threads`` is set); ``executor=slurm`` submits each group
 as one Slurm job through submitit, and ``executor=local`` as one process on
 this machine (submitit's local executor: all groups at once), with
 ``submitit`` holding the executor's parameters (``timeout_min``,
@@ -59,10 +62,18 @@ def group_key(cfg: DictConfig) -> str | None:
 class BatchedLauncher(Launcher):
     EXECUTORS = ("here", "slurm", "local")
 
-    def __init__(self, max_batch: int = 256, executor: str = "here", submitit: Any = None) -> None:
+    def __init__(self, max_batch: int = 256, executor: str = "here", submitit: Any = None, workers: int = 1) -> None:
         super().__init__()
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"hydra.launcher.max_batch must be a positive integer, got {max_batch!r}")
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"hydra.launcher.workers must be a positive integer, got {workers!r}")
+        if workers > 1 and executor != "here":
+            raise ValueError(
+                f"hydra.launcher.workers={workers} runs groups in processes on this machine (executor=here); "
+                f"with executor={executor} each group is a job of its own: leave workers at 1"
+            )
+        self.workers = workers
         if executor not in self.EXECUTORS:
             raise ValueError(f"hydra.launcher.executor must be one of {list(self.EXECUTORS)}, got {executor!r}")
         self.max_batch = max_batch
@@ -122,6 +133,11 @@ class BatchedLauncher(Launcher):
         )
         returns: dict[int, Any] = {}
         submitted = []
+        pool = None
+        if self.workers > 1 and len(batches) > 1:
+            # largest groups first, so that the workers finish together
+            batches.sort(key=lambda batch: -sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch))
+            pool = WorkerPool(min(self.workers, len(batches)), self.workers)
         for number, batch in enumerate(batches, 1):
             members = [jobs[p][2] for p in batch]
             runs = sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
@@ -133,7 +149,9 @@ class BatchedLauncher(Launcher):
                 runs,
                 ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""),
             )
-            if self.executor == "here":
+            if pool is not None:
+                submitted.append((number, batch, pool.submit(members, sweep_dir)))
+            elif self.executor == "here":
                 values = run_members(members, sweep_dir, reraise=False)
                 for position, value in zip(batch, values):
                     returns[position] = value
@@ -143,10 +161,13 @@ class BatchedLauncher(Launcher):
             try:
                 values = job.result()
             except Exception as error:  # the job died (killed, timed out, node failure): its runs stay unfinished
-                log.error("group %d (%s job %s) failed: %s", number, self.executor, job.job_id, error)
+                where = "worker process" if pool is not None else f"{self.executor} job {job.job_id}"
+                log.error("group %d (%s) failed: %r", number, where, error)
                 values = [math.nan] * len(batch)
             for position, value in zip(batch, values):
                 returns[position] = value
+        if pool is not None:
+            pool.shutdown()
         out = []
         for position, (_, cfg, member) in enumerate(jobs):
             ret = JobReturn(
@@ -214,3 +235,39 @@ class BatchedLauncher(Launcher):
         with open_dict(job_cfg):
             del job_cfg["hydra"]
         return job_cfg
+
+
+class WorkerPool:
+    """Worker processes on this machine that train groups (``workers=W``): spawned, each its torch threads.
+
+    Each worker gets this machine's usable CPUs divided by ``share`` as its
+    default torch threads (a run's ``threads`` overrides it), so W workers
+    together use the machine as one process would. A worker that dies (a
+    kill, the kernel's out-of-memory killer) leaves its group's runs
+    unfinished, as a submitit job that dies does.
+    """
+
+    def __init__(self, processes: int, share: int) -> None:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = max(1, cpus // share)
+        self.executor = ProcessPoolExecutor(
+            max_workers=processes, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging
+        )
+        log.info("%d worker processes, %d torch threads each", processes, self.threads)
+
+    def submit(self, members: list, sweep_dir: Path):
+        from runner.job import run_members
+
+        return self.executor.submit(run_members, members, sweep_dir, False, self.threads)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _worker_logging() -> None:
+    """A worker's log lines on its standard error, formatted as Hydra formats the launcher's."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
