@@ -35,6 +35,16 @@ def results(directory: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(directory.glob("*/result.json"))}
 
 
+def assert_same_runs(ours_dir: Path, theirs_dir: Path) -> None:
+    """The twelve jobs of MIXED in both sweeps: the same directories, run ids, statuses and final val_loss."""
+    ours, theirs = results(ours_dir), results(theirs_dir)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 12
+    for job, result in ours.items():
+        assert (result["run_id"], result["status"]) == (theirs[job]["run_id"], theirs[job]["status"])
+        if result["status"] == "completed":
+            assert result["final"]["val_loss"] == theirs[job]["final"]["val_loss"], job
+
+
 def test_a_mixed_sweep_gives_the_runs_of_the_basic_launcher(tmp_path):
     basic, batched = sweep(tmp_path, "basic", *MIXED), sweep(tmp_path, "batched", *MIXED, "hydra/launcher=batched")
     assert basic.returncode == 0 and batched.returncode == 0, batched.stderr[-2000:]
@@ -84,12 +94,7 @@ def test_groups_run_as_submitit_jobs_and_match_the_groups_run_here(tmp_path):
     log = local.stderr + local.stdout
     assert "group 1 submitted: local job" in log and "group 2 submitted: local job" in log
     assert len(list((tmp_path / "local" / ".submitit").glob("*/*_log.out"))) == 2  # one job per group
-    ours, theirs = results(tmp_path / "local"), results(tmp_path / "here")
-    assert sorted(ours) == sorted(theirs) and len(ours) == 12
-    for job, result in ours.items():
-        assert (result["run_id"], result["status"]) == (theirs[job]["run_id"], theirs[job]["status"])
-        if result["status"] == "completed":
-            assert result["final"]["val_loss"] == theirs[job]["final"]["val_loss"], job
+    assert_same_runs(tmp_path / "local", tmp_path / "here")
     bad = sweep(tmp_path, "bad", *MIXED, "hydra/launcher=batched", "hydra.launcher.executor=pbs")
     assert bad.returncode != 0 and "hydra.launcher.executor must be one of ['here', 'slurm', 'local'], got 'pbs'" in (
         bad.stderr
@@ -105,12 +110,7 @@ def test_worker_processes_train_groups_at_once_and_match_the_groups_run_in_one_p
     )
     assert here.returncode == 0 and workers.returncode == 0, workers.stderr[-2000:]
     assert "2 worker processes" in workers.stderr + workers.stdout
-    ours, theirs = results(tmp_path / "workers"), results(tmp_path / "here")
-    assert sorted(ours) == sorted(theirs) and len(ours) == 12
-    for job, result in ours.items():
-        assert (result["run_id"], result["status"]) == (theirs[job]["run_id"], theirs[job]["status"])
-        if result["status"] == "completed":
-            assert result["final"]["val_loss"] == theirs[job]["final"]["val_loss"], job
+    assert_same_runs(tmp_path / "workers", tmp_path / "here")
     bad = sweep(
         tmp_path, "bad", *MIXED, "hydra/launcher=batched", "hydra.launcher.workers=2", "hydra.launcher.executor=local"
     )

@@ -12,7 +12,7 @@ SCRIPTS = {
     "classification_run.py": ([], "job wall time median"),
     "envelope_overhead.py": ([], "2. envelope work in isolation"),
     "joblib_sweep.py": ([], "speed-up:"),
-    "ppo_grid.py": ([], "batched (one process, EnvPool)"),
+    "ppo_grid.py": ([], "batched (1 worker process(es), EnvPool)"),
     "ppo_sps.py": ([], "LunarLander-v3"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
 }
