@@ -194,8 +194,13 @@ def tanh_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     if x.device.type != "cpu":
         return torch.tanh(torch.baddbmm(bias, x, weight))
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return torch.baddbmm(bias, x, weight, beta=2, alpha=2).sigmoid_().mul_(2).sub_(1)
+        return _cpu_tanh_layer(x, weight, bias)
     return _TanhLayer.apply(x, weight, bias)
+
+
+def _cpu_tanh_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``2 sigmoid(2 (bias + x @ weight)) - 1``, the 2 folded into the product, in place after it."""
+    return torch.baddbmm(bias, x, weight, beta=2, alpha=2).sigmoid_().mul_(2).sub_(1)
 
 
 class _TanhLayer(torch.autograd.Function):
@@ -203,7 +208,7 @@ class _TanhLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        y = torch.baddbmm(bias, x, weight, beta=2, alpha=2).sigmoid_().mul_(2).sub_(1)
+        y = _cpu_tanh_layer(x, weight, bias)
         ctx.save_for_backward(x, weight, y)
         return y
 

@@ -66,6 +66,8 @@ class BatchedLauncher(Launcher):
         super().__init__()
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"hydra.launcher.max_batch must be a positive integer, got {max_batch!r}")
+        if executor not in self.EXECUTORS:
+            raise ValueError(f"hydra.launcher.executor must be one of {list(self.EXECUTORS)}, got {executor!r}")
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"hydra.launcher.workers must be a positive integer, got {workers!r}")
         if workers > 1 and executor != "here":
@@ -74,8 +76,6 @@ class BatchedLauncher(Launcher):
                 f"with executor={executor} each group is a job of its own: leave workers at 1"
             )
         self.workers = workers
-        if executor not in self.EXECUTORS:
-            raise ValueError(f"hydra.launcher.executor must be one of {list(self.EXECUTORS)}, got {executor!r}")
         self.max_batch = max_batch
         self.executor = executor
         if OmegaConf.is_config(submitit):
@@ -131,16 +131,19 @@ class BatchedLauncher(Launcher):
             len(batches),
             self.max_batch,
         )
+
+        def runs_to_train(batch: list[int]) -> int:
+            return sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
+
         returns: dict[int, Any] = {}
         submitted = []
         pool = None
         if self.workers > 1 and len(batches) > 1:
-            # largest groups first, so that the workers finish together
-            batches.sort(key=lambda batch: -sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch))
+            batches.sort(key=runs_to_train, reverse=True)  # largest groups first, so that the workers finish together
             pool = WorkerPool(min(self.workers, len(batches)), self.workers)
         for number, batch in enumerate(batches, 1):
             members = [jobs[p][2] for p in batch]
-            runs = sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
+            runs = runs_to_train(batch)
             log.info(
                 "group %d/%d: %d jobs, %d runs to train (#%s)",
                 number,
