@@ -86,6 +86,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 << 20) -> bool:
+    """Have glibc's allocator keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    A training step allocates and frees the same few-megabyte tensors over
+    and over. By default glibc returns such memory to the kernel when it is
+    freed (the heap's top is trimmed past a threshold that follows the
+    largest recent block, about twice its size), so the next step faults
+    every page in again, zero-filled: on the reference machine about 3.5 µs
+    a 4 KiB page, 2.5 ms for one 3 MB activation of a 121-agent PPO group,
+    as long as the arithmetic on it. Here the heap keeps up to
+    ``trim_threshold`` bytes free, and only blocks of ``mmap_threshold``
+    bytes or more get their own mapping (returned when freed). Results do
+    not change. Returns False where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_trim_threshold, trim_threshold)) and bool(mallopt(m_mmap_threshold, mmap_threshold))
+
+
 # Claims this process holds: claim file -> (open descriptor holding its lock, owner run directory).
 _held: dict[str, tuple[int, Path]] = {}
 
@@ -507,6 +534,7 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
     if threads is not None:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(cfg.flush_denormal)
+    keep_freed_memory()
     seed_everything(runs[0].seed)
     for i, run in enumerate(runs):
         # one progress bar per job: the first seed's

@@ -147,35 +147,84 @@ def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class AgentStack:
-    """K MLPs of one architecture as stacked tensors: weights (K, in, out), biases (K, out).
+class ActorCritic:
+    """K agents' actors and critics (MLPs of one architecture, tanh between layers) as stacked tensors.
+
+    The hidden layers of all 2K networks are one stack: weights (2K, in,
+    out), biases (2K, 1, out), the K actors first and then the K critics,
+    so that each hidden layer of every actor and critic is one batched
+    product. The output layers are one stack too, in ``nn.Linear``'s (out,
+    in) layout: (2K, actions, hidden), each critic's value in its first row
+    and zeros below it (their gradients are exactly zero, so they stay zero
+    under Adam and SGD). Computing them as one product on the whole hidden
+    stack, rather than on its actor and critic halves, keeps the backward
+    pass from building a zero-filled gradient of the whole stack for each
+    half; and as ``W @ h^T``, whose batched product is several times faster
+    on the CPU with so few outputs than ``h @ W^T`` (121 agents, 100
+    samples, 3 actions: 1.7 ms against 0.5 ms, the weight gradient 1.4 ms
+    against 0.25).
 
     Agent k's layers are built as a single run of its seed builds them
     (``torch.manual_seed(seed)``, then the actor, then the critic) and
-    stacked; ``forward`` computes all K with batched matrix products, so
-    each agent sees only its own parameters and inputs.
+    stacked, so each agent sees only its own parameters and inputs.
     """
 
-    def __init__(self, modules: list[nn.Sequential], device: torch.device):
-        linears = [[m for m in module if isinstance(m, nn.Linear)] for module in modules]
+    def __init__(self, actors: list[nn.Sequential], critics: list[nn.Sequential], device: torch.device):
+        def linears(modules):
+            return [[m for m in module if isinstance(m, nn.Linear)] for module in modules]
+
+        actor_layers, critic_layers = linears(actors), linears(critics)
+        hidden = len(actor_layers[0]) - 1
+        self.agents = len(actors)
+
+        def stack(tensors):
+            return torch.stack(tensors).contiguous().to(device).requires_grad_()
+
         self.weights = [
-            torch.stack([agent[i].weight.detach().T for agent in linears]).contiguous().to(device).requires_grad_()
-            for i in range(len(linears[0]))
+            stack([net[i].weight.detach().T for net in actor_layers + critic_layers]) for i in range(hidden)
         ]
         self.biases = [
-            torch.stack([agent[i].bias.detach() for agent in linears]).to(device).requires_grad_()
-            for i in range(len(linears[0]))
+            stack([net[i].bias.detach()[None] for net in actor_layers + critic_layers]) for i in range(hidden)
         ]
+        actions = actor_layers[0][-1].out_features
+        head_weight = torch.zeros(2 * self.agents, actions, actor_layers[0][-1].in_features)
+        head_bias = torch.zeros(2 * self.agents, actions, 1)
+        for k, net in enumerate(actor_layers + critic_layers):
+            rows = net[-1].out_features  # the actor's actions, the critic's one value
+            head_weight[k, :rows] = net[-1].weight.detach()
+            head_bias[k, :rows, 0] = net[-1].bias.detach()
+        self.head_weight = head_weight.to(device).requires_grad_()
+        self.head_bias = head_bias.to(device).requires_grad_()
+        # On the CPU, MKL's batched product of one row per network is five times slower with an input
+        # width that is not a multiple of 8 (242 networks of 6 -> 64: 0.16 ms; of 8 -> 64: 0.03 ms), so
+        # the rollout (one observation per environment) uses the first layer's weights with zero rows
+        # appended, remade whenever the optimiser has changed them.
+        inputs = self.weights[0].shape[1]
+        self.padding = (-inputs) % 8 if device.type == "cpu" else 0
+        self._padded: tuple[int, torch.Tensor] | None = None
+
+    def _padded_first_weight(self) -> torch.Tensor:
+        weight = self.weights[0]
+        if self._padded is None or self._padded[0] != weight._version:
+            padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, self.padding))
+            self._padded = (weight._version, padded)
+        return self._padded[1]
 
     def parameters(self) -> list[torch.Tensor]:
-        return [t for pair in zip(self.weights, self.biases) for t in pair]
+        pairs = [*zip(self.weights, self.biases), (self.head_weight, self.head_bias)]
+        return [t for pair in pairs for t in pair]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(K, B, in) to (K, B, out): tanh between layers, none after the last."""
-        last = len(self.weights) - 1
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(bias[:, None, :], x, weight) if i == last else tanh_layer(x, weight, bias[:, None, :])
-        return x
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observations (K, B, obs) to logits (K, B, actions) and values (K, B)."""
+        h = x.repeat(2, 1, 1)  # each agent's observations to its actor (first K) and its critic (last K)
+        weights = self.weights
+        if self.padding and x.shape[1] == 1 and not torch.is_grad_enabled():
+            h = torch.nn.functional.pad(h, (0, self.padding))
+            weights = [self._padded_first_weight(), *weights[1:]]
+        for weight, bias in zip(weights, self.biases):
+            h = tanh_layer(h, weight, bias)
+        out = torch.baddbmm(self.head_bias, self.head_weight, h.transpose(1, 2))  # (2K, actions, B)
+        return out[: self.agents].transpose(1, 2), out[self.agents :, 0]
 
 
 def tanh_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -395,15 +444,16 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         torch.manual_seed(seed)
         actors.append(mlp([obs_dim, *task_cfg.hidden, n_actions], 0.01))
         critics.append(mlp([obs_dim, *task_cfg.hidden, 1], 1.0))
-    actor, critic = AgentStack(actors, device), AgentStack(critics, device)
-    optimizer = make_optimizer(actor.parameters() + critic.parameters(), task_cfg)
+    net = ActorCritic(actors, critics, device)
+    optimizer = make_optimizer(net.parameters(), task_cfg)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     obs_buf = torch.zeros(T, K, N, obs_dim, device=device)
     actions_buf = torch.zeros(T, K, N, dtype=torch.long, device=device)
     logits_buf = torch.zeros(T, K, N, n_actions, device=device)
-    rewards_buf = torch.zeros(T, K, N, device=device)
-    dones_buf = torch.zeros(T, K, N, device=device)
+    # rewards and endings come from the host: kept there during the rollout, moved once after it
+    rewards_host = np.zeros((T, K * N), dtype=np.float32)
+    dones_host = np.zeros((T, K * N), dtype=np.float32)
     values_buf = torch.zeros(T, K, N, device=device)
 
     obs = torch.as_tensor(envs.reset(), device=device).reshape(K, N, obs_dim)
@@ -428,8 +478,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 dim=1,
             ).to(device)
             for t in range(T):
-                logits = actor(obs)
-                value = critic(obs).squeeze(-1)
+                logits, value = net(obs)
                 action = (logits + gumbel[t]).argmax(-1)
                 next_obs, raw_reward, terminated, truncated, final, episodes = envs.step(
                     action.reshape(-1).cpu().numpy()
@@ -439,7 +488,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
                     def final_values(final=final):
                         return (
-                            critic(torch.as_tensor(final, device=device).reshape(K, N, obs_dim))
+                            net(torch.as_tensor(final, device=device).reshape(K, N, obs_dim))[1]
                             .reshape(-1)
                             .cpu()
                             .numpy()
@@ -448,17 +497,19 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                     reward = bootstrap_time_limits(raw_reward, terminated, truncated, final_values, task_cfg.gamma)
                 done = terminated | truncated
                 obs_buf[t], actions_buf[t], logits_buf[t], values_buf[t] = obs, action, logits, value
-                rewards_buf[t] = torch.as_tensor(reward, device=device).reshape(K, N)
-                dones_buf[t] = torch.as_tensor(done, dtype=torch.float32, device=device).reshape(K, N)
+                rewards_host[t] = reward
+                dones_host[t] = done
                 if episodes is not None:  # the episode's own rewards, without the bootstrap term
                     ended, returns, lengths = episodes
                     for i in np.flatnonzero(ended):
                         finished[agent_of_env[i]].append((float(returns[i]), int(lengths[i])))
                 obs = torch.as_tensor(next_obs, device=device).reshape(K, N, obs_dim)
             global_step += batch
-            next_value = critic(obs).squeeze(-1)
+            next_value = net(obs)[1]
         rollout_seconds = time.perf_counter() - start
 
+        rewards_buf = torch.as_tensor(rewards_host, device=device).reshape(T, K, N)
+        dones_buf = torch.as_tensor(dones_host, device=device).reshape(T, K, N)
         advantages, returns = gae(rewards_buf, values_buf, dones_buf, next_value, task_cfg.gamma, task_cfg.gae_lambda)
         # per agent: (K, T * N, ...)
         b_obs = obs_buf.transpose(0, 1).reshape(K, batch, obs_dim)
@@ -483,7 +534,8 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 idx = order[:, begin : begin + task_cfg.minibatch_size]
                 mb_obs = b_obs.gather(1, idx[..., None].expand(-1, -1, obs_dim))
                 mb_actions = b_actions.gather(1, idx)
-                new_logprobs_all = F.log_softmax(actor(mb_obs), -1)
+                new_logits, new_values = net(mb_obs)
+                new_logprobs_all = F.log_softmax(new_logits, -1)
                 new_logprob = new_logprobs_all.gather(2, mb_actions[..., None]).squeeze(2)
                 log_ratio = new_logprob - b_old_logprob.gather(1, idx)
                 ratio = log_ratio.exp()
@@ -494,7 +546,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                     policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - task_cfg.clip, 1 + task_cfg.clip) * adv)
                 else:
                     policy_loss = -ratio * adv + kl_coef[:, None] * exact_kl
-                value_loss = (critic(mb_obs).squeeze(-1) - b_returns.gather(1, idx)).square()
+                value_loss = (new_values - b_returns.gather(1, idx)).square()
                 shaped_policy, shaped_value = policy_bank(policy_loss), value_bank(value_loss)
                 # each agent's loss; their sum's gradient for an agent's parameters is that agent's own
                 loss = (reduce(shaped_policy, dim=1) + task_cfg.value_coef * reduce(shaped_value, dim=1)).sum()

@@ -8,7 +8,7 @@ import torch
 
 from runner.config import ConfigError, validate
 from runner.job import run_job
-from tasks.ppo import bootstrap_time_limits, gae, tanh_layer
+from tasks.ppo import ActorCritic, bootstrap_time_limits, gae, mlp, tanh_layer
 
 pytest.importorskip("gymnasium")
 
@@ -52,6 +52,50 @@ def test_the_cpu_tanh_layer_is_tanh_within_its_stated_error_with_autograds_gradi
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=2e-5)
     with torch.no_grad():  # the rollout's path, without autograd, computes the same values
         assert torch.equal(tanh_layer(x, weight, bias), fast)
+
+
+def agent_networks(agents, observation, actions, hidden=(64, 64)):
+    actors, critics = [], []
+    for seed in range(agents):
+        torch.manual_seed(seed)
+        actors.append(mlp([observation, *hidden, actions], 0.01))
+        critics.append(mlp([observation, *hidden, 1], 1.0))
+    return actors, critics
+
+
+@pytest.mark.parametrize("observation, actions, hidden", [(6, 3, (64, 64)), (8, 4, (16,)), (4, 2, (8, 8, 8))])
+def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stays_zero(observation, actions, hidden):
+    # Every agent's logits and value are its own actor's and critic's (nn.Sequential with torch's tanh), for a
+    # batch of samples and for the rollout's one observation (whose first layer is padded to 8 inputs); the
+    # zero rows below each critic's value row stay zero through Adam and SGD steps.
+    actors, critics = agent_networks(5, observation, actions, hidden)
+    net = ActorCritic(actors, critics, torch.device("cpu"))
+    for rows in (100, 1):
+        x = torch.randn(5, rows, observation)
+        with torch.no_grad():
+            logits, values = net(x)
+            for k in range(5):
+                torch.testing.assert_close(logits[k], actors[k](x[k]), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(values[k], critics[k](x[k]).squeeze(-1), rtol=1e-5, atol=1e-6)
+        with torch.inference_mode():  # the rollout's path: padded first layer where the width needs it
+            assert torch.equal(net(x)[0], logits) and torch.equal(net(x)[1], values)
+    assert net.padding == (-observation) % 8
+    for optimizer in (
+        torch.optim.Adam(net.parameters(), lr=0.1),
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+    ):
+        for _ in range(3):
+            logits, values = net(torch.randn(5, 20, observation))
+            optimizer.zero_grad()
+            (logits.square().sum() + values.sin().sum()).backward()
+            optimizer.step()
+        assert torch.all(net.head_weight[5:, 1:] == 0) and torch.all(net.head_bias[5:, 1:] == 0)
+        assert net.head_weight[5:, 0].abs().sum() > 0
+    x = torch.randn(5, 1, observation)
+    with torch.inference_mode():  # the padded copy follows the optimiser's changes
+        padded = net(x)
+    with torch.no_grad():
+        assert torch.equal(padded[0], net(x)[0])
 
 
 def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):
