@@ -540,11 +540,13 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 log_ratio = new_logprob - b_old_logprob.gather(1, idx)
                 ratio = log_ratio.exp()
                 adv = b_adv.gather(1, idx)
-                old_logprobs_all = F.log_softmax(b_old_logits.gather(1, idx[..., None].expand(-1, -1, n_actions)), -1)
-                exact_kl = (old_logprobs_all.exp() * (old_logprobs_all - new_logprobs_all)).sum(-1)
                 if task_cfg.kl_penalty == "none":
                     policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - task_cfg.clip, 1 + task_cfg.clip) * adv)
                 else:
+                    old_logprobs_all = F.log_softmax(
+                        b_old_logits.gather(1, idx[..., None].expand(-1, -1, n_actions)), -1
+                    )
+                    exact_kl = (old_logprobs_all.exp() * (old_logprobs_all - new_logprobs_all)).sum(-1)
                     policy_loss = -ratio * adv + kl_coef[:, None] * exact_kl
                 value_loss = (new_values - b_returns.gather(1, idx)).square()
                 shaped_policy, shaped_value = policy_bank(policy_loss), value_bank(value_loss)
