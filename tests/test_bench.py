@@ -13,6 +13,7 @@ SCRIPTS = {
     "envelope_overhead.py": ([], "2. envelope work in isolation"),
     "joblib_sweep.py": ([], "speed-up:"),
     "ppo_grid.py": ([], "batched (1 worker process(es), EnvPool)"),
+    "ppo_parts.py": ([], "update minibatch (forward, backward, Adam)"),
     "ppo_sps.py": ([], "LunarLander-v3"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
 }
@@ -29,7 +30,7 @@ def test_every_script_in_bench_is_covered():
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_script_runs(script):
-    if script == "ppo_grid.py":
+    if script in ("ppo_grid.py", "ppo_parts.py"):
         pytest.importorskip("envpool")
     elif script in NEEDS and not NEEDS[script].exists():
         pytest.skip(f"needs {NEEDS[script]}")

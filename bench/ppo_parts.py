@@ -1,0 +1,117 @@
+"""Where a batched PPO group's time goes: each part of a rollout step and of an update minibatch, timed alone.
+
+For K agents (the paper's 64-64 actor and critic per agent, stacked as
+``tasks.ppo.ActorCritic``) on one torch thread:
+
+- rollout forward, hot: the policy and value of one observation per agent,
+  repeated, so the weights stay in the caches;
+- rollout forward, after an environment step: the same, each time right
+  after EnvPool has stepped the K environments, as in a rollout, where the
+  weights (about 37 KB an agent) are read from memory again;
+- EnvPool step of the K environments (random actions);
+- update minibatch: forward and backward of both networks on 100 samples
+  per agent, then the optimiser step (fused Adam).
+
+Medians over repeats, in milliseconds, and per agent-step in microseconds.
+The rollout's share of a step is forward plus environment plus the loop's
+own bookkeeping; the update's is 4 minibatches per 100 steps at the paper's
+protocol (4 epochs of minibatches of 100 over rollouts of 100 or 500).
+
+    python bench/ppo_parts.py [--env Acrobot-v1] [--agents 121]
+    python bench/ppo_parts.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runner.job import keep_freed_memory
+from tasks.common import make_optimizer
+from tasks.ppo import ActorCritic, Environments, mlp
+
+
+def median_ms(fn, repeats: int, rounds: int = 5) -> float:
+    times = []
+    for _ in range(rounds):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        times.append((time.perf_counter() - start) / repeats * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="Acrobot-v1", choices=["Acrobot-v1", "LunarLander-v3", "CartPole-v1"])
+    parser.add_argument("--agents", type=int, default=121)
+    parser.add_argument("--smoke", action="store_true", help="4 agents, few repeats: checks the script runs")
+    args = parser.parse_args()
+    agents = 4 if args.smoke else args.agents
+    steps, minibatches = (5, 2) if args.smoke else (300, 20)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    keep_freed_memory()
+
+    envs = Environments("envpool", args.env, list(range(agents)), 1, None)
+    envs.reset()
+    observation, actions = envs.observation_size, envs.actions
+    actors, critics = [], []
+    for seed in range(agents):
+        torch.manual_seed(seed)
+        actors.append(mlp([observation, 64, 64, actions], 0.01))
+        critics.append(mlp([observation, 64, 64, 1], 1.0))
+    net = ActorCritic(actors, critics, torch.device("cpu"))
+    optimizer = make_optimizer(net.parameters(), argparse.Namespace(optimizer="adam", lr=3e-4))
+    rng = np.random.default_rng(0)
+    one = torch.randn(agents, 1, observation)
+    samples = torch.randn(agents, 100, observation)
+
+    def forward():
+        with torch.inference_mode():
+            net(one)
+
+    def env_step():
+        envs.step(rng.integers(0, actions, size=agents))
+
+    def forward_after_env():  # timed part: the forward alone
+        env_step()
+        start = time.perf_counter()
+        forward()
+        return time.perf_counter() - start
+
+    def update():
+        logits, values = net(samples)
+        optimizer.zero_grad(set_to_none=True)
+        (logits.square().sum() + values.square().sum()).backward()
+        optimizer.step()
+
+    hot = median_ms(forward, steps)
+    cold = statistics.median(forward_after_env() for _ in range(steps)) * 1e3
+    env = median_ms(env_step, steps)
+    minibatch = median_ms(update, minibatches)
+    envs.close()
+    print(f"{args.env}, {agents} agents, 1 torch thread")
+    for name, ms in (
+        ("rollout forward, hot", hot),
+        ("rollout forward, after an environment step", cold),
+        ("EnvPool step", env),
+    ):
+        print(f"  {name:45s} {ms:8.3f} ms  {ms * 1e3 / agents:7.2f} us per agent-step")
+    print(
+        f"  {'update minibatch (forward, backward, Adam)':45s} {minibatch:8.3f} ms  "
+        f"{minibatch * 4 / 100 * 1e3 / agents:7.2f} us per agent-step at 4 minibatches per 100 steps"
+    )
+
+
+if __name__ == "__main__":
+    main()
