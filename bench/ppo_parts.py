@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.job import keep_freed_memory
 from tasks.common import make_optimizer
-from tasks.ppo import ActorCritic, Environments, mlp
+from tasks.ppo import ActorCritic, Environments, agent_networks
 
 
 def median_ms(fn, repeats: int, rounds: int = 5) -> float:
@@ -65,12 +65,7 @@ def main() -> None:
     envs = Environments("envpool", args.env, list(range(agents)), 1, None)
     envs.reset()
     observation, actions = envs.observation_size, envs.actions
-    actors, critics = [], []
-    for seed in range(agents):
-        torch.manual_seed(seed)
-        actors.append(mlp([observation, 64, 64, actions], 0.01))
-        critics.append(mlp([observation, 64, 64, 1], 1.0))
-    net = ActorCritic(actors, critics, torch.device("cpu"))
+    net = ActorCritic(*agent_networks(list(range(agents)), observation, [64, 64], actions), torch.device("cpu"))
     optimizer = make_optimizer(net.parameters(), argparse.Namespace(optimizer="adam", lr=3e-4))
     rng = np.random.default_rng(0)
     one = torch.randn(agents, 1, observation)

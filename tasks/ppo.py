@@ -147,6 +147,18 @@ def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def agent_networks(
+    seeds: list[int], observation: int, hidden: list[int], actions: int
+) -> tuple[list[nn.Sequential], list[nn.Sequential]]:
+    """Each agent's actor and critic as a run alone builds them: seeded, then its actor, then its critic."""
+    actors, critics = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        actors.append(mlp([observation, *hidden, actions], 0.01))
+        critics.append(mlp([observation, *hidden, 1], 1.0))
+    return actors, critics
+
+
 class ActorCritic:
     """K agents' actors and critics (MLPs of one architecture, tanh between layers) as stacked tensors.
 
@@ -439,12 +451,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
     envs = Environments(task_cfg.backend, task_cfg.env_id, seeds, N, task_cfg.max_episode_steps)
     obs_dim, n_actions = envs.observation_size, envs.actions
-    actors, critics = [], []
-    for seed in seeds:  # as a run alone: seeded, then its actor, then its critic
-        torch.manual_seed(seed)
-        actors.append(mlp([obs_dim, *task_cfg.hidden, n_actions], 0.01))
-        critics.append(mlp([obs_dim, *task_cfg.hidden, 1], 1.0))
-    net = ActorCritic(actors, critics, device)
+    net = ActorCritic(*agent_networks(seeds, obs_dim, task_cfg.hidden, n_actions), device)
     optimizer = make_optimizer(net.parameters(), task_cfg)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 

@@ -8,7 +8,7 @@ import torch
 
 from runner.config import ConfigError, validate
 from runner.job import run_job
-from tasks.ppo import ActorCritic, bootstrap_time_limits, gae, mlp, tanh_layer
+from tasks.ppo import ActorCritic, agent_networks, bootstrap_time_limits, gae, tanh_layer
 
 pytest.importorskip("gymnasium")
 
@@ -54,21 +54,12 @@ def test_the_cpu_tanh_layer_is_tanh_within_its_stated_error_with_autograds_gradi
         assert torch.equal(tanh_layer(x, weight, bias), fast)
 
 
-def agent_networks(agents, observation, actions, hidden=(64, 64)):
-    actors, critics = [], []
-    for seed in range(agents):
-        torch.manual_seed(seed)
-        actors.append(mlp([observation, *hidden, actions], 0.01))
-        critics.append(mlp([observation, *hidden, 1], 1.0))
-    return actors, critics
-
-
 @pytest.mark.parametrize("observation, actions, hidden", [(6, 3, (64, 64)), (8, 4, (16,)), (4, 2, (8, 8, 8))])
 def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stays_zero(observation, actions, hidden):
     # Every agent's logits and value are its own actor's and critic's (nn.Sequential with torch's tanh), for a
     # batch of samples and for the rollout's one observation (whose first layer is padded to 8 inputs); the
     # zero rows below each critic's value row stay zero through Adam and SGD steps.
-    actors, critics = agent_networks(5, observation, actions, hidden)
+    actors, critics = agent_networks(list(range(5)), observation, list(hidden), actions)
     net = ActorCritic(actors, critics, torch.device("cpu"))
     for rows in (100, 1):
         x = torch.randn(5, rows, observation)
