@@ -12,6 +12,16 @@ For K agents (the paper's 64-64 actor and critic per agent, stacked as
 - update minibatch: forward and backward of both networks on 100 samples
   per agent, then the optimiser step (fused Adam).
 
+And two floors, the least the same arithmetic on these tensors costs (one
+environment per agent, float32):
+
+- weights read once, after an environment step: a sum over every stacked
+  weight and bias, the memory traffic a rollout forward cannot avoid (each
+  step acts on new observations with every agent's weights);
+- the minibatch's batched products alone (forward, input and weight
+  gradients of each layer), at MKL's rate, without the elementwise work,
+  the losses or the optimiser.
+
 Medians over repeats, in milliseconds, and per agent-step in microseconds.
 The rollout's share of a step is forward plus environment plus the loop's
 own bookkeeping; the update's is 4 minibatches per 100 steps at the paper's
@@ -90,10 +100,37 @@ def main() -> None:
         (logits.square().sum() + values.square().sum()).backward()
         optimizer.step()
 
+    parameters = [p.detach() for p in net.parameters()]
+
+    def read_weights_after_env():  # timed part: one pass over every weight
+        env_step()
+        start = time.perf_counter()
+        for p in parameters:
+            p.sum()
+        return time.perf_counter() - start
+
+    hidden = [w.detach() for w in net.weights]
+    inputs = [torch.randn(w.shape[0], 100, w.shape[1]) for w in hidden]
+    grads = [torch.randn(w.shape[0], 100, w.shape[2]) for w in hidden]
+    head = net.head_weight.detach()
+    head_grad = torch.randn(head.shape[0], head.shape[1], 100)
+
+    def products():  # every batched product of one minibatch's forward and backward, nothing else
+        for x, w, g in zip(inputs, hidden, grads):
+            torch.bmm(x, w)
+            torch.bmm(x.transpose(1, 2), g)  # weight gradient
+        for w, g in zip(hidden[1:], grads[1:]):
+            torch.bmm(g, w.transpose(1, 2))  # input gradient (none for the observations)
+        torch.bmm(head, grads[-1].transpose(1, 2))
+        torch.bmm(head_grad, grads[-1])
+        torch.bmm(head_grad.transpose(1, 2), head)
+
     hot = median_ms(forward, steps)
     cold = statistics.median(forward_after_env() for _ in range(steps)) * 1e3
     env = median_ms(env_step, steps)
     minibatch = median_ms(update, minibatches)
+    weights_read = statistics.median(read_weights_after_env() for _ in range(steps)) * 1e3
+    products_only = median_ms(products, minibatches)
     envs.close()
     print(f"{args.env}, {agents} agents, 1 torch thread")
     for name, ms in (
@@ -106,6 +143,17 @@ def main() -> None:
         f"  {'update minibatch (forward, backward, Adam)':45s} {minibatch:8.3f} ms  "
         f"{minibatch * 4 / 100 * 1e3 / agents:7.2f} us per agent-step at 4 minibatches per 100 steps"
     )
+    print("floors:")
+    print(
+        f"  {'weights read once, after an environment step':45s} {weights_read:8.3f} ms  "
+        f"{weights_read * 1e3 / agents:7.2f} us per agent-step"
+    )
+    print(
+        f"  {'the minibatch products alone':45s} {products_only:8.3f} ms  "
+        f"{products_only * 4 / 100 * 1e3 / agents:7.2f} us per agent-step at 4 minibatches per 100 steps"
+    )
+    floor = (weights_read + products_only * 4 / 100) * 1e3 / agents + env * 1e3 / agents
+    print(f"  {'sum of the floors and the EnvPool step':45s} {'':8s}    {floor:7.2f} us per agent-step")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ SCRIPTS = {
     "envelope_overhead.py": ([], "2. envelope work in isolation"),
     "joblib_sweep.py": ([], "speed-up:"),
     "ppo_grid.py": ([], "batched (1 worker process(es), EnvPool)"),
-    "ppo_parts.py": ([], "update minibatch (forward, backward, Adam)"),
+    "ppo_parts.py": ([], "sum of the floors and the EnvPool step"),
     "ppo_sps.py": ([], "LunarLander-v3"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
 }
