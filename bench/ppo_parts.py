@@ -88,10 +88,10 @@ def main() -> None:
     def env_step():
         envs.step(rng.integers(0, actions, size=agents))
 
-    def forward_after_env():  # timed part: the forward alone
+    def after_env(fn):  # seconds of fn alone, run right after an environment step
         env_step()
         start = time.perf_counter()
-        forward()
+        fn()
         return time.perf_counter() - start
 
     def update():
@@ -102,12 +102,9 @@ def main() -> None:
 
     parameters = [p.detach() for p in net.parameters()]
 
-    def read_weights_after_env():  # timed part: one pass over every weight
-        env_step()
-        start = time.perf_counter()
+    def read_weights():  # one pass over every weight
         for p in parameters:
             p.sum()
-        return time.perf_counter() - start
 
     hidden = [w.detach() for w in net.weights]
     inputs = [torch.randn(w.shape[0], 100, w.shape[1]) for w in hidden]
@@ -126,33 +123,29 @@ def main() -> None:
         torch.bmm(head_grad.transpose(1, 2), head)
 
     hot = median_ms(forward, steps)
-    cold = statistics.median(forward_after_env() for _ in range(steps)) * 1e3
+    cold = statistics.median(after_env(forward) for _ in range(steps)) * 1e3
     env = median_ms(env_step, steps)
     minibatch = median_ms(update, minibatches)
-    weights_read = statistics.median(read_weights_after_env() for _ in range(steps)) * 1e3
+    weights_read = statistics.median(after_env(read_weights) for _ in range(steps)) * 1e3
     products_only = median_ms(products, minibatches)
     envs.close()
+
+    def per_step(ms, minibatch=False):  # us per agent-step; an update has 4 minibatches per 100 steps
+        return ms * (4 / 100 if minibatch else 1) * 1e3 / agents
+
+    def row(name, ms, minibatch=False):
+        note = " at 4 minibatches per 100 steps" if minibatch else ""
+        print(f"  {name:45s} {ms:8.3f} ms  {per_step(ms, minibatch):7.2f} us per agent-step{note}")
+
     print(f"{args.env}, {agents} agents, 1 torch thread")
-    for name, ms in (
-        ("rollout forward, hot", hot),
-        ("rollout forward, after an environment step", cold),
-        ("EnvPool step", env),
-    ):
-        print(f"  {name:45s} {ms:8.3f} ms  {ms * 1e3 / agents:7.2f} us per agent-step")
-    print(
-        f"  {'update minibatch (forward, backward, Adam)':45s} {minibatch:8.3f} ms  "
-        f"{minibatch * 4 / 100 * 1e3 / agents:7.2f} us per agent-step at 4 minibatches per 100 steps"
-    )
+    row("rollout forward, hot", hot)
+    row("rollout forward, after an environment step", cold)
+    row("EnvPool step", env)
+    row("update minibatch (forward, backward, Adam)", minibatch, minibatch=True)
     print("floors:")
-    print(
-        f"  {'weights read once, after an environment step':45s} {weights_read:8.3f} ms  "
-        f"{weights_read * 1e3 / agents:7.2f} us per agent-step"
-    )
-    print(
-        f"  {'the minibatch products alone':45s} {products_only:8.3f} ms  "
-        f"{products_only * 4 / 100 * 1e3 / agents:7.2f} us per agent-step at 4 minibatches per 100 steps"
-    )
-    floor = (weights_read + products_only * 4 / 100) * 1e3 / agents + env * 1e3 / agents
+    row("weights read once, after an environment step", weights_read)
+    row("the minibatch products alone", products_only, minibatch=True)
+    floor = per_step(weights_read) + per_step(products_only, minibatch=True) + per_step(env)
     print(f"  {'sum of the floors and the EnvPool step':45s} {'':8s}    {floor:7.2f} us per agent-step")
 
 
