@@ -256,13 +256,21 @@ def _unused_task_keys(task: dict[str, Any]) -> set[str]:
 
     Each is a setting added after runs existed, at the value those runs
     trained with, so they keep their ids: Adam (which also ignores the
-    momentum), and no rare classes (which leaves the fraction kept unused).
+    momentum), no rare classes (which leaves the fraction kept unused), raw
+    pixels, training-split statistics and per-seed random splits.
     """
     unused = set()
     if task.get("optimizer") == "adam":
         unused |= {"optimizer", "momentum"}
     if task.get("rare_classes") == []:
         unused |= {"rare_classes", "rare_fraction"}
+    # the paper's data handling, as options (off: the handling runs always had)
+    if "pixel_normalisation" in task and task["pixel_normalisation"] is None:
+        unused.add("pixel_normalisation")
+    if task.get("standardise") == "train":
+        unused.add("standardise")
+    if task.get("split") == "random":
+        unused |= {"split", "val_start"}
     return unused
 
 

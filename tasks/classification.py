@@ -39,6 +39,9 @@ class ClassificationConfig:
     val_size: int = 300
     test_size: int = 297
     label_noise: float = 0.0
+    # [mean, std]: every pixel fed as (x - mean) / std, x in [0, 1] (the paper's MNIST code: [0.1307, 0.3081]);
+    # null: raw [0, 1] pixels
+    pixel_normalisation: list[float] | None = None
     # rare classes: of each, only rare_fraction of its training examples are kept, the rest replaced by
     # examples of the other classes (validation and test keep every class); val/rare_accuracy reports them
     rare_classes: list[int] = field(default_factory=list)
@@ -88,6 +91,13 @@ def validate(task_cfg) -> None:
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.test_size >= 0, "test_size", "must be >= 0", task_cfg.test_size)
     check(0.0 <= task_cfg.label_noise < 1.0, "label_noise", "must lie in [0, 1)", task_cfg.label_noise)
+    norm = task_cfg.pixel_normalisation
+    check(
+        norm is None or (len(norm) == 2 and norm[1] > 0),
+        "pixel_normalisation",
+        "must be null (raw [0, 1] pixels) or [mean, std] with std > 0, e.g. [0.1307, 0.3081]",
+        None if norm is None else list(norm),
+    )
     rare = list(task_cfg.rare_classes)
     check(
         all(isinstance(c, int) and 0 <= c < NUM_CLASSES for c in rare) and len(set(rare)) == len(rare),
@@ -151,6 +161,9 @@ def load_splits(task_cfg, seeds: list[int], device: torch.device) -> dict:
     from tasks.seed_batch import check_batch_memory, per_run
 
     pool = task_pool(task_cfg)
+    if task_cfg.pixel_normalisation is not None:
+        mean, std = task_cfg.pixel_normalisation
+        pool.features = (pool.features - mean) / std
     sizes = task_cfg.train_size + task_cfg.val_size + task_cfg.test_size
     per_example = pool.features[0].numel() * pool.features.element_size() + pool.labels.element_size()
     distinct = list(dict.fromkeys(seeds))  # runs of one seed (differing in envelopes) share their splits

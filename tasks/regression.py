@@ -3,7 +3,8 @@
 Eight features (median income, house age, average rooms and bedrooms per
 household, population, average occupancy, latitude, longitude) and the
 median house value in units of $100,000, both standardised with statistics
-of the training split only. The per-sample squared error is the ``mse``
+of the training split only (``standardise=all``: of every row, as the
+paper's code does). The per-sample squared error is the ``mse``
 loss an envelope shapes.
 """
 
@@ -37,6 +38,8 @@ RAW_COLUMNS = (
 CSV_NAME = "cal_housing.csv"
 # The held-out test rows do not depend on the run's seed.
 TEST_SPLIT_SEED = 20_640
+STANDARDISE = ("train", "all")
+SPLITS = ("random", "randperm")
 
 
 @dataclass
@@ -47,6 +50,12 @@ class RegressionConfig:
     download: bool = False
     val_fraction: float = 0.2
     test_fraction: float = 0.0
+    # which rows' statistics standardise features and target: train (the training split's) | all (every row's,
+    # as the paper's code does)
+    standardise: str = "train"
+    # random: val rows first in a numpy permutation under the seed (test rows fixed across seeds) | randperm: the
+    # paper's code: torch.randperm of all rows under the seed, training rows first, then validation (no test)
+    split: str = "random"
     hidden: list[int] = field(default_factory=lambda: [64])
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | sgd
@@ -77,6 +86,16 @@ def validate(task_cfg) -> None:
     )
     for key in ("batch_size", "epochs"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
+    check(
+        task_cfg.standardise in STANDARDISE, "standardise", f"must be one of {list(STANDARDISE)}", task_cfg.standardise
+    )
+    check(task_cfg.split in SPLITS, "split", f"must be one of {list(SPLITS)}", task_cfg.split)
+    check(
+        task_cfg.split == "random" or task_cfg.test_fraction == 0.0,
+        "test_fraction",
+        "must be 0 with split=randperm (the paper's code splits into training and validation rows only)",
+        task_cfg.test_fraction,
+    )
     check(
         all(h > 0 for h in task_cfg.hidden), "hidden", "must be a list of positive layer widths", list(task_cfg.hidden)
     )
@@ -158,23 +177,42 @@ def check_data(task_cfg) -> None:
     load_california_housing(resolve_path(task_cfg.data_dir), task_cfg.download)
 
 
-def split_and_standardise(
-    features: np.ndarray, target: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """Test rows fixed across seeds; train/val shuffled per seed; statistics from train only.
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, split: str) -> dict[str, np.ndarray]:
+    """Row indices of each split.
 
-    Returns the standardised splits and the target's training std (to convert errors back to dollars).
+    ``random``: test rows fixed across seeds, the rest in a numpy permutation under the seed, validation rows
+    first. ``randperm``: the paper's code, ``torch.randperm(n)`` under the seed, the first
+    ``n - round(val_fraction * n)`` rows for training, the rest for validation, no test rows.
     """
-    n = len(target)
+    n_val = int(round(val_fraction * n))
+    if split == "randperm":
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        return {"train": order[: n - n_val], "val": order[n - n_val :], "test": order[:0]}
     n_test = int(round(test_fraction * n))
     fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(n)
     test_index, rest = fixed[:n_test], fixed[n_test:]
     rest = rest[np.random.default_rng(seed).permutation(len(rest))]
-    n_val = int(round(val_fraction * n))
-    index = {"train": rest[n_val:], "val": rest[:n_val], "test": test_index}
-    train_x, train_y = features[index["train"]], target[index["train"]]
-    x_mean, x_std = train_x.mean(0), train_x.std(0)
-    y_mean, y_std = train_y.mean(), train_y.std()
+    return {"train": rest[n_val:], "val": rest[:n_val], "test": test_index}
+
+
+def split_and_standardise(
+    features: np.ndarray,
+    target: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    standardise: str = "train",
+    split: str = "random",
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """The splits of :func:`split_indices`, standardised with the statistics of the training rows (``train``) or
+    of every row (``all``, as the paper's code does; population std, as scikit-learn's ``StandardScaler``).
+
+    Returns the standardised splits and the target's std that standardised it (to convert errors back to dollars).
+    """
+    index = split_indices(len(target), val_fraction, test_fraction, seed, split)
+    rows = index["train"] if standardise == "train" else slice(None)
+    x_mean, x_std = features[rows].mean(0), features[rows].std(0)
+    y_mean, y_std = target[rows].mean(), target[rows].std()
     splits = {}
     for name, idx in index.items():
         x = torch.from_numpy(((features[idx] - x_mean) / x_std).astype(np.float32))
@@ -207,7 +245,16 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     task_cfg, device, seeds = cfg.task, context.device, context.seeds
     features, target = load_california_housing(resolve_path(task_cfg.data_dir), task_cfg.download)
     per_seed = [
-        split_and_standardise(features, target, task_cfg.val_fraction, task_cfg.test_fraction, seed) for seed in seeds
+        split_and_standardise(
+            features,
+            target,
+            task_cfg.val_fraction,
+            task_cfg.test_fraction,
+            seed,
+            task_cfg.standardise,
+            task_cfg.split,
+        )
+        for seed in seeds
     ]
     data = {
         name: tuple(torch.stack([splits[name][i] for splits, _ in per_seed]).to(device) for i in range(2))

@@ -46,6 +46,7 @@ OBJECTIVE = ("val/recon", "min")
 AUX_LOSSES = ("kl",)  # for the loss controller: its weight is the KL weight
 PROBE_SIZE = 500
 SETTINGS = ("overparameterised", "drift")
+SPLITS = ("random", "fixed")
 IMAGE_SIDE = 28
 EVAL_CHUNK = 500
 
@@ -61,6 +62,11 @@ class VAEConfig:
     train_size: int = 200
     val_size: int = 2000
     test_size: int = 0
+    # random: train and validation images drawn per seed | fixed: the paper's code, the pool's first train_size
+    # images for training (the drift setting's pool: drift_pool_size) and images val_start .. val_start + val_size
+    # for validation, the same for every seed
+    split: str = "random"
+    val_start: int = 1000
     latent_dim: int = 8
     hidden: list[int] = field(default_factory=lambda: [800, 400])
     lr: float = 1e-3
@@ -111,6 +117,14 @@ def validate(task_cfg) -> None:
     for key in ("train_size", "val_size", "latent_dim", "batch_size", "epochs", "drift_pool_size"):
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.test_size >= 0, "test_size", "must be >= 0", task_cfg.test_size)
+    check(task_cfg.split in SPLITS, "split", f"must be one of {list(SPLITS)}", task_cfg.split)
+    train_size = task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
+    check(
+        task_cfg.split == "random" or task_cfg.val_start >= train_size,
+        "val_start",
+        f"must be >= the {train_size} training images with split=fixed (validation after them)",
+        task_cfg.val_start,
+    )
     check(
         task_cfg.free_bits is None or task_cfg.free_bits >= 0, "free_bits", "must be null or >= 0", task_cfg.free_bits
     )
@@ -260,8 +274,16 @@ def load_data(task_cfg, seed: int, device: torch.device) -> dict[str, torch.Tens
     train_size = task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
     try:
         index = split_indices(len(pool.labels), train_size, task_cfg.val_size, task_cfg.test_size, seed)
+        if task_cfg.split == "fixed":
+            end = task_cfg.val_start + task_cfg.val_size
+            if end > len(pool.labels) - task_cfg.test_size:
+                raise ValueError(
+                    f"val_start + val_size = {end} exceeds the {len(pool.labels) - task_cfg.test_size} images left "
+                    f"after test_size = {task_cfg.test_size} (pool of {len(pool.labels)})"
+                )
+            index.update(train=torch.arange(train_size), val=torch.arange(task_cfg.val_start, end))
     except ValueError as error:
-        raise ValueError(f"task.train_size/val_size/test_size/drift_pool_size: {error}") from None
+        raise ValueError(f"task.train_size/val_size/test_size/drift_pool_size/val_start: {error}") from None
     binary = (pool.features > 0.5).float()
     out = {}
     for name, idx in index.items():

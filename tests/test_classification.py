@@ -153,3 +153,16 @@ def test_rare_class_runs_report_rare_accuracy(compose, tmp_path):
             [],
             reraise=True,
         )
+
+
+def test_pixel_normalisation_feeds_normalised_pixels(compose):
+    from runner.config import ConfigError, validate
+    from tasks.classification import load_splits
+
+    raw = load_splits(compose().task, [0], torch.device("cpu"))
+    paper = load_splits(compose("task.pixel_normalisation=[0.1307,0.3081]").task, [0], torch.device("cpu"))
+    for split in ("train", "val", "test"):
+        torch.testing.assert_close(paper[split][0], (raw[split][0] - 0.1307) / 0.3081)
+        assert torch.equal(paper[split][1], raw[split][1])
+    with pytest.raises(ConfigError, match=r"task.pixel_normalisation must be null .* or \[mean, std\]"):
+        validate(compose("task.pixel_normalisation=[0.1,0.0]"))

@@ -286,3 +286,23 @@ def test_optimizer_and_rare_class_keys_leave_earlier_runs_ids_alone(compose):
     assert plain == run_id("task.momentum=0.5") == run_id("task.rare_fraction=0.5")
     sgd = run_id("task.optimizer=sgd")
     assert len({plain, sgd, run_id("task.optimizer=sgd", "task.momentum=0.5"), run_id("task.rare_classes=[3]")}) == 4
+
+
+@pytest.mark.parametrize(
+    ("task", "defaults", "paper"),
+    [
+        ("digits", ["pixel_normalisation"], ["task.pixel_normalisation=[0.1307,0.3081]"]),
+        ("california_housing", ["standardise", "split"], ["task.standardise=all", "task.split=randperm"]),
+        ("vae_overparameterised", ["split", "val_start"], ["task.split=fixed"]),
+    ],
+)
+def test_the_papers_data_handling_keys_leave_earlier_runs_ids_alone(compose, task, defaults, paper):
+    def effective(*overrides):
+        cfg = compose(f"task={task}", *overrides)
+        return effective_config(cfg, validate(cfg), data=False)
+
+    plain = effective()
+    # at their defaults (the handling runs always had) the keys are not in the id: earlier runs keep theirs
+    assert not set(defaults) & set(plain["task"])
+    for override in paper:  # each changes what is computed, so each changes the id
+        assert config_id(effective(override)) != config_id(plain)

@@ -129,3 +129,42 @@ def test_regression_run_end_to_end(compose, tmp_path):
         "width": 0.1,
         "step_size": 0.01,
     }
+
+
+def test_the_papers_split_is_torch_randperm_under_the_seed_training_rows_first():
+    import torch
+
+    features = np.arange(500 * 8, dtype=float).reshape(500, 8)
+    target = np.arange(500, dtype=float)  # a row's target is its index
+    splits, _ = split_and_standardise(features, target, 0.2, 0.0, seed=3, standardise="all", split="randperm")
+    order = torch.randperm(500, generator=torch.Generator().manual_seed(3)).numpy()
+    rows = {name: np.argsort(np.argsort(splits[name][1].numpy())) for name in ("train", "val")}
+    ranks = {
+        name: np.argsort(np.argsort(order[s])) for name, s in (("train", slice(0, 400)), ("val", slice(400, None)))
+    }
+    assert [len(splits[k][1]) for k in ("train", "val", "test")] == [400, 100, 0]
+    for name in ("train", "val"):  # the same rows in the same order
+        assert np.array_equal(rows[name], ranks[name])
+
+
+def test_standardise_all_uses_every_rows_statistics():
+    rng = np.random.default_rng(0)
+    features = rng.normal(3.0, 2.0, size=(1000, 8))
+    target = rng.normal(1.0, 0.5, size=1000)
+    splits, target_std = split_and_standardise(features, target, 0.2, 0.0, seed=0, standardise="all")
+    every_x = np.concatenate([splits["train"][0].numpy(), splits["val"][0].numpy()])
+    every_y = np.concatenate([splits["train"][1].numpy(), splits["val"][1].numpy()])
+    np.testing.assert_allclose(every_x.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(every_x.std(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose([every_y.mean(), every_y.std()], [0.0, 1.0], atol=1e-5)
+    assert target_std == pytest.approx(target.std())  # the population std, as scikit-learn's StandardScaler
+    assert abs(splits["train"][1].mean().item()) > 1e-4  # the training rows are not re-centred on themselves
+
+
+def test_the_papers_split_refuses_a_test_split(compose):
+    from runner.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"task.test_fraction must be 0 with split=randperm.*got 0.1"):
+        validate(compose("task=california_housing", "task.split=randperm", "task.test_fraction=0.1"))
+    with pytest.raises(ConfigError, match=r"task.standardise must be one of \['train', 'all'\], got 'rows'"):
+        validate(compose("task=california_housing", "task.standardise=rows"))

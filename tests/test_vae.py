@@ -148,3 +148,20 @@ def test_image_grids_reach_tensorboard_tiled(tmp_path):
         and pairs.height > 3 * 28
         and (samples.width, samples.height) == (pairs.width, pairs.height)
     )
+
+
+@needs_mnist
+def test_the_fixed_split_takes_the_same_images_for_every_seed(compose):
+    from tasks.datasets import task_pool
+
+    cfg = compose("task=vae_overparameterised", *TINY, "task.split=fixed", "task.val_start=500")
+    pool = (task_pool(cfg.task).features > 0.5).float()
+    for seed in (0, 3):
+        data = load_data(cfg.task, seed, torch.device("cpu"))
+        assert torch.equal(data["train_x"], pool[:200]) and torch.equal(data["val_x"], pool[500:800])
+    from runner.config import ConfigError, validate
+
+    with pytest.raises(
+        ConfigError, match=r"task.val_start must be >= the 200 training images with split=fixed .*got 100"
+    ):
+        validate(compose("task=vae_overparameterised", *TINY, "task.split=fixed", "task.val_start=100"))
