@@ -94,9 +94,9 @@ class EnvelopeBank(nn.Module):
         self.register_buffer("adaptive_span", column(self.has_width, torch.bool))
         self.register_buffer("cutoff", column([ATTENUATION_CUTOFF[e.shape] for e in envelopes], double))
         step_sizes = [e.step_size if e.adaptive else 1.0 for e in envelopes]
-        # (1 - a) in double, as an Envelope's Python-scalar update computes it
-        self.register_buffer("step_size", column(step_sizes))
-        self.register_buffer("keep", column([1.0 - a for a in step_sizes]))
+        # a and (1 - a) in double, cast to the trace's dtype when used, as an Envelope's Python numbers are
+        self.register_buffer("step_size", column(step_sizes, double))
+        self.register_buffer("keep", column([1.0 - a for a in step_sizes], double))
         self.register_buffer("smoothed_group", column([e.smoothed for e in envelopes], torch.bool))
         self.register_buffer("estimate", torch.zeros(self.groups, 2))
         self.register_buffer("trace", torch.zeros(self.groups))
@@ -141,9 +141,10 @@ class EnvelopeBank(nn.Module):
         levels = torch.lerp(ordered.gather(-1, lo), ordered.gather(-1, hi), frac)  # (G, 3)
         observed = torch.stack((levels[:, 0], levels[:, 2] - levels[:, 1]), dim=-1)
         if self.smoothed:
-            self.trace.mul_(self.keep).add_(self.step_size)
-            # a / o as an Envelope computes ``step_size / trace`` (a Python number over a tensor: o⁻¹ a)
-            self.estimate.lerp_(observed.to(self.estimate.dtype), (self.trace.reciprocal() * self.step_size)[:, None])
+            step_size = self.step_size.to(self.trace.dtype)
+            self.trace.mul_(self.keep.to(self.trace.dtype)).add_(step_size)
+            # a / o as a true division, as an Envelope computes it (exactly 1 at the first update)
+            self.estimate.lerp_(observed.to(self.estimate.dtype), (step_size / self.trace)[:, None])
             # groups without smoothing keep the batch's value in its own dtype (the estimate is float32)
             observed = torch.where(self.smoothed_group[:, None], self.estimate.to(flat.dtype), observed)
         threshold = torch.where(self.adaptive_threshold, observed[:, 0], static_t)

@@ -282,8 +282,9 @@ def bias_corrected_ema_(estimate: Tensor, trace: Tensor, observation: Tensor, st
 
     Sutton & Barto (2018), exercise 2.7: with a trace ``o`` starting at 0,
     ``o <- o + a (1 - o)`` and ``estimate <- estimate + (a / o)(x - estimate)``.
-    The first update sets the estimate to the first observation; later ones
-    approach a constant-step-size EMA with step ``a``.
+    The first update sets the estimate to the first observation exactly (``a / o``
+    is exactly 1 then); later ones stay within the interval of the observations
+    and approach a constant-step-size EMA with step ``a``.
 
     Args:
         estimate: running estimate, updated in place.
@@ -297,4 +298,6 @@ def bias_corrected_ema_(estimate: Tensor, trace: Tensor, observation: Tensor, st
     trace.mul_(1.0 - step_size).add_(step_size)
     if observation.dtype != estimate.dtype:
         observation = observation.to(estimate.dtype)
-    return estimate.lerp_(observation, step_size / trace)
+    # a true division: ``step_size / trace`` is computed by torch as ``trace.reciprocal() * step_size``, which
+    # rounds to 1 +- 1 ulp at the first update (then a batch of equal losses is not its own threshold)
+    return estimate.lerp_(observation, torch.full_like(trace, step_size).div_(trace))

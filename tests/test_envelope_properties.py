@@ -206,3 +206,51 @@ def test_a_bank_equals_one_envelope_per_group(specs, n, dtype, data):
                     torch.testing.assert_close(stats[key][i], expected, atol=1.0 / n + 1e-6, rtol=1e-6)
                 else:
                     assert stats[key][i] == expected, (key, configs[i])
+
+
+smoothing_steps = st.floats(1e-3, 1.0, allow_nan=False)
+
+
+@PROPERTY
+@given(smoothing_steps, values, st.lists(values, min_size=1, max_size=6), st.integers(1, 9), dtypes)
+@example(0.3381370949060344, -0.2753029465675354, [0.0], 7, "float64")  # once 1 - 1 ulp: every loss dropped
+@example(0.3381370949060344, -0.2753029465675354, [0.0], 7, "float32")
+def test_the_ema_starts_at_the_observation_and_stays_within_the_observations(step_size, first, later, n, dtype):
+    from envelopes import EnvelopeBank
+
+    dtype_ = DTYPES[dtype]
+    single = Envelope("step", quantile=0.5, step_size=step_size).to(dtype_)
+    bank = EnvelopeBank([Envelope("step", quantile=0.5, step_size=step_size)]).to(dtype_)
+    batch = torch.full((n,), first, dtype=dtype_)
+    # the first update is the observation exactly: a batch of equal losses meets its own threshold
+    assert single.compute_weight(batch).tolist() == [1.0] * n
+    assert bank.compute_weight(batch[None]).tolist() == [[1.0] * n]
+    assert single.threshold == batch[0] and bank.threshold[0] == batch[0]
+    seen = [torch.tensor(first, dtype=dtype_)]
+    for value in later:
+        batch = torch.full((n,), value, dtype=dtype_)
+        seen.append(batch[0])
+        single.compute_weight(batch)
+        bank.compute_weight(batch[None])
+        low, high = min(seen), max(seen)
+        assert low <= single.threshold <= high
+        assert torch.equal(bank.threshold[0], single.threshold)  # the same arithmetic, bit for bit
+
+
+def test_a_bank_in_float64_smooths_with_float64_step_sizes():
+    from envelopes import EnvelopeBank
+
+    envelopes = [
+        Envelope("step", quantile=0.5, step_size=0.1),
+        Envelope("linear", quantile=0.3, width=0.2, step_size=0.3),
+    ]
+    singles = [Envelope(e.shape, quantile=e.quantile, width=e.width, step_size=e.step_size).double() for e in envelopes]
+    bank = EnvelopeBank(envelopes).double()
+    assert bank.step_size.dtype == torch.float64 and bank.step_size[0].item() == 0.1
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        batch = torch.randn(2, 16, generator=generator, dtype=torch.float64)
+        weights = bank.compute_weight(batch)
+        for i, single in enumerate(singles):
+            assert torch.equal(weights[i], single.compute_weight(batch[i]))
+            assert torch.equal(bank.threshold[i], single.threshold)
