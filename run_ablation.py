@@ -7,7 +7,7 @@ Composes and validates the config, runs the task with its envelopes, writes
 the job's files (see runner/recorder.py) and returns the objective.
 """
 
-import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -22,24 +22,16 @@ register_configs()
 
 
 def parallel_threads(hydra_cfg) -> int | None:
-    """Torch threads per job under a launcher that runs jobs side by side, so that jobs x threads <= cores.
-
-    Oversubscribing the cores is slower than running serially. With the
-    joblib launcher each job gets ``cores // n_jobs`` threads; under Slurm
-    (submitit) the job's ``cpus_per_task``; under Ray its ``num_cpus``.
-    ``threads=`` overrides all of these.
+    """Torch threads per job where the launcher allocates CPUs to each job: under Slurm (submitit) the job's
+    ``cpus_per_task``, under Ray its ``num_cpus``; otherwise None (one thread per process, the default).
+    ``threads=`` overrides both.
     """
     launcher = hydra_cfg.launcher
     if launcher.get("cpus_per_task") is not None:
         return int(launcher.cpus_per_task)
     if launcher.get("ray") is not None and launcher.ray.get("remote", {}).get("num_cpus") is not None:
         return int(launcher.ray.remote.num_cpus)
-    n_jobs = launcher.get("n_jobs")
-    if n_jobs is None:
-        return None
-    cores = os.cpu_count() or 1
-    jobs = n_jobs if n_jobs > 0 else cores + 1 + n_jobs  # joblib: -1 is every core, -2 all but one
-    return max(1, cores // max(1, min(jobs, cores)))
+    return None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -56,5 +48,19 @@ def main(cfg: DictConfig) -> float:
     )
 
 
+def interrupted() -> str:
+    """One line for Ctrl-C: what was interrupted, and that the same command resumes it."""
+    from runner.callbacks import ACTIVE
+
+    return (
+        f"Interrupted: {ACTIVE['what']}; runs in training were left unfinished (completed runs are kept). "
+        "The same command resumes it."
+    )
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # claims were released and files closed on the way out
+        print(f"\n{interrupted()}", file=sys.stderr)
+        sys.exit(130)

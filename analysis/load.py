@@ -4,13 +4,15 @@ A job is a directory holding ``.hydra/overrides.yaml`` (Hydra writes it at
 the job's start) and, once the job has ended, ``result.json``. A job that
 trained several seeds as one batch (``seed_batch``) has one such directory
 per seed, ``seed_<s>/``, and each counts as a job here. Jobs with an
-overrides file but no result are reported as ``unfinished``: nothing is
-dropped silently.
+overrides file but no result are reported as ``unfinished``, jobs whose
+result cannot be read as ``unreadable`` (with a warning naming the file):
+nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -89,10 +91,20 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
                 "config": config_label(overrides),
             }
             result_path = job_dir / "result.json"
-            if not result_path.exists():
+            result = None
+            if result_path.exists():
+                try:
+                    result = json.loads(result_path.read_text())
+                    if not isinstance(result, dict):
+                        raise ValueError(f"expected a JSON object, got {type(result).__name__}")
+                except (OSError, ValueError) as error:  # empty, truncated or not JSON: this run is left out
+                    row.update(status="unreadable", error=f"{result_path}: cannot be read ({error})")
+                    warnings.warn(f"{row['error']}; the run is left out of the tables", stacklevel=2)
+                    rows.append(row)
+                    continue
+            if result is None:
                 row["status"] = "unfinished"
             else:
-                result = json.loads(result_path.read_text())
                 row.update(
                     {
                         k: result.get(k)
@@ -131,18 +143,34 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
 
 
 def load_metrics(jobs: pd.DataFrame) -> pd.DataFrame:
-    """Long table of per-epoch (or per-step) metrics: one row per job and logged step."""
+    """Long table of per-epoch (or per-step) metrics: one row per job and logged step.
+
+    A run whose ``metrics.jsonl`` has a line that is not JSON (a truncated
+    file) is left out of the curves with a warning naming the file and line;
+    ``attrs["unreadable"]`` lists those messages for the report.
+    """
     records = []
+    unreadable = []
     for job in jobs.itertuples(index=False):
         path = Path(job.job_dir) / "metrics.jsonl"
         if job.status != "completed" or not path.exists():
             continue
-        for line in path.read_text().splitlines():
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
             if line:
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    unreadable.append(f"{path}: line {number} cannot be read ({error}); the run's curves are left out")
+                    warnings.warn(unreadable[-1], stacklevel=2)
+                    rows = []
+                    break
                 record.update(job_dir=job.job_dir, config_id=job.config_id, seed=job.seed)
-                records.append(record)
-    return pd.DataFrame.from_records(records)
+                rows.append(record)
+        records += rows
+    frame = pd.DataFrame.from_records(records)
+    frame.attrs["unreadable"] = unreadable
+    return frame
 
 
 def read_at_step(jobs: pd.DataFrame, step: int) -> pd.DataFrame:

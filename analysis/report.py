@@ -237,6 +237,10 @@ def _write(out_dir: Path, lines: list[str]) -> Path:
     return report
 
 
+# statuses of runs that did not complete: each is listed in the report and makes a sweep exit 1
+INCOMPLETE = ("failed", "unfinished", "unreadable")
+
+
 class NoRunsError(ValueError):
     """The directories given hold no runs (nothing to report, and no report is written)."""
 
@@ -296,15 +300,22 @@ def write_report(
         )
     if table_number is not None:
         lines.append(f"\nRead as the paper's Table {table_number}: selected by `{metric}` ({mode}).\n")
-    failed = jobs[jobs["status"].isin(["failed", "unfinished"])] if not jobs.empty else jobs
-    failures = [
-        f"- `{r.job_dir}` ({r.status}): {r.error if isinstance(r.error, str) else ''}\n" for r in failed.itertuples()
+    failed = jobs[jobs["status"].isin(INCOMPLETE)] if not jobs.empty else jobs
+    failures = [  # a sweep with no failed run has no error column
+        f"- `{r.job_dir}` ({r.status}): {error if isinstance(error := getattr(r, 'error', None), str) else ''}\n"
+        for r in failed.itertuples()
     ]
     if failures:
         lines += ["\n## Runs that did not complete\n\n", *failures]
     print(f"\nSweep {', '.join(str(d) for d in sweep_dirs)}: {summary}")
     print("".join(failures), end="")
     if counts.get("completed", 0) == 0:
+        message = (
+            "No run completed, so there is no table: an unfinished run was interrupted (the same sweep command "
+            "resumes it), a failed one says why above."
+        )
+        print(message)
+        lines.append(f"\n{message}\n")
         return _write(out_dir, lines)
 
     try:
@@ -319,6 +330,9 @@ def write_report(
     done = jobs[jobs["status"] == "completed"]
     groups = split_by_task_parameters(done)
     metrics = load_metrics(done) if make_figures else pd.DataFrame()
+    if metrics.attrs.get("unreadable"):
+        lines += ["\n## Runs whose metrics could not be read (left out of the figures)\n\n"]
+        lines += [f"- {message}\n" for message in metrics.attrs["unreadable"]]
     figure_dir = out_dir / "figures"
     plotted = figures.envelope_shapes(figure_dir) if make_figures else []
     printed = []

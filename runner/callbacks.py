@@ -172,6 +172,10 @@ def writable_dir(path: Path) -> None:
         )
 
 
+# what this process is running, for the one line that Ctrl-C prints (run_ablation.py)
+ACTIVE = {"what": "the run"}
+
+
 class SweepCallback(Callback):
     """Validates every job before the first one trains; prints a summary at the end."""
 
@@ -193,10 +197,12 @@ class SweepCallback(Callback):
         except (OSError, ValueError) as error:  # missing or unreadable data, named by its file
             fail(f"Error: {error}")
         writable_dir(Path(config.hydra.run.dir))
+        ACTIVE["what"] = f"the run in {config.hydra.run.dir}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # before the sweeper starts: the Optuna preset keeps its study in the sweep directory
         writable_dir(Path(config.hydra.sweep.dir))
+        ACTIVE["what"] = f"the sweep in {config.hydra.sweep.dir}"
         if config.hydra.launcher.get("_target_") == RAY_LAUNCHER and config.hydra.launcher.ray.init.get("_temp_dir"):
             keep_ray_inside(Path(config.hydra.launcher.ray.init._temp_dir))
         if config.hydra.sweeper.get("_target_") not in (BASIC_SWEEPER, CHECKED_SWEEPER):
@@ -223,7 +229,7 @@ class SweepCallback(Callback):
         not an ``Exception`` and ends the process with its status.
         """
         from analysis.load import load_jobs
-        from analysis.report import write_report
+        from analysis.report import INCOMPLETE, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         wait_for_other_processes(sweep_dir)
@@ -240,7 +246,7 @@ class SweepCallback(Callback):
         except Exception as error:  # the jobs' results are on disk whatever happens here
             log.exception("analysis of %s failed: %s; run python -m analysis %s", sweep_dir, error, sweep_dir)
             raise SystemExit(1) from None
-        failed = int(jobs["status"].isin(["failed", "unfinished"]).sum())
+        failed = int(jobs["status"].isin(INCOMPLETE).sum())
         if failed:
             print(f"Error: {failed} of {len(jobs)} runs did not complete (listed above)", file=sys.stderr)
             raise SystemExit(1)

@@ -94,7 +94,8 @@ class Config:
     # (each seed still gets its own files and result)
     seed_batch: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch threads per job (null: torch's default)
+    # torch threads per training process (null: 1, or the CPUs a Slurm or Ray launcher gives the job)
+    threads: int | None = None
     data_root: str = "data"  # where data sets live; each task's data_dir defaults to a folder below it
     tensorboard: bool = True
     progress: bool | None = None  # progress bar; null: only when stderr is a terminal

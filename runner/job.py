@@ -530,9 +530,10 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
     cfg = runs[0].config
     module = task_module(cfg.task.name)
     device = resolve_device(cfg.device)
-    threads = cfg.threads if cfg.threads is not None else default_threads
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # one torch thread per training process unless told otherwise: on a shared machine more threads than free
+    # cores is several times slower, and the models here gain little from a second thread (BENCHMARKS.md)
+    threads = cfg.threads or default_threads or 1
+    torch.set_num_threads(threads)
     torch.set_flush_denormal(cfg.flush_denormal)
     keep_freed_memory()
     seed_everything(runs[0].seed)

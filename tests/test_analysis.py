@@ -437,3 +437,33 @@ def test_the_report_says_why_test_differs_from_validation():
     note = _split_note(group, TableSpec("final_val_loss", "min", ["final_test_loss", "final_val_loss"]))
     assert "validation is 300 examples drawn afresh for each seed, test the same 297 examples for every seed" in note
     assert _split_note(group, TableSpec("final_val_loss", "min", ["final_val_loss"])) is None  # no test reported
+
+
+def test_an_unreadable_result_or_metrics_file_is_named_and_its_run_left_out(sweep, tmp_path):
+    (sweep / "0" / "result.json").write_text("")
+    (sweep / "1" / "result.json").write_text('{"status": "compl')
+    with (sweep / "2" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"epoch": 4, "val_lo')
+    with pytest.warns(UserWarning, match="cannot be read"):
+        jobs = load_jobs(sweep)
+    unreadable = jobs[jobs["status"] == "unreadable"]
+    assert sorted(Path(d).name for d in unreadable["job_dir"]) == ["0", "1"]
+    for job in unreadable.itertuples():  # each names its own file
+        assert job.error.startswith(f"{Path(job.job_dir) / 'result.json'}: cannot be read")
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: line 4 cannot be read"):
+        report = write_report([sweep], tmp_path / "out", jobs=jobs)
+    text = report.read_text()
+    assert "2 unreadable" in text and f"`{sweep / '0'}` (unreadable)" in text
+    assert f"{sweep / '2' / 'metrics.jsonl'}: line 4 cannot be read" in text
+    assert (tmp_path / "out" / "table.md").exists()  # the others are still tabulated
+
+
+def test_a_sweep_of_unfinished_runs_reports_that_nothing_completed(tmp_path):
+    for num in range(2):
+        make_job(tmp_path / "sweep", num, "identity", num, 1.0, status="unfinished")
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(tmp_path / "sweep")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 runs: 2 unfinished" in proc.stdout and "No run completed, so there is no table" in proc.stdout
+    assert "No run completed" in (tmp_path / "sweep" / "report.md").read_text()

@@ -102,8 +102,7 @@ def test_groups_run_as_submitit_jobs_and_match_the_groups_run_here(tmp_path):
 
 
 def test_worker_processes_train_groups_at_once_and_match_the_groups_run_in_one_process(tmp_path):
-    # workers=2: the two groups train at once in two spawned processes of one torch thread each (2 CPUs here
-    # divided by 2); every run's id, status and final metrics are those of the groups trained one after another
+    # workers=2: the two groups train at once in two spawned processes of one torch thread each; every run's id, status and final metrics are those of the groups trained one after another
     here = sweep(tmp_path, "here", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
     workers = sweep(
         tmp_path, "workers", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5", "hydra.launcher.workers=2"
@@ -182,3 +181,63 @@ def test_the_acrobot_envpool_command_writes_four_completed_runs(tmp_path):
     found = results(tmp_path / "rl")
     assert [r["status"] for r in found.values()] == ["completed"] * 4
     assert all(r["batch"]["seeds"] == [0, 1, 0, 1] and r["final"]["env_steps"] == 1000 for r in found.values())
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_a_killed_worker_loses_its_own_group_only_and_resume_redoes_just_it(tmp_path):
+    import os
+    import signal
+    import time
+
+    # two groups (1 and 800 epochs), each in its own worker process; the slow one's process is killed
+    args = (
+        sys.executable,
+        str(ROOT / "run_ablation.py"),
+        "-m",
+        "task=digits",
+        "envelope@envelopes.classification=identity,step",
+        "task.epochs=1,800",
+        "task.train_size=100",
+        "task.batch_size=100",
+        "tensorboard=false",
+        "hydra/launcher=batched",
+        "hydra.launcher.workers=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fast = [tmp_path / "sweep" / str(job) / "result.json" for job in (0, 2)]
+    deadline = time.time() + 120
+    while not all(path.exists() for path in fast) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert workers and proc.returncode == 1, out[-3000:]
+    status = {job: r["status"] for job, r in results(tmp_path / "sweep").items()}
+    assert status == {"0": "completed", "2": "completed"}, status  # the killed group wrote no result
+    assert "(worker process) failed: worker process exited with status -9; its runs stay unfinished" in out, out[-3000:]
+    assert "Error: 2 of 4 runs did not complete" in out
+    assert (tmp_path / "sweep" / "report.md").exists()
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = results(tmp_path / "sweep")
+    assert {r["status"] for r in again.values()} == {"completed"} and len(again) == 4
+    # the runs that had completed were not trained again
+    assert (
+        "already completed" in resumed.stderr
+        and again["0"]["wall_time_s"] == json.loads(fast[0].read_text())["wall_time_s"]
+    )

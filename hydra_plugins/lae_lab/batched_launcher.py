@@ -18,9 +18,9 @@ by one, as under the basic launcher.
 
 Where the groups run: ``executor=here`` (the default) trains them on this
 machine, one after another in the launching process, or with ``workers=W``
-in W worker processes at once (each group in one worker, largest groups
-first; each worker's torch threads are this machine's CPUs divided by W
-unless ``threads`` is set); ``executor=slurm`` submits each group
+in W worker processes at once (each group in a process of its own, largest
+groups first; one torch thread each unless ``threads`` is set; a process
+that dies loses its own group only); ``executor=slurm`` submits each group
 as one Slurm job through submitit, and ``executor=local`` as one process on
 this machine (submitit's local executor: all groups at once), with
 ``submitit`` holding the executor's parameters (``timeout_min``,
@@ -140,7 +140,9 @@ class BatchedLauncher(Launcher):
         pool = None
         if self.workers > 1 and len(batches) > 1:
             batches.sort(key=runs_to_train, reverse=True)  # largest groups first, so that the workers finish together
-            pool = WorkerPool(min(self.workers, len(batches)), self.workers)
+            pool = WorkerPool(min(self.workers, len(batches)))
+        elif self.workers > 1:
+            log.info("workers=%d: one group to train, so it trains in this process", self.workers)
         for number, batch in enumerate(batches, 1):
             members = [jobs[p][2] for p in batch]
             runs = runs_to_train(batch)
@@ -153,24 +155,28 @@ class BatchedLauncher(Launcher):
                 ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""),
             )
             if pool is not None:
-                submitted.append((number, batch, pool.submit(members, sweep_dir)))
+                pool.submit(number, members, sweep_dir)
             elif self.executor == "here":
                 values = run_members(members, sweep_dir, reraise=False)
                 for position, value in zip(batch, values):
                     returns[position] = value
             else:
                 submitted.append((number, batch, self._submit(members, sweep_dir, number)))
+        for number, values in [] if pool is None else pool.results():
+            batch = batches[number - 1]
+            if isinstance(values, Exception):  # the process died: its group's runs stay unfinished
+                log.error("group %d (worker process) failed: %s; its runs stay unfinished", number, values)
+                values = [math.nan] * len(batch)
+            for position, value in zip(batch, values):
+                returns[position] = value
         for number, batch, job in submitted:
             try:
                 values = job.result()
             except Exception as error:  # the job died (killed, timed out, node failure): its runs stay unfinished
-                where = "worker process" if pool is not None else f"{self.executor} job {job.job_id}"
-                log.error("group %d (%s) failed: %r", number, where, error)
+                log.error("group %d (%s job %s) failed: %r", number, self.executor, job.job_id, error)
                 values = [math.nan] * len(batch)
             for position, value in zip(batch, values):
                 returns[position] = value
-        if pool is not None:
-            pool.shutdown()
         out = []
         for position, (_, cfg, member) in enumerate(jobs):
             ret = JobReturn(
@@ -241,34 +247,66 @@ class BatchedLauncher(Launcher):
 
 
 class WorkerPool:
-    """Worker processes on this machine that train groups (``workers=W``): spawned, each its torch threads.
+    """Worker processes on this machine that train groups (``workers=W``): each group in a spawned process of its
+    own, at most W at once.
 
-    Each worker gets this machine's usable CPUs divided by ``share`` as its
-    default torch threads (a run's ``threads`` overrides it), so W workers
-    together use the machine as one process would. A worker that dies (a
-    kill, the kernel's out-of-memory killer) leaves its group's runs
-    unfinished, as a submitit job that dies does.
+    A group's process that dies (a kill, the kernel's out-of-memory killer)
+    loses its own group's runs only, as a submitit job that dies does: they
+    stay unfinished, the other groups go on, and resuming the sweep redoes
+    them. Each process trains with one torch thread unless a run's
+    ``threads`` says otherwise.
     """
 
-    def __init__(self, processes: int, share: int) -> None:
+    def __init__(self, processes: int) -> None:
         import multiprocessing
-        import os
-        from concurrent.futures import ProcessPoolExecutor
 
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = max(1, cpus // share)
-        self.executor = ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging
-        )
-        log.info("%d worker processes, %d torch threads each", processes, self.threads)
+        self.processes = processes
+        self.context = multiprocessing.get_context("spawn")
+        self.waiting: list[tuple[int, list, Path]] = []
+        log.info("%d worker processes, one group each at a time", processes)
 
-    def submit(self, members: list, sweep_dir: Path):
-        from runner.job import run_members
+    def submit(self, number: int, members: list, sweep_dir: Path) -> None:
+        self.waiting.append((number, members, sweep_dir))
 
-        return self.executor.submit(run_members, members, sweep_dir, False, self.threads)
+    def results(self):
+        """Run the submitted groups, W at a time; yield ``(number, values or the error that lost the group)``."""
+        import time
 
-    def shutdown(self) -> None:
-        self.executor.shutdown()
+        running: dict[int, tuple] = {}
+        waiting = list(self.waiting)
+        while waiting or running:
+            while waiting and len(running) < self.processes:
+                number, members, sweep_dir = waiting.pop(0)
+                receive, send = self.context.Pipe(duplex=False)
+                process = self.context.Process(target=_train_group, args=(send, members, sweep_dir), daemon=True)
+                process.start()
+                send.close()  # the child holds the only sending end: its death closes the pipe
+                running[number] = (process, receive)
+            for number, (process, receive) in list(running.items()):
+                if receive.poll():
+                    try:
+                        values = receive.recv()
+                    except EOFError:  # the process died before sending
+                        process.join()
+                        values = RuntimeError(f"worker process exited with status {process.exitcode}")
+                    else:
+                        process.join()
+                    receive.close()
+                    del running[number]
+                    yield number, values
+            time.sleep(0.05)
+
+
+def _train_group(send, members: list, sweep_dir: Path) -> None:
+    """A worker process's work: train one group, send its objectives back."""
+    _worker_logging()
+    from runner.job import run_members
+
+    try:
+        send.send(run_members(members, sweep_dir, False, None))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the launching one says so
+        raise SystemExit(130) from None
+    send.close()
 
 
 def _worker_logging() -> None:
