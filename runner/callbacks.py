@@ -158,7 +158,7 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def writable_dir(path: Path) -> None:
+def writable_dir(path: Path, what: str = "the output directory", key: str = "hydra.run.dir or hydra.sweep.dir") -> None:
     """Create ``path`` (and parents) and check that a file can be written in it, or fail with one line."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -166,10 +166,15 @@ def writable_dir(path: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        fail(
-            f"Error: cannot write the output directory {path}: {error.strerror or error} "
-            f"(set hydra.run.dir or hydra.sweep.dir to a writable place)"
-        )
+        fail(f"Error: cannot write {what} {path}: {error.strerror or error} (set {key} to a writable place)")
+
+
+def check_places(config: DictConfig) -> None:
+    """The results cache can be written, before anything trains."""
+    if config.get("cache_dir") is not None:
+        from tasks.common import resolve_path
+
+        writable_dir(resolve_path(config.cache_dir), "the results cache", "cache_dir")
 
 
 # what this process is running, for the one line that Ctrl-C prints (run_ablation.py)
@@ -196,6 +201,7 @@ class SweepCallback(Callback):
             data_identity(config.task)
         except (OSError, ValueError) as error:  # missing or unreadable data, named by its file
             fail(f"Error: {error}")
+        check_places(config)
         writable_dir(Path(config.hydra.run.dir))
         ACTIVE["what"] = f"the run in {config.hydra.run.dir}"
 
@@ -203,6 +209,13 @@ class SweepCallback(Callback):
         # before the sweeper starts: the Optuna preset keeps its study in the sweep directory
         writable_dir(Path(config.hydra.sweep.dir))
         ACTIVE["what"] = f"the sweep in {config.hydra.sweep.dir}"
+        check_places(config)
+        n_jobs = config.hydra.launcher.get("n_jobs")
+        if n_jobs is not None and (not isinstance(n_jobs, int) or n_jobs == 0):
+            fail(
+                "Error: hydra.launcher.n_jobs must be a non-zero integer (N: N jobs at once; -1: one per core, "
+                f"-2: all cores but one), got {n_jobs!r}"
+            )
         if config.hydra.launcher.get("_target_") == RAY_LAUNCHER and config.hydra.launcher.ray.init.get("_temp_dir"):
             keep_ray_inside(Path(config.hydra.launcher.ray.init._temp_dir))
         if config.hydra.sweeper.get("_target_") not in (BASIC_SWEEPER, CHECKED_SWEEPER):

@@ -83,13 +83,18 @@ class Config:
     """A job's config: the defaults of every top-level key (conf/config.yaml chooses the groups only)."""
 
     task: Any = MISSING  # a task config (conf/task/*.yaml), its schema the task module's Config
-    envelopes: dict[str, EnvelopeConfig] = field(default_factory=dict)  # one per loss of the task
+    # one per loss of the task; each typed by its envelope file (conf/envelope/*.yaml extend EnvelopeConfig), so a
+    # misspelt loss name reaches validate(), which lists the task's losses
+    envelopes: dict[str, Any] = field(default_factory=dict)
     # Value-Weighted Parameter Refinement (methods/vwpr.py): per-parameter value weights on gradients
     vwpr: VWPRConfig = field(default_factory=VWPRConfig)
     # adaptive loss weighting (methods/loss_controller.py); mode null (off) | baseline | monitor_only |
     # controller_only | full
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     seed: int = 0
+    # a supervised or VAE run whose validation loss (the task's objective) grows past this many times its first
+    # value is marked failed as diverged (null: only non-finite values fail a run)
+    divergence_factor: float | None = 1000.0
     # seeds trained together in one job as one batched model: seed, seed+1, ..., seed+seed_batch-1
     # (each seed still gets its own files and result)
     seed_batch: int = 1
@@ -168,14 +173,38 @@ def controller_settings(cfg: DictConfig, **replace: Any) -> ControllerSettings:
     return ControllerSettings(**{**OmegaConf.to_container(cfg.controller, resolve=True), **replace})
 
 
+def check_report_metric(task_name: str, metric: str) -> None:
+    """``report.metric`` (``val_loss``, ``final_val_loss``, ``best_val_accuracy``, ``val/loss``) names a metric the
+    task records; a :class:`ConfigError` listing them otherwise."""
+    from fnmatch import fnmatchcase
+
+    patterns = task_module(task_name).METRICS
+    name = metric.replace("/", "_")
+    for prefix in ("final_", "best_"):
+        name = name.removeprefix(prefix)
+    if not any(fnmatchcase(name, pattern) for pattern in patterns):
+        raise ConfigError(
+            f"report.metric: task {task_name!r} records no metric {metric!r}; its metrics are {list(patterns)} "
+            "(* any ending; final_ or best_ in front selects the last or best value)"
+        )
+
+
 def validate(cfg: DictConfig) -> dict[str, Envelope]:
     """Check everything a type cannot; return the envelopes. Raises :class:`ConfigError`."""
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name must be one of {list(TASKS)}, got {cfg.task.name!r}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
+    if cfg.seed < 0:
+        raise ConfigError(
+            f"seed must be a non-negative integer (it seeds torch, numpy and each run's data split), got {cfg.seed}"
+        )
+    if cfg.divergence_factor is not None and not cfg.divergence_factor > 1:
+        raise ConfigError(f"divergence_factor must be > 1 or null (off), got {cfg.divergence_factor!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
+    if cfg.report.metric is not None:
+        check_report_metric(cfg.task.name, cfg.report.metric)
     if cfg.report.mode not in (None, "min", "max"):
         raise ConfigError(f"report.mode must be one of ['min', 'max'] or null, got {cfg.report.mode!r}")
     if cfg.seed_batch < 1:
@@ -248,6 +277,7 @@ NOT_EFFECTIVE = {
     "deduplicate",
     "flush_denormal",
     "report",
+    "divergence_factor",
 }
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 

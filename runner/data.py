@@ -9,22 +9,26 @@ runs on different data apart, and a job whose data does not exist never
 matches a run that trained on data that did.
 
 The first time a data source is seen in a process, the task reads it whole
-(``check_data``), so a missing, truncated or malformed file fails before
-any job of a sweep trains, once per source rather than once per job.
+(``check_data``), so a missing, truncated or malformed file, or splits that
+do not fit in it, fail before any job of a sweep trains, once per source and
+task config rather than once per job.
 Digests are kept per file path, size and modification time: editing or
 replacing a file is noticed, and an unchanged file is hashed once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from tasks import task_module
 from tasks.datasets import md5sum
 
 _digests: dict[tuple[str, int, int], str] = {}
-_checked: set[tuple[tuple[str, int, int], ...]] = set()
+_checked: set[tuple[tuple[tuple[str, int, int], ...], str]] = set()
 
 
 def _stat_key(path: Path) -> tuple[str, int, int]:
@@ -45,12 +49,14 @@ def data_identity(task_cfg) -> dict[str, str] | None:
     if not hasattr(module, "data_files"):
         return None
     files = [Path(p) for p in module.data_files(task_cfg)]
+    keys = tuple(_stat_key(p) for p in files)
+    # the data, and the splits the task config cuts from it: once per source and task config
+    checked = (keys, json.dumps(OmegaConf.to_container(task_cfg, resolve=True), sort_keys=True, default=str))
+    if checked not in _checked:
+        module.check_data(task_cfg)
+        _checked.add(checked)
     if not files:
         return None
-    keys = tuple(_stat_key(p) for p in files)
-    if keys not in _checked:
-        module.check_data(task_cfg)
-        _checked.add(keys)
     out = {}
     for path, key in zip(files, keys):
         if key not in _digests:

@@ -332,6 +332,25 @@ def objective_value(result: dict[str, Any]) -> float:
     return math.nan if value is None else float(value)
 
 
+class GroupLog(logging.FileHandler):
+    """``<job dir>/run_ablation.log``: every log line of this process while the job's group trains, in Hydra's
+    format (a job that Hydra's ``run_job`` starts gets the same file from Hydra)."""
+
+    def __init__(self, job_dir: Path) -> None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(job_dir / "run_ablation.log", mode="a", delay=True)
+        self.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        self.setLevel(logging.INFO)
+        root = logging.getLogger()
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+        root.addHandler(self)
+
+    def close(self) -> None:
+        logging.getLogger().removeHandler(self)
+        super().close()
+
+
 @dataclass
 class Member:
     """One job of a sweep as the runner trains it: a config, its directory and overrides.
@@ -339,14 +358,17 @@ class Member:
     A job trains the seeds ``seed .. seed + seed_batch - 1`` (one, or
     several as a seed batch, each in ``seed_<s>/``). ``write_hydra_files``
     is set for jobs that Hydra's own ``run_job`` did not start (the batching
-    launcher's), which then get ``.hydra/overrides.yaml`` as Hydra would
-    write it.
+    launcher's), which then get what Hydra writes for a job: ``.hydra/``
+    with ``overrides.yaml``, ``config.yaml`` and (given ``hydra``, the job's
+    ``hydra`` node) ``hydra.yaml``, and ``run_ablation.log``, which holds the
+    log lines of the group the job trained in.
     """
 
     cfg: DictConfig
     dir: Path
     overrides: list[str]
     write_hydra_files: bool = False
+    hydra: DictConfig | None = None
 
 
 def run_job(
@@ -392,6 +414,7 @@ def run_members(
     pending: list[SeedRun] = []
     recorders: list[Recorder] = []
     claimed: list[Path] = []
+    logs = [GroupLog(member.dir) for member in members if member.write_hydra_files]
     try:
         for index, member in enumerate(members):
             try:
@@ -422,6 +445,8 @@ def run_members(
             recorder.close()
         for run_dir in claimed:  # results written: the claims' owners no longer live here
             release(run_dir)
+        for group_log in logs:
+            group_log.close()
     for index, runs in prepared:
         member = members[index]
         if member.cfg.seed_batch > 1:
@@ -457,6 +482,9 @@ def prepare_member(
     if member.write_hydra_files:
         (job_dir / ".hydra").mkdir(exist_ok=True)
         (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in member.overrides))
+        (job_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if member.hydra is not None:
+            (job_dir / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": member.hydra})))
     batched = cfg.seed_batch > 1
     envelopes = validate(cfg)
     cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
@@ -582,6 +610,8 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
             status="completed",
             device=str(device),
             threads=torch.get_num_threads(),
+            # bit-identical results need the same threads and the same group (README, "Seeds and devices")
+            group_size=len(runs),
             final=final,
             best=recorder.best,
             objective={"metric": objective_key, "mode": module.OBJECTIVE[1], "value": value},

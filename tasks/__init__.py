@@ -5,6 +5,8 @@ A task module provides:
 - ``Config``: the dataclass schema of its ``task`` config node;
 - ``loss_names(task_cfg)``: the names of the losses an envelope can shape;
 - ``OBJECTIVE``: ``(metric, "min" | "max")``, the value a sweep optimises;
+- ``METRICS``: the names of the metrics its runs record (file form, ``val_loss``;
+  ``*`` stands for any ending), so that ``report.metric`` is checked before training;
 - ``validate(task_cfg)``: range checks, raising ``ValueError("key: ...")``;
 - ``run(cfg, context)``: trains and returns the final metrics (a list, one
   dict per run, for a module with ``SEED_BATCH = True``: it trains every
@@ -31,6 +33,7 @@ class TaskModule(Protocol):
 
     Config: type
     OBJECTIVE: tuple[str, str]
+    METRICS: tuple[str, ...]
     SEED_BATCH: bool
 
     def loss_names(self, task_cfg: Any) -> tuple[str, ...]: ...

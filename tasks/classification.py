@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tasks.common import ControlledLoss, VWPRMonitor, check, check_optimizer, make_optimizer
+from tasks.common import ControlledLoss, Divergence, VWPRMonitor, check, check_optimizer, make_optimizer
 from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
@@ -26,6 +26,22 @@ PROBE_SIZE = 500
 SUBSETS = ("train", "test")
 SEED_BATCH = True
 OBJECTIVE = ("val/loss", "min")
+# what a run records (file names; * any ending), for checking report.metric before training
+METRICS = (
+    "epoch",
+    "val_loss",
+    "val_accuracy",
+    "val_rare_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "test_rare_accuracy",
+    "train_*",
+    "envelope_*",
+    "vwpr_*",
+    "controller_*",
+    "monitor_*",
+    "executor_*",
+)
 
 
 @dataclass
@@ -72,10 +88,10 @@ def data_files(task_cfg) -> list:
 
 
 def check_data(task_cfg) -> None:
-    """Read the data once, so that an unreadable file fails before a sweep starts."""
-    from tasks.datasets import task_pool
+    """Read the data once, so that an unreadable file or splits larger than the data fail before a sweep starts."""
+    from tasks.datasets import check_task_sizes
 
-    task_pool(task_cfg)
+    check_task_sizes(task_cfg, task_cfg.train_size)
 
 
 def validate(task_cfg) -> None:
@@ -273,6 +289,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         context.recorders,
         None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module),
         controlled,
+        Divergence(OBJECTIVE[0], cfg.divergence_factor),
     )
     if task_cfg.test_size == 0:
         tests = [{} for _ in seeds]

@@ -24,6 +24,39 @@ def divergence(metrics: Mapping[str, float], step: str) -> str | None:
     return None
 
 
+class Divergence:
+    """When a seed's run has failed: a recorded value that is not finite, or ``metric`` (a loss: lower is better)
+    above ``factor`` times its value before training (``divergence_factor``; None: finiteness alone)."""
+
+    def __init__(self, metric: str | None = None, factor: float | None = None) -> None:
+        self.metric, self.factor = metric, factor
+        self.first: dict[int, float] = {}
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.factor is not None and self.metric is not None
+
+    def reference(self, before: list[Mapping[str, float]]) -> None:
+        """Each seed's metrics before training (its first recorded values stand in where this is not called)."""
+        for s, metrics in enumerate(before):
+            if self.metric in metrics and math.isfinite(metrics[self.metric]):
+                self.first[s] = metrics[self.metric]
+
+    def __call__(self, seed_index: int, metrics: Mapping[str, float], step: str) -> str | None:
+        """The reason the run of ``seed_index`` failed at ``step``, or None."""
+        reason = divergence(metrics, step)
+        if reason is not None or self.factor is None or self.metric not in metrics:
+            return reason
+        value = metrics[self.metric]
+        first = self.first.setdefault(seed_index, value)
+        if first > 0 and value > self.factor * first:
+            return (
+                f"diverged at {step}: {self.metric} is {value:.4g}, more than {self.factor:g} times its value "
+                f"{first:.4g} before training (divergence_factor)"
+            )
+        return None
+
+
 def check(condition: bool, key: str, allowed: str, value) -> None:
     """Raise ``ValueError("key: allowed, got value")`` unless ``condition``."""
     if not condition:

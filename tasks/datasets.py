@@ -8,6 +8,7 @@ against the official MD5 before it is used.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -283,6 +284,35 @@ def task_files(task_cfg) -> list[Path]:
     return image_files(task_cfg.dataset, resolve_path(task_cfg.data_dir), list(task_cfg.subsets), task_cfg.download)
 
 
+def check_split_sizes(pool_size: int, train_size: int, val_size: int, test_size: int) -> None:
+    """Raise ValueError unless the splits fit in a pool of ``pool_size`` examples."""
+    if test_size > pool_size:
+        raise ValueError(f"test_size = {test_size} exceeds the pool of {pool_size} examples")
+    available = pool_size - test_size
+    if train_size + val_size > available:
+        raise ValueError(
+            f"train_size + val_size = {train_size + val_size} exceeds the {available} examples left "
+            f"after test_size = {test_size} (pool of {pool_size})"
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def pool_size(dataset: str, data_dir: str, subsets: tuple[str, ...], download: bool) -> int:
+    """How many examples the pool of these subsets holds (read once per process and location)."""
+    return len(load_classification_pool(dataset, data_dir, list(subsets), download).labels)
+
+
+def check_task_sizes(task_cfg, train_size: int) -> None:
+    """The task's splits fit in its pool (read once), before any run starts: a ValueError naming the keys."""
+    from tasks.common import resolve_path
+
+    size = pool_size(task_cfg.dataset, str(resolve_path(task_cfg.data_dir)), tuple(task_cfg.subsets), task_cfg.download)
+    try:
+        check_split_sizes(size, train_size, task_cfg.val_size, task_cfg.test_size)
+    except ValueError as error:
+        raise ValueError(f"task.train_size/val_size/test_size: {error}") from None
+
+
 def split_indices(
     pool_size: int, train_size: int, val_size: int, test_size: int, seed: int, spare: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -293,12 +323,8 @@ def split_indices(
     With ``spare``, also ``"spare"``: the examples in none of the splits, in
     the seed's order.
     """
+    check_split_sizes(pool_size, train_size, val_size, test_size)
     available = pool_size - test_size
-    if train_size + val_size > available:
-        raise ValueError(
-            f"train_size + val_size = {train_size + val_size} exceeds the {available} examples left "
-            f"after test_size = {test_size} (pool of {pool_size})"
-        )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(available, generator=generator)
     out = {

@@ -42,6 +42,8 @@ from tasks.common import DivergedError, EnvelopeMeter, MeanStd, check, check_opt
 from tasks.seed_batch import seed_outcomes
 
 OBJECTIVE = ("charts/return_ma100", "max")
+# what a run records (file names; * any ending), for checking report.metric before training
+METRICS = ("step", "env_steps", "charts_*", "losses_*", "return_ma100_final_phase", "train_*", "envelope_*")
 ENVIRONMENTS = ("LunarLander-v3", "Acrobot-v1", "CartPole-v1")
 BACKENDS = ("gymnasium", "envpool")
 SEED_BATCH = True

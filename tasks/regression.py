@@ -11,18 +11,21 @@ loss an envelope shapes.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tasks.common import VWPRMonitor, check, check_optimizer, make_optimizer, resolve_path
+from tasks.common import Divergence, VWPRMonitor, check, check_optimizer, make_optimizer, resolve_path
 from tasks.seed_batch import ModelGroup, seed_outcomes
 from tasks.supervised import build_mlp, fit
 
 SEED_BATCH = True
 OBJECTIVE = ("val/mse", "min")
+# what a run records (file names; * any ending), for checking report.metric before training
+METRICS = ("epoch", "val_*mse*", "test_*mse*", "train_*", "envelope_*", "vwpr_*")
 FEATURES = ("MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude")
 RAW_COLUMNS = (
     "longitude",
@@ -137,8 +140,13 @@ def load_california_housing(data_dir: str | Path, download: bool = False) -> tup
             raise DataError(f"{path}: expected columns {list(RAW_COLUMNS)}, got {header}")
         try:
             raw = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-        except ValueError as error:  # numpy names the row and column of a cell that is not a number
-            raise DataError(f"{path}: {error}") from None
+        except ValueError as error:  # numpy names a bad cell by its data row from 0: say the file's line
+            message = re.sub(
+                r"at row (\d+), column (\d+)",
+                lambda m: f"on line {int(m.group(1)) + 2}, column {m.group(2)}",
+                str(error),
+            )
+            raise DataError(f"{path}: {message}") from None
         if raw.shape[1] != len(RAW_COLUMNS):
             raise DataError(f"{path}: expected {len(RAW_COLUMNS)} columns per row, got {raw.shape[1]}")
         if not np.isfinite(raw).all():
@@ -277,6 +285,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         seeds,
         context.recorders,
         None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module),
+        diverged=Divergence(OBJECTIVE[0], cfg.divergence_factor),
     )
     if data["test"][1].shape[1] == 0:
         tests = [{} for _ in seeds]

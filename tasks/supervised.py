@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from envelopes import Envelope, EnvelopeBank
-from tasks.common import ControlledLoss, DivergedError, EnvelopeMeter, MeanStd, VWPRMonitor, divergence, optimise
+from tasks.common import ControlledLoss, DivergedError, Divergence, EnvelopeMeter, MeanStd, VWPRMonitor, optimise
 from tasks.seed_batch import ModelGroup, generators, permutations, take
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,20 +68,26 @@ def fit(
     recorders: list,
     vwpr: VWPRMonitor | None = None,
     controlled: ControlledLoss | None = None,
+    diverged: Divergence | None = None,
 ) -> dict[int, str]:
     """Train for ``epochs``, logging train/, envelope/<loss_name>/, vwpr/ and ``evaluate()``'s metrics per epoch and seed.
 
     ``train`` holds (S, n, ...) inputs and (S, n) targets; ``envelope`` is
     a bank of one envelope per run when S > 1 (runs may differ in their
     envelopes); ``evaluate()`` returns one dict per seed.
-    A seed with a non-finite value in any recorded metric stops being logged while the
-    others train on (seeds are independent). Returns ``{seed index: reason}``
+    A seed with a non-finite value in any recorded metric, or whose loss grew
+    past ``diverged``'s factor, stops being logged while the others train on
+    (seeds are independent). Returns ``{seed index: reason}``
     for such seeds; raises :class:`DivergedError` when none is left.
     """
     train_x, train_y = train
     device = train_x.device
     gens = generators(seeds, device)
     failed: dict[int, str] = {}
+    diverged = diverged or Divergence()
+    if diverged.needs_reference:
+        with torch.no_grad():
+            diverged.reference(evaluate())
     bar = recorders[0].progress(range(1, epochs + 1), total=epochs)
     for epoch in bar:
         raw, shaped = MeanStd(device, len(seeds)), MeanStd(device, len(seeds))
@@ -116,7 +122,7 @@ def fit(
             metrics.update(meter.summary(f"envelope/{loss_name}", s))
             metrics.update(method_metrics)
             metrics.update(evaluation[s])
-            reason = divergence(metrics, f"epoch {epoch}")
+            reason = diverged(s, metrics, f"epoch {epoch}")
             if reason is not None:  # any recorded value, not only the loss: the run failed
                 failed[s] = reason
                 continue

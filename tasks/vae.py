@@ -30,12 +30,12 @@ from torch import nn
 from tasks.common import (
     ControlledLoss,
     DivergedError,
+    Divergence,
     EnvelopeMeter,
     MeanStd,
     VWPRMonitor,
     check,
     check_optimizer,
-    divergence,
     make_optimizer,
     optimise,
 )
@@ -43,6 +43,29 @@ from tasks.seed_batch import ModelGroup, generators, normal, permutations, seed_
 
 SEED_BATCH = True
 OBJECTIVE = ("val/recon", "min")
+# what a run records (file names; * any ending), for checking report.metric before training
+METRICS = (
+    "epoch",
+    "val_recon",
+    "val_recon_current",
+    "val_recon_cumulative",
+    "val_kl",
+    "val_kl_dim_*",
+    "val_elbo",
+    "val_neg_elbo",
+    "val_effective_rank",
+    "val_active_units",
+    "test_recon",
+    "test_kl",
+    "test_elbo",
+    "train_*",
+    "envelope_*",
+    "drift_*",
+    "vwpr_*",
+    "controller_*",
+    "monitor_*",
+    "executor_*",
+)
 AUX_LOSSES = ("kl",)  # for the loss controller: its weight is the KL weight
 PROBE_SIZE = 500
 SETTINGS = ("overparameterised", "drift")
@@ -99,10 +122,23 @@ def data_files(task_cfg) -> list:
 
 
 def check_data(task_cfg) -> None:
-    """Read the data once, so that an unreadable file fails before a sweep starts."""
-    from tasks.datasets import task_pool
+    """Read the data once, so that an unreadable file or splits larger than the data fail before a sweep starts."""
+    from tasks.common import resolve_path
+    from tasks.datasets import check_task_sizes, pool_size
 
-    task_pool(task_cfg)
+    train_size = task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
+    check_task_sizes(task_cfg, train_size)
+    if task_cfg.split == "fixed":
+        size = pool_size(
+            task_cfg.dataset, str(resolve_path(task_cfg.data_dir)), tuple(task_cfg.subsets), task_cfg.download
+        )
+        end = task_cfg.val_start + task_cfg.val_size
+        check(
+            end <= size - task_cfg.test_size,
+            "val_start",
+            f"+ val_size must fit in the {size - task_cfg.test_size} images left after test_size (split=fixed)",
+            end,
+        )
 
 
 def validate(task_cfg) -> None:
@@ -329,6 +365,9 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
     step = 0
     failed: dict[int, str] = {}
+    diverged = Divergence(OBJECTIVE[0], cfg.divergence_factor)
+    if diverged.needs_reference:
+        diverged.reference(evaluate(group, data["val_x"], task_cfg.active_unit_threshold)[0])
     bar = recorders[0].progress(range(1, task_cfg.epochs + 1), total=task_cfg.epochs)
     for epoch in bar:
         if controlled is not None:
@@ -395,7 +434,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             if drift:
                 metrics.update({f"val/recon_{label}": values[s] for label, values in reweighted.items()})
                 metrics.update({f"drift/class_weight_{c}": w for c, w in enumerate(weights[s].tolist())})
-            reason = divergence(metrics, f"epoch {epoch}")
+            reason = diverged(s, metrics, f"epoch {epoch}")
             if reason is not None:  # any recorded value, not only the loss: the run failed
                 failed[s] = reason
                 continue

@@ -51,6 +51,16 @@ def test_a_mixed_sweep_gives_the_runs_of_the_basic_launcher(tmp_path):
     assert "Launching 12 jobs in 1 batched groups (at most 256 runs to train each)" in batched.stderr + batched.stdout
     ours, theirs = results(tmp_path / "batched"), results(tmp_path / "basic")
     assert sorted(ours) == sorted(theirs) and len(ours) == 12  # the same directories
+    for job in ours:  # the same files: Hydra's .hydra/ and run_ablation.log too
+        files = [
+            sorted(p.relative_to(d / job).as_posix() for p in (d / job).rglob("*") if p.is_file())
+            for d in (tmp_path / "batched", tmp_path / "basic")
+        ]
+        assert files[0] == files[1], job
+    assert "seed 0 completed" in (tmp_path / "batched" / "0" / "run_ablation.log").read_text()
+    completed = [r for r in ours.values() if r["status"] == "completed"]
+    assert {r["group_size"] for r in completed} == {len(completed)}  # one group; alone, each run is its own
+    assert {r["group_size"] for r in theirs.values() if r["status"] == "completed"} == {1}
     for job, result in ours.items():
         other = theirs[job]
         assert (result["run_id"], result["status"], result["overrides"]) == (
@@ -119,17 +129,17 @@ def test_worker_processes_train_groups_at_once_and_match_the_groups_run_in_one_p
 
 
 def test_a_run_that_fails_inside_a_group_leaves_the_others_completed(compose, tmp_path, monkeypatch):
-    import tasks.supervised as supervised
+    import tasks.common as common
     from runner.job import Member, run_members
 
     calls: dict[str, int] = {}
-    real = supervised.divergence
+    real = common.divergence
 
     def second_run_diverges(metrics, step):  # the loop checks runs in order: the second one fails at epoch 1
         calls[step] = calls.get(step, 0) + 1
         return "diverged at epoch 1: injected" if (step, calls[step]) == ("epoch 1", 2) else real(metrics, step)
 
-    monkeypatch.setattr(supervised, "divergence", second_run_diverges)
+    monkeypatch.setattr(common, "divergence", second_run_diverges)
     members = [
         Member(
             compose("task.epochs=2", "tensorboard=false", f"seed={seed}", *extra),

@@ -456,3 +456,51 @@ def test_ctrl_c_mid_sweep_says_so_in_one_line_releases_claims_and_exits_130(tmp_
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(list(sweep.glob("*/result.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["task.val_size=100000"],
+            "Error: task.train_size/val_size/test_size: train_size + val_size = 101200 exceeds the 1500 examples "
+            "left after test_size = 297 (pool of 1797)",
+        ),
+        (
+            ["cache_dir={file}/cache"],
+            "Error: cannot write the results cache {file}/cache: Not a directory (set cache_dir",
+        ),
+        (
+            ["-m", "cache_dir={file}/cache"],
+            "Error: cannot write the results cache {file}/cache: Not a directory (set cache_dir",
+        ),
+        (
+            ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0"],
+            "Error: hydra.launcher.n_jobs must be a non-zero integer (N: N jobs at once; -1: one per core, -2: all "
+            "cores but one), got 0",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_before_any_training_and_leaves_no_run(tmp_path, args, message):
+    (tmp_path / "file").write_text("")
+    places = {"file": tmp_path / "file"}
+    proc = run_cli(
+        *(a.format(**places) for a in args),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith(message.format(**places)) and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("sweep/*/metrics.jsonl"))
+
+
+def test_a_run_whose_loss_grows_past_the_divergence_factor_fails_as_diverged(tmp_path):
+    proc = run_cli("-m", "task.lr=1e9,0.001", "task.epochs=2", "tensorboard=false", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 1
+    diverged, fine = (json.loads((tmp_path / str(job) / "result.json").read_text()) for job in (0, 1))
+    assert diverged["status"] == "failed" and fine["status"] == "completed"
+    assert "diverged at epoch 1: val/loss is " in diverged["error"]
+    assert "more than 1000 times its value 2.3" in diverged["error"] and "(divergence_factor)" in diverged["error"]
+    off = run_cli("task.lr=1e9", "task.epochs=1", "divergence_factor=null", f"hydra.run.dir={tmp_path / 'off'}")
+    assert off.returncode == 0 and json.loads((tmp_path / "off" / "result.json").read_text())["status"] == "completed"

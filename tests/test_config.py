@@ -164,6 +164,19 @@ def test_missing_loss_name_is_an_error(compose):
         ("envelopes.classification.gamma=-1", "envelopes.classification: gamma must be >= 0, got -1.0"),
         ("vwpr.l1=-0.1", "vwpr.l1 must be >= 0, got -0.1"),
         ("controller.gamma=1.5", "controller.gamma must lie in [0, 1), got 1.5"),
+        ("seed=-1", "seed must be a non-negative integer (it seeds torch, numpy and each run's data split), got -1"),
+        ("divergence_factor=0.5", "divergence_factor must be > 1 or null (off), got 0.5"),
+        (
+            "+envelopes.classificaton.quantile=0.5",
+            "envelopes: task 'classification' has no loss named 'classificaton'; its losses are ['classification']",
+        ),
+        (
+            "report.metric=bogus",
+            "report.metric: task 'classification' records no metric 'bogus'; its metrics are ['epoch', 'val_loss', "
+            "'val_accuracy', 'val_rare_accuracy', 'test_loss', 'test_accuracy', 'test_rare_accuracy', 'train_*', "
+            "'envelope_*', 'vwpr_*', 'controller_*', 'monitor_*', 'executor_*'] (* any ending; final_ or best_ in "
+            "front selects the last or best value)",
+        ),
     ],
 )
 def test_range_errors_name_key_value_and_allowed(compose, override, message):
@@ -306,3 +319,25 @@ def test_the_papers_data_handling_keys_leave_earlier_runs_ids_alone(compose, tas
     assert not set(defaults) & set(plain["task"])
     for override in paper:  # each changes what is computed, so each changes the id
         assert config_id(effective(override)) != config_id(plain)
+
+
+@pytest.mark.parametrize(
+    ("task", "overrides"),
+    [
+        ("digits", ["task.epochs=1"]),
+        ("california_housing", ["task.epochs=1", "task.test_fraction=0.1"]),
+        ("vae_overparameterised", ["task.epochs=1", "task.val_size=300", "task.test_size=100"]),
+        ("acrobot", ["task.total_steps=1000"]),
+    ],
+)
+def test_every_metric_a_run_records_is_a_report_metric_the_config_accepts(compose, tmp_path, task, overrides):
+    from runner.job import run_job
+    from tests.conftest import SHARED_DATA
+
+    if task != "digits" and task != "acrobot" and not SHARED_DATA.exists():
+        pytest.skip("needs ../shared/data")
+    cfg = compose(f"task={task}", f"data_root={SHARED_DATA}", "tensorboard=false", *overrides)
+    run_job(cfg, tmp_path, None, [], reraise=True)
+    final = json.loads((tmp_path / "result.json").read_text())["final"]
+    for name in final:  # each passes the check made before training
+        validate(compose(f"task={task}", f"data_root={SHARED_DATA}", f"report.metric=best_{name}"))

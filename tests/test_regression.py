@@ -64,7 +64,7 @@ def test_a_cell_that_is_not_a_number_names_the_file_and_where(tmp_path):
         f"{header}\n-122,37,41,880,129,322,126,8.3,452600\n-122,37,21,abc,1106,2401,1138,8.3,358500\n"
     )
     with pytest.raises(
-        DataError, match=f"^{tmp_path / CSV_NAME}: could not convert string 'abc' to float64 at row 1, column 4"
+        DataError, match=f"^{tmp_path / CSV_NAME}: could not convert string 'abc' to float64 on line 3, column 4"
     ):
         load_california_housing(tmp_path)
     (tmp_path / CSV_NAME).write_text(f"{header}\n-122,37,41,880,129,322,126,8.3,nan\n")

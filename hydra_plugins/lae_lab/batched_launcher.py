@@ -117,7 +117,8 @@ class BatchedLauncher(Launcher):
                 cfg.hydra.job.num = idx
             HydraConfig.instance().set_config(cfg)
             job_dir = sweep_dir / str(cfg.hydra.sweep.subdir)
-            jobs.append((idx, cfg, Member(self._job_config(cfg), job_dir, list(overrides), write_hydra_files=True)))
+            member = Member(self._job_config(cfg), job_dir, list(overrides), write_hydra_files=True, hydra=cfg.hydra)
+            jobs.append((idx, cfg, member))
         groups: dict[str | None, list[int]] = {}
         alone: list[int] = []
         for position, (_, cfg, _) in enumerate(jobs):
