@@ -266,7 +266,9 @@ def test_a_sweep_killed_mid_job_resumes_to_the_tables_of_an_uninterrupted_one(tm
 
     import pandas as pd
 
-    args = ("-m", "envelope@envelopes.classification=identity,step", "seed=0,1", "task.epochs=60", "tensorboard=false")
+    # tiny epochs (one step of 100 examples) so that many of them make a job long enough to be killed mid-way
+    tiny = ("task.epochs=300", "task.train_size=100", "task.batch_size=100", "tensorboard=false")
+    args = ("-m", "envelope@envelopes.classification=identity,step", "seed=0,1", *tiny)
     sweep = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "run_ablation.py"), *args, f"hydra.sweep.dir={sweep}"],
@@ -297,7 +299,7 @@ def test_a_sweep_killed_mid_job_resumes_to_the_tables_of_an_uninterrupted_one(tm
     for i in (0, 1):  # recognised by their result file and run id: not trained again
         assert (sweep / str(i) / "result.json").read_bytes() == finished[i]
     redone = [json.loads(line) for line in (sweep / "2" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in redone] == list(range(1, 61))  # the half-written job started over
+    assert [row["epoch"] for row in redone] == list(range(1, 301))  # the half-written job started over
 
     reference = run_cli(*args, f"hydra.sweep.dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr
