@@ -2,7 +2,7 @@
 
 Each run is the whole ``python run_ablation.py -m ...`` command (start-up, every job, the
 end-of-sweep report) in a fresh output directory; prints both wall times and their ratio.
-Under joblib each job gets cores // n_jobs torch threads (run_ablation.parallel_threads).
+Each job has one torch thread (the default) in both.
 
     python bench/joblib_sweep.py                                  # california_quick (12 jobs)
     python bench/joblib_sweep.py --experiment quick_digits        # jobs of about a second

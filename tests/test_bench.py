@@ -16,6 +16,7 @@ SCRIPTS = {
     "ppo_parts.py": ([], "sum of the floors and the EnvPool step"),
     "ppo_sps.py": ([], "LunarLander-v3"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
+    "threads.py": ([], "x threads=1"),
 }
 NEEDS = {
     "ppo_grid.py": None,
