@@ -11,14 +11,21 @@ unless ``--out`` says otherwise. ``--paper-table N`` reads the sweep as
 the paper read its Table N (experiments/paper_results.csv): its selection
 metric, its step for RL runs (Table 6: 50,000), the parameters it held
 fixed (Tables 1-2: step size 0.1), and only that table beside the runs.
+
+``--confirm-seeds N`` corrects for selection: instead of a report, it writes
+a plan to train each row's selected configuration again on N fresh seeds
+(``<out>/confirm/``); the confirmation sweep's own report then shows each
+row's selection-stage figure beside the confirmed one, with a verdict from
+the fresh seeds alone (analysis/confirm.py).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from analysis.report import paper_tables, write_report
-from analysis.tables import parse_fixed
+from analysis.confirm import write_plan
+from analysis.report import Reading, paper_tables, write_report
+from analysis.tables import default_spec, parse_fixed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +61,31 @@ def main(argv: list[str] | None = None) -> int:
         help="read the sweep as the paper's Table N: its selection metric, step and fixed "
         f"parameters, and its rows side by side ({', '.join(paper_tables())})",
     )
+    parser.add_argument(
+        "--confirm-seeds",
+        type=int,
+        metavar="N",
+        help="write a confirmation plan instead of a report: each row's selected configuration (identity and, "
+        "with --paper-table, the paper's rows too) to train again on N fresh seeds, so that the verdict does not "
+        "rest on the numbers that chose it; prints the command that runs it (into <out>/confirm/)",
+    )
     args = parser.parse_args(argv)
     if args.at_step is not None and args.at_step <= 0:
         parser.error(f"--at-step must be a positive number of environment steps, got {args.at_step}")
     try:
         fixed = parse_fixed(args.fix) if args.fix else None
+        if args.confirm_seeds is not None:
+            reading = Reading.of(args.sweeps, args.metric, args.mode, args.at_step, fixed, args.paper_table)
+            spec = default_spec(reading.jobs, reading.metric, reading.mode)
+            write_plan(
+                reading.jobs,
+                spec,
+                args.confirm_seeds,
+                (args.out or args.sweeps[0]) / "confirm",
+                args.sweeps,
+                args.paper_table,
+            )
+            return 0
         write_report(
             args.sweeps,
             args.out or args.sweeps[0],

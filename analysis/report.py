@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
+from analysis.confirm import confirmation_table, read_plan
+from analysis.confirm import to_markdown as confirmation_markdown
 from analysis.html import write_html
 from analysis.load import load_jobs, load_metrics, read_at_step
 from analysis.stats import aggregate
@@ -131,6 +133,25 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
     return pd.DataFrame(rows)
 
 
+def paper_rows(done: pd.DataFrame, table: str, paper_file: Path = PAPER_RESULTS) -> list[tuple[str, str]]:
+    """``(the paper's envelopes, config_id)`` of each row of the paper's Table ``table`` that the completed runs
+    ``done`` hold at its protocol (the same task, data set, task parameters and envelopes)."""
+    if not paper_file.exists() or done.empty:
+        return []
+    paper = pd.read_csv(paper_file, dtype={"table": str})
+    out = []
+    for _, ref in paper[paper["table"] == str(table)].drop_duplicates("envelopes").iterrows():
+        subset = done[(done["task"] == ref["task"]) & (done["dataset"].astype(str) == str(ref["dataset"]))]
+        required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
+        params = subset["task_json"].map(json.loads)
+        subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
+        wanted = json.loads(ref["envelopes"])
+        for cid, group in subset.groupby("config_id"):
+            if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0])):
+                out.append((json.dumps(wanted), cid))
+    return out
+
+
 def _paper_row(ref: pd.Series, wanted: dict, reproduced: str, matched: int) -> dict:
     n = ref["n"]
     return {
@@ -241,6 +262,62 @@ def _write(out_dir: Path, lines: list[str]) -> Path:
 INCOMPLETE = ("failed", "unfinished", "unreadable")
 
 
+@dataclass
+class Reading:
+    """How a report reads its sweeps: the selection metric and mode, where RL runs are read, what is held fixed
+    (a paper table's own reading where the caller sets none), and the runs so read (``total``: before holding
+    parameters fixed)."""
+
+    metric: str | None
+    mode: str | None
+    at_step: int | None
+    fixed: dict | None
+    jobs: pd.DataFrame
+    total: int
+
+    @classmethod
+    def of(
+        cls,
+        sweep_dirs: list[Path],
+        metric: str | None = None,
+        mode: str | None = None,
+        at_step: int | None = None,
+        fixed: dict | None = None,
+        table_number: str | None = None,
+        jobs: pd.DataFrame | None = None,
+    ) -> Reading:
+        if table_number is not None:
+            protocol = paper_table_protocol(table_number)
+            metric, mode = metric or protocol.metric, mode or protocol.mode
+            at_step = protocol.at_step if at_step is None else at_step
+            fixed = protocol.fixed if fixed is None else fixed
+        jobs = load_jobs(*sweep_dirs) if jobs is None else jobs
+        if jobs.empty:
+            raise NoRunsError(
+                f"no runs in {', '.join(str(d) for d in sweep_dirs)} (a run is a directory with "
+                ".hydra/overrides.yaml); nothing written"
+            )
+        if at_step is not None:
+            jobs = read_at_step(jobs, at_step)
+        total = len(jobs)
+        return cls(metric, mode, at_step, fixed, hold_fixed(jobs, fixed or {}), total)
+
+
+def _confirmation_report(jobs: pd.DataFrame, plan: dict, out_dir: Path, lines: list[str]) -> Path:
+    """A confirmation sweep's report: each planned row, selection stage beside confirmed, and the verdicts."""
+    if plan.get("at_step") is not None and "at_step" not in jobs.attrs:
+        jobs = read_at_step(jobs, int(plan["at_step"]))
+    table = confirmation_table(jobs, plan)
+    markdown = confirmation_markdown(table, plan)
+    (out_dir / "confirmation.md").write_text(markdown)
+    lines += ["\n## Confirmation on fresh seeds\n\n", markdown]
+    aggregate(jobs, [table.attrs["metric"]]).to_csv(out_dir / "configs.csv", index=False)
+    report = _write(out_dir, lines)
+    print(markdown)
+    print(f"Results: {out_dir} (report.md, report.html, confirmation.md, configs.csv, jobs.csv)")
+    return report
+
+
 class NoRunsError(ValueError):
     """The directories given hold no runs (nothing to report, and no report is written)."""
 
@@ -267,21 +344,15 @@ def write_report(
     anything is written, so an existing report is never replaced by an
     empty one.
     """
-    if table_number is not None:  # the table's own reading, where the caller does not set one
-        protocol = paper_table_protocol(table_number)
-        metric, mode = metric or protocol.metric, mode or protocol.mode
-        at_step = protocol.at_step if at_step is None else at_step
-        fixed = protocol.fixed if fixed is None else fixed
-    jobs = load_jobs(*sweep_dirs) if jobs is None else jobs
-    if jobs.empty:
-        raise NoRunsError(
-            f"no runs in {', '.join(str(d) for d in sweep_dirs)} (a run is a directory with "
-            ".hydra/overrides.yaml); nothing written"
-        )
-    if at_step is not None:
-        jobs = read_at_step(jobs, at_step)
-    total = len(jobs)
-    jobs = hold_fixed(jobs, fixed or {})
+    reading = Reading.of(sweep_dirs, metric, mode, at_step, fixed, table_number, jobs)
+    metric, mode, at_step, fixed, jobs, total = (
+        reading.metric,
+        reading.mode,
+        reading.at_step,
+        reading.fixed,
+        reading.jobs,
+        reading.total,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs.to_csv(out_dir / "jobs.csv", index=False)
     counts = jobs["status"].value_counts().to_dict() if not jobs.empty else {}
@@ -328,6 +399,9 @@ def write_report(
         print(f"No table: the objective is in no completed run's final metrics ({error})")
         return _write(out_dir, lines)
     done = jobs[jobs["status"] == "completed"]
+    plan = read_plan(sweep_dirs[0]) if len(sweep_dirs) == 1 else None
+    if plan is not None:  # a confirmation sweep: its planned rows, not a new selection on its own numbers
+        return _confirmation_report(jobs, plan, out_dir, lines)
     groups = split_by_task_parameters(done)
     metrics = load_metrics(done) if make_figures else pd.DataFrame()
     if metrics.attrs.get("unreadable"):

@@ -45,13 +45,54 @@ def keep_ray_inside(temp_dir: Path) -> Path:
     return token
 
 
+def override_key(override: str) -> str:
+    """``key`` of ``key=value``, ``+key=value`` or ``~key``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def jobs_from_file(path: str | Path, given: list[str]) -> list[list[str]]:
+    """The jobs a jobs file lists (``hydra.sweeper.jobs``): a YAML list of override lists, one per job.
+
+    Each job gets the command line's overrides (``given``, none of them a
+    sweep) for the keys it does not set itself. Raises ConfigError naming the
+    file for anything else.
+    """
+    import yaml
+
+    from tasks.common import resolve_path
+
+    file = resolve_path(str(path))
+    try:
+        jobs = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"hydra.sweeper.jobs: cannot read {file}: {error}") from None
+    if not (
+        isinstance(jobs, list)
+        and jobs
+        and all(isinstance(j, list) and all(isinstance(o, str) for o in j) for j in jobs)
+    ):
+        raise ConfigError(f"hydra.sweeper.jobs: {file} must hold a non-empty YAML list of override lists, one per job")
+    out = []
+    for job in jobs:
+        keys = {override_key(o) for o in job}
+        out.append([*job, *(o for o in given if override_key(o) not in keys)])
+    return out
+
+
 def expand_sweep(config: DictConfig) -> list[list[str]]:
-    """The override list of every job the basic sweeper will launch, in its order."""
+    """The override list of every job the sweeper will launch, in its order."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    if config.hydra.sweeper.get("jobs"):
+        given = parser.parse_overrides(list(config.hydra.overrides.task))
+        if any(o.is_sweep_override() for o in given) or config.hydra.sweeper.get("params"):
+            raise ConfigError(
+                "hydra.sweeper.jobs: the jobs file lists every job; give no sweep (a,b or sweeper params) beside it"
+            )
+        return jobs_from_file(config.hydra.sweeper.jobs, list(config.hydra.overrides.task))
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     params += list(config.hydra.overrides.task)
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     batches = BasicSweeper.split_arguments(parser.parse_overrides(params), None)
     return [list(job) for batch in batches for job in batch]
 

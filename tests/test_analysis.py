@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
 from analysis.load import load_jobs, load_metrics
@@ -467,3 +468,53 @@ def test_a_sweep_of_unfinished_runs_reports_that_nothing_completed(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 runs: 2 unfinished" in proc.stdout and "No run completed, so there is no table" in proc.stdout
     assert "No run completed" in (tmp_path / "sweep" / "report.md").read_text()
+
+
+def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path):
+    from analysis.confirm import PLAN_FILE
+
+    # one fixed draw: under pure noise a confirmation still calls a row 'better' with probability alpha (seed 7
+    # is such a draw); seeds 0-2 are not, and this checks the pipeline on one of them
+    rng = np.random.default_rng(0)
+    noise = lambda: float(rng.normal(1.0, 0.1))  # noqa: E731  every configuration is the same
+    sweep, num = tmp_path / "selection", 0
+    for seed in range(3):
+        make_job(sweep, num, "identity", seed, noise(), test=noise())
+        num += 1
+    for quantile in [round(0.02 * k, 2) for k in range(1, 31)]:  # 30 step configurations
+        for seed in range(3):
+            make_job(sweep, num, "step", seed, noise(), test=noise(), quantile=quantile)
+            num += 1
+    selection = write_report([sweep], tmp_path / "selection_report")
+    assert "| step |" in selection.read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep), "--confirm-seeds", "10"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 configurations x 10 fresh seeds (1000-1009) = 20 runs" in proc.stdout
+    plan = json.loads((sweep / "confirm" / PLAN_FILE).read_text())
+    step = next(row for row in plan["rows"] if row["row"] == "step")
+    identity = next(row for row in plan["rows"] if row["identity"])
+    assert step["candidates"] == 30 and plan["seeds"] == list(range(1000, 1010))
+    # the selection stage: the best of 30 equal configurations looks better than identity on its own seeds
+    apparent = identity["selection"]["final_val_loss"]["mean"] - step["selection"]["final_val_loss"]["mean"]
+    assert apparent > 0.1  # one standard deviation of the noise
+    listed = yaml.safe_load((sweep / "confirm" / "jobs.yaml").read_text())
+    assert len(listed) == 20 and all("seed_batch=1" in job for job in listed)
+    confirm, num = sweep / "confirm" / "sweep", 0
+    for row in plan["rows"]:  # the confirmation: the same configurations, fresh noise
+        for seed in plan["seeds"]:
+            quantile = None if row["identity"] else json.loads(row["config_id"].split("-")[1])
+            make_job(
+                confirm, num, "identity" if row["identity"] else "step", seed, noise(), test=noise(), quantile=quantile
+            )
+            num += 1
+    report = write_report([confirm], confirm)
+    text = (confirm / "confirmation.md").read_text()
+    assert "## Confirmation on fresh seeds" in report.read_text() and "Best configuration per envelope" not in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["step"].rstrip(" |").endswith("within noise") and rows["identity"].rstrip(" |").endswith("baseline")
+    assert "paired by seed (10)" in text and "fresh seeds 1000-1009" in text

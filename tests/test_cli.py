@@ -506,3 +506,34 @@ def test_a_run_whose_loss_grows_past_the_divergence_factor_fails_as_diverged(tmp
     assert "more than 1000 times its value 2.3" in diverged["error"] and "(divergence_factor)" in diverged["error"]
     off = run_cli("task.lr=1e9", "task.epochs=1", "divergence_factor=null", f"hydra.run.dir={tmp_path / 'off'}")
     assert off.returncode == 0 and json.loads((tmp_path / "off" / "result.json").read_text())["status"] == "completed"
+
+
+def test_a_confirmation_plan_runs_as_printed_and_reports_the_selected_rows_on_fresh_seeds(tmp_path):
+    import shlex
+
+    sweep = tmp_path / "selection"
+    tiny = ("task.epochs=2", "task.train_size=200", "tensorboard=false")
+    selection = run_cli(
+        "-m",
+        "envelope@envelopes.classification=identity,step",
+        "envelopes.classification.quantile=0.1,0.5",
+        "seed=0,1",
+        *tiny,
+        "hydra/launcher=batched",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert selection.returncode == 0, selection.stderr[-2000:]
+    plan = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep), "--confirm-seeds", "2"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert plan.returncode == 0, plan.stderr
+    command = (sweep / "confirm" / "run.sh").read_text().splitlines()[-1]
+    assert command in plan.stdout and command.startswith("python run_ablation.py -m hydra.sweeper.jobs=")
+    confirmed = run_cli(*shlex.split(command)[2:])
+    assert confirmed.returncode == 0, confirmed.stderr[-2000:]
+    runs = [json.loads(p.read_text()) for p in (sweep / "confirm" / "sweep").glob("*/result.json")]
+    assert sorted(r["seed"] for r in runs) == [1000, 1000, 1001, 1001] and {r["status"] for r in runs} == {"completed"}
+    text = (sweep / "confirm" / "sweep" / "confirmation.md").read_text()
+    assert "| identity | classification: identity | best of 1 by final_val_loss |" in text
+    assert "| step | classification: step q=" in text and "best of 2 by final_val_loss" in text
+    assert "paired by seed (2)" in text
