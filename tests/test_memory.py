@@ -8,10 +8,13 @@ import pytest
 from tests.conftest import ROOT
 
 # Three 3 MB tensors made and freed together 20 times, as a training step's activations are; prints the page
-# faults that took.
+# faults that took. One torch thread, as the runner trains by default: with two, the count varied from run to run
+# (0, 756 or 1513 faults with keep_freed_memory on a loaded 2-core machine), the allocations then not all
+# the main thread's.
 SCRIPT = """
 import resource, sys
 import torch
+torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 from runner.job import keep_freed_memory
 kept = {keep} and keep_freed_memory()
