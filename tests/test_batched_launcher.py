@@ -251,3 +251,18 @@ def test_a_killed_worker_loses_its_own_group_only_and_resume_redoes_just_it(tmp_
         "already completed" in resumed.stderr
         and again["0"]["wall_time_s"] == json.loads(fast[0].read_text())["wall_time_s"]
     )
+
+
+def test_workers_with_a_single_group_say_it_trains_in_this_process(tmp_path):
+    proc = sweep(
+        tmp_path,
+        "one",
+        "-m",
+        "envelope@envelopes.classification=identity,step",
+        "task.epochs=1",
+        "tensorboard=false",
+        "hydra/launcher=batched",
+        "hydra.launcher.workers=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "workers=2: one group to train, so it trains in this process" in proc.stderr + proc.stdout
