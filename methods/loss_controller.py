@@ -481,6 +481,39 @@ class LossController:
     def weights(self) -> dict[str, float]:
         return self.executor.weights
 
+    def schedule_warnings(self) -> list[str]:
+        """What the run's schedule leaves the monitor's DQN unable to do: learn at all, or copy its target network.
+
+        The monitor decides every ``interval`` steps; each decision after the
+        first stores a transition, and learning starts once ``max(batch_size,
+        warmup x decisions)`` are stored (``updates_per_decision`` updates per
+        decision from then on); the target network is copied every
+        ``target_sync`` updates.
+        """
+        if self.monitor is None:
+            return []
+        s = self.settings
+        decisions = self.total_steps // self.interval
+        transitions = max(decisions - 1, 0)
+        needed = max(s.batch_size, math.ceil(s.warmup * decisions))
+        updates = max(transitions - needed + 1, 0) * s.updates_per_decision
+        where = (
+            f"{decisions} decisions (every {self.interval} of the run's {self.total_steps} optimiser steps) store "
+            f"{transitions} transitions"
+        )
+        if updates == 0:
+            return [
+                f"loss monitor: its DQN makes no learning update in this run: {where}, fewer than the {needed} it "
+                "stores before learning (controller.batch_size, controller.warmup); train longer or lower "
+                "controller.interval"
+            ]
+        if updates < s.target_sync:
+            return [
+                f"loss monitor: its DQN never copies its target network in this run: {where}, so {updates} "
+                f"learning updates, fewer than controller.target_sync = {s.target_sync}"
+            ]
+        return []
+
     def combine(self, base: Tensor, aux: dict[str, Tensor]) -> Tensor:
         return self.executor.combine(base, aux)
 
@@ -537,14 +570,14 @@ class LossController:
             self.executor.adjust(name, self.weights[name] + delta * self.settings.adjust_step)
         self.previous = (state, action)
         if self.writer is not None:
-            self.writer.add_scalar("monitor/reward", reward, self.step)
-            self.writer.add_scalar("monitor/epsilon", self.monitor.epsilon, self.step)
-            self.writer.add_scalar("monitor/action", action, self.step)
-            self.writer.add_scalar("monitor/probe_loss", probe, self.step)
+            self.writer.add_scalar("monitor_step/reward", reward, self.step)
+            self.writer.add_scalar("monitor_step/epsilon", self.monitor.epsilon, self.step)
+            self.writer.add_scalar("monitor_step/action", action, self.step)
+            self.writer.add_scalar("monitor_step/probe_loss", probe, self.step)
             if td_loss is not None:
-                self.writer.add_scalar("monitor/td_loss", td_loss, self.step)
+                self.writer.add_scalar("monitor_step/td_loss", td_loss, self.step)
             for name in self.names:
-                self.writer.add_scalar(f"monitor/weight_{name}", self.weights[name], self.step)
+                self.writer.add_scalar(f"monitor_step/weight_{name}", self.weights[name], self.step)
 
     def epoch_start(self) -> None:
         self.rewards, self.actions = [], []

@@ -16,7 +16,7 @@ import random
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class RunContext:
     vwpr: Any = None  # the vwpr config node (None: off)
     controller: ControllerSettings | None = None  # the loss controller's settings (None: off)
     run_envelopes: list[dict[str, Envelope]] | None = None  # one dict per run when runs differ in envelopes
+    warnings: list[str] = field(default_factory=list)  # what the run should know (in result.json)
 
     def envelope(self, loss: str) -> Envelope | EnvelopeBank:
         """The envelope of ``loss`` for this job's runs: the run's own for one run, else a bank of one per run."""
@@ -620,6 +621,8 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
         )
         if len(runs) > 1:
             run.result["batch"] = {"seeds": [r.seed for r in runs], "wall_time_s": wall_time}
+        if context.warnings:
+            run.result["warnings"] = list(context.warnings)
         recorder.log_hparams(run.result["effective"], {k: v for k, v in final.items() if isinstance(v, (int, float))})
         write_json_atomic(run.dir / RESULT_FILE, run.result)
         log.info("seed %d completed: %s = %s", run.seed, objective_key, value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 
 from envelopes import Envelope
+
+log = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
@@ -284,6 +287,9 @@ class ControlledLoss:
             context.recorder.writer_for_steps(),
         )
         self.job_dir = context.job_dir
+        for warning in self.controller.schedule_warnings():  # in the log and in result.json
+            log.warning(warning)
+            context.warnings.append(warning)
 
     def loss(self, base: torch.Tensor, outputs, targets) -> torch.Tensor:
         """The combined loss; auxiliary losses are computed only while some weight is non-zero."""

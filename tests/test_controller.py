@@ -133,7 +133,15 @@ def test_every_mode_changes_training_and_logs_its_decisions(compose, tmp_path, m
     tags = set(accumulator.Tags()["scalars"])
     if mode in ("monitor_only", "full"):
         assert "monitor" in state and state["monitor"]["stored"] > 0
-        assert {"monitor/reward", "monitor/epsilon", "monitor/action", "monitor/weight_label_smoothing"} <= tags
+        per_decision = {"reward", "epsilon", "action", "weight_label_smoothing"}
+        assert {f"monitor_step/{name}" for name in per_decision} <= tags
+        # one x-unit per tag: per-decision values at optimiser steps, per-epoch summaries at epochs 1, 2, ...
+        epochs = [row["epoch"] for row in rows]
+        for tag in tags:
+            steps = [event.step for event in accumulator.Scalars(tag)]
+            assert steps == sorted(set(steps)), tag  # no sawtooth of two units
+            if tag.startswith(("monitor/", "controller/")):
+                assert steps == epochs[-len(steps) :], tag
     if mode in ("controller_only", "full"):
         assert len(state["meta"]["decisions"]) == 4 * 2  # per epoch, per weight
         assert "controller/target_label_smoothing" in tags and "controller/direction_confidence_penalty" in tags
@@ -402,3 +410,29 @@ def test_a_short_run_decides_every_second_step_and_an_interval_of_one_is_refused
     assert controller.interval == 2 and controller.monitor.planned == 50  # a trend and a variance need two steps
     with pytest.raises(ValueError, match=r"interval must be an integer >= 2 or null"):
         check_settings(ControllerSettings(interval=1))
+
+
+def test_a_schedule_that_gives_the_dqn_no_update_warns_in_the_log_and_in_the_result(compose, tmp_path, caplog):
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    settings = ControllerSettings(mode="monitor_only")
+    short = LossController(["aux"], settings, torch.device("cpu"), 0, lambda: 1.0, [parameter], total_steps=20)
+    assert short.schedule_warnings() == [
+        "loss monitor: its DQN makes no learning update in this run: 10 decisions (every 2 of the run's 20 "
+        "optimiser steps) store 9 transitions, fewer than the 16 it stores before learning (controller.batch_size, "
+        "controller.warmup); train longer or lower controller.interval"
+    ]
+    few = LossController(["aux"], settings, torch.device("cpu"), 0, lambda: 1.0, [parameter], total_steps=40)
+    assert few.schedule_warnings() == [
+        "loss monitor: its DQN never copies its target network in this run: 20 decisions (every 2 of the run's 40 "
+        "optimiser steps) store 19 transitions, so 16 learning updates, fewer than controller.target_sync = 20"
+    ]
+    assert (
+        LossController(["aux"], settings, torch.device("cpu"), 0, lambda: 1.0, [parameter], 1000).schedule_warnings()
+        == []
+    )
+    with caplog.at_level("WARNING"):
+        run_job(compose(*TINY, "controller.mode=monitor_only", "task.epochs=1"), tmp_path, None, [], reraise=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "completed" and len(result["warnings"]) == 1
+    assert result["warnings"][0].startswith("loss monitor: its DQN makes no learning update in this run")
+    assert result["warnings"][0] in caplog.text
