@@ -41,6 +41,7 @@ on ``raw`` once per step, so phi tracks the maximiser of the current signals.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,10 +75,13 @@ class EnhancedVWPRWrapper(nn.Module):
         l1_lambda: lambda of the document's ``L_total = L_transformed + lambda ||phi||_1``.
         phi_clip_value: cap on a weight (None: no cap).
         track_history: keep each tensor's mean weight at every step (:meth:`get_phi_history`).
-        rule: ``"document"`` (``phi <- softplus(phi + alpha l)``) or ``"bounded"``.
+        rule: ``"bounded"`` (the default: phi ascends ``J`` above, so the ``optimizer_phi`` a caller passes to
+            :meth:`apply_vwpr_step` learns it) or ``"document"`` (``phi <- softplus(phi + alpha l)``, which has no
+            gradient: an ``optimizer_phi`` is refused there, as it would never step).
         alpha: the document rule's step, and the learning rate of the bounded rule's default optimiser.
         strength: the bounded rule's pull towards phi = 1 (its weights reach at most ``1 + max l / strength``).
         per_element: one weight per parameter element instead of per tensor.
+        figure_dir: where :meth:`visualize_phi_distribution` saves its figures when given no path.
     """
 
     def __init__(
@@ -87,10 +91,11 @@ class EnhancedVWPRWrapper(nn.Module):
         l1_lambda: float = 0.01,
         phi_clip_value: float | None = None,
         track_history: bool = False,
-        rule: str = "document",
+        rule: str = "bounded",
         alpha: float = 0.01,
         strength: float = 1.0,
         per_element: bool = False,
+        figure_dir: str | Path = "figures",
     ):
         super().__init__()
         check_settings(l1_lambda, phi_clip_value, alpha, rule, strength)
@@ -110,6 +115,8 @@ class EnhancedVWPRWrapper(nn.Module):
         self.track_history = track_history
         self._history: list[Tensor] = []
         self.last_total: Tensor | None = None  # the document's L_total at the last step (detached)
+        self.figure_dir = Path(figure_dir)
+        self._drawn: tuple[int, object] | None = None  # the epoch last drawn and its figure
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base_model(x)
@@ -146,6 +153,12 @@ class EnhancedVWPRWrapper(nn.Module):
         signal and the weight applied, per parameter name (detached, on the
         device: no host synchronisation).
         """
+        if optimizer_phi is not None and self.rule == "document":
+            raise ValueError(
+                "optimizer_phi: the document rule sets phi by its own formula (phi <- softplus(phi + alpha l)), "
+                "which has no gradient for an optimiser to follow, so optimizer_phi would never step; pass none, "
+                "or use rule='bounded', in which optimizer_phi ascends J (the module docstring)"
+            )
         optimizer_theta.zero_grad(set_to_none=True)
         base_loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.targets]
@@ -183,9 +196,13 @@ class EnhancedVWPRWrapper(nn.Module):
         return dict(zip(self.names, l_map)), dict(zip(self.names, phi_vals))
 
     def get_phi_history(self) -> Tensor:
-        """(steps, tensors) mean value weight of each parameter tensor at every step."""
+        """(steps, tensors) mean value weight of each parameter tensor at every step; empty, with a warning that
+        says how to keep it, when ``track_history`` is off."""
         if not self.track_history:
-            raise RuntimeError("get_phi_history needs track_history=True")
+            warnings.warn(
+                "get_phi_history: no history was kept; construct the wrapper with track_history=True to keep one",
+                stacklevel=2,
+            )
         if not self._history:
             return torch.empty(0, len(self.targets))
         return torch.stack(self._history)
@@ -195,11 +212,22 @@ class EnhancedVWPRWrapper(nn.Module):
         return torch.cat([f.detach().reshape(-1) for f in self.phi()])
 
     def visualize_phi_distribution(self, epoch: int, path: str | Path | None = None):
-        """A histogram of the current value weights; saved to ``path`` when given. Returns the figure."""
+        """A histogram of the current value weights, saved to ``path`` (default:
+        ``<figure_dir>/phi_distribution_epoch_<epoch>.png``) and closed; returns the figure.
+
+        Without a path, one figure per epoch: a loop that calls this every step
+        draws at the first call of each epoch, and later calls of that epoch
+        return the same figure (a figure per step would cost more than the step).
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        if path is None:
+            if self._drawn is not None and self._drawn[0] == epoch:
+                return self._drawn[1]
+            path = self.figure_dir / f"phi_distribution_epoch_{epoch}.png"
 
         values = self.phi_values().float().cpu().numpy()
         fig, ax = plt.subplots(figsize=(4.5, 3.0), layout="constrained")
@@ -210,7 +238,8 @@ class EnhancedVWPRWrapper(nn.Module):
             xlabel="value weight phi", ylabel=f"{unit}s", title=f"VWPR value weights ({self.rule} rule), epoch {epoch}"
         )
         ax.legend(fontsize=7)
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=150)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150)
+        plt.close(fig)
+        self._drawn = (epoch, fig)
         return fig

@@ -1,6 +1,7 @@
 """Focal loss and hard example mining as envelopes; Value-Weighted Parameter Refinement."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -202,8 +203,8 @@ def test_vwpr_errors():
         EnhancedVWPRWrapper(model, rule="adam")
     with pytest.raises(ValueError, match="strength must be > 0"):
         EnhancedVWPRWrapper(model, rule="bounded", strength=0)
-    with pytest.raises(RuntimeError, match="track_history=True"):
-        EnhancedVWPRWrapper(model).get_phi_history()
+    with pytest.warns(UserWarning, match="construct the wrapper with track_history=True to keep one"):
+        assert EnhancedVWPRWrapper(model).get_phi_history().shape == (0, 4)
 
 
 def test_vwpr_in_the_runner(compose, tmp_path):
@@ -250,3 +251,59 @@ def test_vwpr_moves_parameters_under_sgd_where_adam_cancels_it():
         plain = _parameters_after(name, False, steps=1)
         relative[name] = ((_parameters_after(name, True, steps=1) - plain).norm() / (plain - start).norm()).item()
     assert relative["adam"] < 1e-4 and relative["sgd"] > 1e-2
+
+
+# VWPR's documented usage, as its document writes it: the import, two optimisers, a step, a figure each step, the
+# history at the end
+DOCUMENTED_USAGE = """
+import torch
+from enhanced_vwpr_wrapper import EnhancedVWPRWrapper
+
+base_model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+model = EnhancedVWPRWrapper(base_model, normalize_phi=False, l1_lambda=0.01, phi_clip_value=None, track_history=False)
+optimizer_theta = torch.optim.Adam(model.base_model.parameters(), lr=1e-3)
+optimizer_phi = torch.optim.Adam(model.phi_params(), lr=1e-2)
+x, y = torch.randn(64, 6), torch.randn(64, 1)
+for epoch in range(5):
+    for step in range(5):
+        base_loss = torch.nn.functional.mse_loss(model(x), y)
+        l_map, phi_vals = model.apply_vwpr_step(base_loss, optimizer_theta, optimizer_phi)
+        model.visualize_phi_distribution(epoch)
+history = model.get_phi_history()
+"""
+
+
+def test_the_documented_usage_runs_as_written_and_learns_phi_with_optimizer_phi(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    check = "\nprint(sorted(round(float(p.detach()), 6) for p in model.phi_params()), tuple(history.shape))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", DOCUMENTED_USAGE + check],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "More than 20 figures" not in proc.stderr and "track_history=True" in proc.stderr
+    raw = json.loads(proc.stdout.split(" (")[0])
+    start = math.log(math.e - 1.0)  # phi = softplus(raw) = 1 at the start
+    assert all(abs(r - start) > 1e-4 for r in raw)  # optimizer_phi stepped every weight
+    assert proc.stdout.strip().endswith("(0, 4)")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        f"phi_distribution_epoch_{e}.png" for e in range(5)
+    ]
+
+
+def test_an_optimizer_phi_that_the_document_rule_would_never_step_is_refused():
+    x, y, model = make_problem()
+    vwpr = EnhancedVWPRWrapper(model, rule="document")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="optimizer_phi: the document rule sets phi by its own formula"):
+        vwpr.apply_vwpr_step(F.mse_loss(vwpr(x), y), optimizer, torch.optim.Adam(vwpr.phi_params(), lr=0.01))
+    assert all(p.grad is None for p in model.parameters())  # refused before anything ran
