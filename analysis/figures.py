@@ -10,12 +10,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
 from analysis.load import ABBREVIATIONS
 
-plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 7})
+plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8})
 
 SHAPE_COLOURS = {
     "identity": "0.3",
@@ -92,6 +93,17 @@ def _step_column(metrics: pd.DataFrame) -> str:
     return "epoch" if "epoch" in metrics.columns else "step"
 
 
+def _label(row) -> str:
+    """A row's legend entry: what varies in its sweep (``label``), abbreviations spelled out."""
+    return readable(str(row["label"] if "label" in row and isinstance(row["label"], str) else row["envelopes"]))
+
+
+def _x_axis(ax, x: str) -> None:
+    ax.set_xlabel(x)
+    if x == "epoch":  # whole epochs: no ticks at 1.2, 1.4, ...
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
 def learning_curves(
     metrics: pd.DataFrame, table: pd.DataFrame, metric: str, out_dir: Path, suffix: str = ""
 ) -> list[Path]:
@@ -115,7 +127,7 @@ def learning_curves(
     axes = axes[0]
     for colour, (_, row) in zip(_row_colours(table), table.iterrows()):
         curve = curves[row["config_id"]]
-        label = f"{readable(row['envelopes'])} (n={int(curve['count'].max())})"
+        label = f"{_label(row)} (n={int(curve['count'].max())})"
         axes[0].plot(curve.index, curve["mean"], label=label, color=colour, lw=1.4)
         spread = curve["std"].fillna(0)
         axes[0].fill_between(
@@ -128,10 +140,12 @@ def learning_curves(
     axes[0].set_title(f"{metric}: mean ± std over seeds{' (' + suffix.strip('_') + ')' if suffix else ''}")
     if panels == 2:
         axes[1].axhline(0.0, color="0.3", lw=0.8)
-        axes[1].set_ylabel(f"{metric} minus identity's")
-        axes[1].set_title("difference from identity (mean over seeds)")
+        # the baseline is identity where only envelopes vary; with other factors, it is named in the title
+        only_envelopes = table.attrs.get("factors", ["envelopes"]) in (["envelopes"], [])
+        axes[1].set_ylabel(f"{metric} minus {'identity' if only_envelopes else 'the baseline'}'s")
+        axes[1].set_title(f"difference from the baseline ({_label(baseline.iloc[0])}), mean over seeds", wrap=True)
     for ax in axes:
-        ax.set_xlabel(x)
+        _x_axis(ax, x)
         ax.grid(alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", frameon=False)
     return save(fig, out_dir, f"learning_curves_{metric}{suffix}")
@@ -209,9 +223,9 @@ def envelope_dynamics(
         for ax, (column, _) in zip(axes, columns):
             if column in data.columns and data[column].notna().any():
                 curve = data.groupby(x)[column].mean()
-                ax.plot(curve.index, curve.values, color=colour, lw=1.3, label=readable(row["envelopes"]))
+                ax.plot(curve.index, curve.values, color=colour, lw=1.3, label=_label(row))
     for ax, (_, label) in zip(axes, columns):
-        ax.set_xlabel(x)
+        _x_axis(ax, x)
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 1.02)

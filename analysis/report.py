@@ -230,7 +230,14 @@ def _markdown_frame(frame: pd.DataFrame) -> str:
     return header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
 
 
-def _split_note(group: pd.DataFrame, spec) -> str | None:
+def _table_title(factors: list[str]) -> str:
+    """The heading of a table whose rows are the best configuration of each combination of the factors that vary."""
+    names = {"envelopes": "envelope shape", "controller": "loss-controller mode", "vwpr": "VWPR on or off"}
+    named = [names[f] for f in factors if f in names]
+    return f"Best configuration per {' and '.join(named)}" if named else "The configuration"
+
+
+def _split_note(group: pd.DataFrame, spec, table: pd.DataFrame | None = None) -> str | None:
     """Why the reported test metric differs from the validation one that selected the rows (supervised tasks)."""
     if not spec.report[0].startswith("final_test_") or "task_json" not in group.columns:
         return None
@@ -243,10 +250,18 @@ def _split_note(group: pd.DataFrame, spec) -> str | None:
         test = f"the same {task['test_fraction']:.0%} of the rows for every seed (drawn once, with a fixed seed)"
     else:
         return None
+    spread = ""
+    stds = [f"{m}_std" for m in spec.report[:2]]
+    if table is not None and len(spec.report) > 1 and all(c in table.columns for c in stds):
+        test_std, val_std = (float(table[c].mean()) for c in stds)
+        if math.isfinite(test_std) and math.isfinite(val_std):
+            spread = (
+                f" Across seeds, test figures vary {'less' if test_std < val_std else 'more'} than validation "
+                f"ones here (mean std over the rows {test_std:.2g} against {val_std:.2g})."
+            )
     return (
         f"Why test and validation figures differ: validation is {val}, test {test}; the two hold different "
-        "examples, and test figures vary less across seeds. The rows were chosen on validation, so test is "
-        "the figure not biased by that choice."
+        f"examples.{spread} The rows were chosen on validation, so test is the figure not biased by that choice."
     )
 
 
@@ -408,7 +423,10 @@ def write_report(
         lines += ["\n## Runs whose metrics could not be read (left out of the figures)\n\n"]
         lines += [f"- {message}\n" for message in metrics.attrs["unreadable"]]
     figure_dir = out_dir / "figures"
-    plotted = figures.envelope_shapes(figure_dir) if make_figures else []
+    shaped = any(  # the shapes figure only where an envelope other than identity ran
+        done[c].dropna().ne("identity").any() for c in done.columns if c.startswith("env_") and c.endswith("_shape")
+    )
+    plotted = figures.envelope_shapes(figure_dir) if make_figures and shaped else []
     printed = []
     written = ["report.md"]
     for label, group in groups:
@@ -419,8 +437,8 @@ def write_report(
         (out_dir / f"table{suffix}.md").write_text(markdown)
         (out_dir / f"table{suffix}.tex").write_text(to_latex(table, spec))
         written.append(f"table{suffix}.md/.tex")
-        lines += [f"\n## Best configuration per envelope shape{heading}\n\n", markdown]
-        split = _split_note(group, spec)
+        lines += [f"\n## {_table_title(table.attrs.get('factors', []))}{heading}\n\n", markdown]
+        split = _split_note(group, spec, table)
         if split:
             lines.append(f"\n{split}\n")
         printed.append(f"{heading.strip(' ()')}\n{markdown}" if heading else markdown)
@@ -435,9 +453,8 @@ def write_report(
     agg = aggregate(jobs, list(dict.fromkeys([spec.select, *spec.report])))
     agg.to_csv(out_dir / "configs.csv", index=False)
     written += ["configs.csv", "jobs.csv"]
-    lines.append(
-        f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). LaTeX: `table*.tex`.\n"
-    )
+    tex = ", ".join(f"`{name.split('/')[0].removesuffix('.md')}.tex`" for name in written if name.startswith("table"))
+    lines.append(f"\nAll {len(agg)} configurations: `configs.csv` (mean, std, n, 95% CI per metric). LaTeX: {tex}.\n")
 
     for name, contributions, title, label in (
         (

@@ -153,7 +153,7 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4, "hard_mining": 5}
     mode_order = {None: 0, "baseline": 1, "monitor_only": 2, "controller_only": 3, "full": 4}
     agg["_order"] = [
-        tuple(order.get(v, 9) for v in r) + (int(w), mode_order.get(c, 9))
+        tuple(order.get(v, 9) for v in r) + (int(w), mode_order.get(None if pd.isna(c) else c, 9))
         for r, w, c in zip(agg[shape_columns].values, vwpr, controller)
     ]
     ascending = spec.mode == "min"
@@ -201,7 +201,12 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         for base, p, b in zip(is_base, best["p_holm"], better)
     ]
     best = best.drop(columns=["_order"]).reset_index(drop=True)
+    factors = [f for f in varying_factors(jobs) if f != "envelopes"]
+    if "envelopes_json" in jobs.columns and jobs["envelopes_json"].nunique() > 1:
+        factors.insert(0, "envelopes")
+    best["label"] = [factor_label(row, factors) for _, row in best.iterrows()]
     best.attrs["losses"] = losses
+    best.attrs["factors"] = factors
     return best
 
 
@@ -254,8 +259,9 @@ def to_markdown(table: pd.DataFrame, spec: TableSpec, digits: int = 4) -> str:
     if spec.selected_on_report:
         note += " No test split: the reported metric is the one that selected the row, so it is optimistic."
     note += (
-        f" p: Welch's t-test against identity on `{spec.report[0]}`, Holm-corrected over the rows; "
-        f"'within noise' means corrected p ≥ {spec.alpha}."
+        f" p: Welch's t-test against the baseline on `{spec.report[0]}`, Holm-corrected over the rows; "
+        f"'within noise' means corrected p ≥ {spec.alpha}. The baseline: identity envelopes with every method off "
+        "(no VWPR; the loss controller off or in its baseline mode)."
     )
     note += (
         " Envelope labels: q = threshold quantile, w = width (a quantile span), a = EMA step size of the"
@@ -415,6 +421,43 @@ def _varying_settings(done: pd.DataFrame, exclude: str) -> dict[str, pd.Series]:
     for key in varying_task_keys(params):
         settings[f"task.{key}"] = params.map(lambda p, key=key: p.get(key))
     return settings
+
+
+def varying_factors(jobs: pd.DataFrame) -> list[str]:
+    """What varies across the completed runs besides the seed, among the envelopes, the loss controller's mode,
+    VWPR and the task's keys (``task.<key>``), in that order."""
+    done = jobs[jobs["status"] == "completed"] if "status" in jobs.columns else jobs
+    factors = []
+    if "envelopes_json" in done.columns and done["envelopes_json"].nunique() > 1:
+        factors.append("envelopes")
+    if "controller" in done.columns and done["controller"].map(_controller_name).nunique() > 1:
+        factors.append("controller")
+    if "vwpr" in done.columns and done["vwpr"].fillna(False).astype(bool).nunique() > 1:
+        factors.append("vwpr")
+    if "task_json" in done.columns:
+        factors += [f"task.{k}" for k in varying_task_keys(done["task_json"].map(json.loads))]
+    return factors
+
+
+def _controller_name(mode) -> str:
+    return "off" if mode is None or (isinstance(mode, float) and math.isnan(mode)) or mode == "baseline" else mode
+
+
+def factor_label(row, factors: list[str]) -> str:
+    """A configuration named by the factors that vary in its sweep alone (its envelopes when nothing else varies):
+    ``classification: step q=0.5 a=0.1; controller full; VWPR on; task.optimizer=sgd``."""
+    parts = []
+    for factor in factors:
+        if factor == "envelopes":
+            parts.append(str(row["envelopes"]))
+        elif factor == "controller":
+            parts.append(f"controller {_controller_name(row.get('controller'))}")
+        elif factor == "vwpr":
+            parts.append(f"VWPR {'on' if bool(row.get('vwpr')) else 'off'}")
+        else:
+            value = json.loads(row["task_json"]).get(factor.removeprefix("task."))
+            parts.append(f"{factor}={json.dumps(value)}")
+    return "; ".join(parts) or str(row["envelopes"])
 
 
 def varying_task_keys(params: pd.Series) -> list[str]:

@@ -518,3 +518,43 @@ def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["step"].rstrip(" |").endswith("within noise") and rows["identity"].rstrip(" |").endswith("baseline")
     assert "paired by seed (10)" in text and "fresh seeds 1000-1009" in text
+
+
+@pytest.mark.parametrize(
+    ("factor", "values", "named"),
+    [
+        (
+            "controller",
+            [None, "monitor_only", "full"],
+            ["controller off", "controller monitor_only", "controller full"],
+        ),
+        ("vwpr", [False, True], ["VWPR off", "VWPR on"]),
+    ],
+)
+def test_a_sweep_over_another_factor_names_it_in_tables_and_legends(tmp_path, monkeypatch, factor, values, named):
+    from analysis import figures
+
+    sweep, num = tmp_path / "sweep", 0
+    for value in values:
+        for seed in range(3):
+            job = make_job(sweep, num, "identity", seed, 1.0 + 0.1 * seed + 0.05 * values.index(value), test=1.0)
+            result = json.loads((job / "result.json").read_text())
+            result["config_id"] = f"{factor}-{value}"
+            if factor == "controller":
+                result["effective"]["controller"] = {"mode": value}
+            else:
+                result["effective"]["vwpr"] = {"enabled": value}
+            (job / "result.json").write_text(json.dumps(result))
+            num += 1
+    captured = []
+    monkeypatch.setattr(figures, "save", lambda fig, out_dir, name: captured.append((name, fig)) or [])
+    text = write_report([sweep], tmp_path / "out").read_text()
+    title = {"controller": "loss-controller mode", "vwpr": "VWPR on or off"}[factor]
+    assert f"## Best configuration per {title}" in text and "envelope shape" not in text
+    assert "envelope_shapes" not in [name for name, _ in captured]  # only identity ran: no shapes figure
+    (curves,) = [fig for name, fig in captured if name.startswith("learning_curves")]
+    legend = [t.get_text() for t in curves.legends[0].get_texts()]
+    assert [entry.split(" (n=")[0] for entry in legend] == named  # the factor, not "classification: identity"
+    assert all(
+        float(t.get_text().replace("−", "-")).is_integer() for t in curves.axes[0].get_xticklabels() if t.get_text()
+    )
