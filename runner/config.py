@@ -114,6 +114,10 @@ class Config:
     flush_denormal: bool = True
     # the end-of-sweep report's selection metric (python -m analysis <sweep> --metric ... --mode ... the same)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # export each finished run to an experiment tracker (runner/tracking.py): mlflow | null (off)
+    tracking: str | None = None
+    # the tracker's store (null: SQLite in outputs/mlruns; or a tracking server's http://host:port)
+    tracking_uri: str | None = None
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -195,6 +199,12 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
         raise ConfigError(f"task.name must be one of {list(TASKS)}, got {cfg.task.name!r}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
+    from runner.tracking import check as check_tracking
+
+    try:
+        check_tracking(cfg.tracking)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.seed < 0:
         raise ConfigError(
             f"seed must be a non-negative integer (it seeds torch, numpy and each run's data split), got {cfg.seed}"
@@ -278,6 +288,8 @@ NOT_EFFECTIVE = {
     "flush_denormal",
     "report",
     "divergence_factor",
+    "tracking",
+    "tracking_uri",
 }
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 

@@ -441,6 +441,7 @@ def run_members(
                 for run in pending:
                     if run.result.get("status") == "completed":
                         cache.store(run.result["run_id"], run.dir)
+            export(pending, sweep_dir)
     finally:
         for recorder in recorders:
             recorder.close()
@@ -472,6 +473,17 @@ def run_members(
                 f"tensorboard --logdir {member.dir}"
             )
     return outcomes
+
+
+def export(runs: list[SeedRun], sweep_dir: Path | None) -> None:
+    """Each trained run to the experiment tracker its config names (``tracking``), one tracker run per run."""
+    from runner.tracking import export_run
+
+    for run in runs:
+        if run.config.get("tracking") and run.result.get("status") in ("completed", "failed"):
+            experiment = sweep_dir.name if sweep_dir is not None else "runs"
+            name = run_label(run.overrides) or run.dir.name
+            export_run(run.dir, run.result, experiment, run.config.tracking_uri, name)
 
 
 def prepare_member(

@@ -537,3 +537,50 @@ def test_a_confirmation_plan_runs_as_printed_and_reports_the_selected_rows_on_fr
     assert "| identity | classification: identity | best of 1 by final_val_loss |" in text
     assert "| step | classification: step q=" in text and "best of 2 by final_val_loss" in text
     assert "paired by seed (2)" in text
+
+
+def test_tracking_mlflow_exports_each_run_of_a_sweep_with_params_metrics_and_artifacts(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    proc = run_cli(
+        "-m",
+        "envelope@envelopes.classification=identity,step",
+        "seed=0,1",
+        "task.epochs=3",
+        "tensorboard=false",
+        "tracking=mlflow",
+        f"tracking_uri={store}",
+        "hydra/launcher=batched",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("sweep")  # a sweep is an experiment, named after its directory
+    assert experiment.artifact_location == str(tmp_path / "mlruns" / "artifacts" / "sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}  # batched runs are runs of their own
+    results = {json.loads(p.read_text())["run_id"]: p.parent for p in (tmp_path / "sweep").glob("*/result.json")}
+    for run in runs:
+        run_dir = results[run.data.tags["lae_lab.run_id"]]
+        result = json.loads((run_dir / "result.json").read_text())
+        assert run.data.params["seed"] == str(result["seed"])
+        assert (
+            run.data.params["envelopes.classification.shape"]
+            == result["effective"]["envelopes"]["classification"]["shape"]
+        )
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
+        assert sorted(m.value for m in history if m.step == 3) == [result["final"]["val_loss"]]
+        assert {"config.yaml", "metrics.jsonl", "result.json"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id)
+        }
+
+
+def test_tracking_names_its_key_and_how_to_install(compose):
+    from runner.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"tracking must be one of \['mlflow'\] or null, got 'wandb'"):
+        validate(compose("tracking=wandb"))
