@@ -558,3 +558,9 @@ def test_a_sweep_over_another_factor_names_it_in_tables_and_legends(tmp_path, mo
     assert all(
         float(t.get_text().replace("−", "-")).is_integer() for t in curves.axes[0].get_xticklabels() if t.get_text()
     )
+    if CHROMIUM is not None:  # the page a reader opens names the factor too
+        page = (tmp_path / "out" / "report.html").as_uri()
+        browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page]
+        dom = subprocess.run(browser, capture_output=True, text=True, timeout=120).stdout
+        assert f"Best configuration per {title}</h2>" in dom
+        assert f"<td>{ {'controller': 'identity + controller full', 'vwpr': 'identity + VWPR'}[factor] }</td>" in dom
