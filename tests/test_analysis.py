@@ -563,4 +563,5 @@ def test_a_sweep_over_another_factor_names_it_in_tables_and_legends(tmp_path, mo
         browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page]
         dom = subprocess.run(browser, capture_output=True, text=True, timeout=120).stdout
         assert f"Best configuration per {title}</h2>" in dom
-        assert f"<td>{ {'controller': 'identity + controller full', 'vwpr': 'identity + VWPR'}[factor] }</td>" in dom
+        cell = {"controller": "identity + controller full", "vwpr": "identity + VWPR"}[factor]
+        assert f"<td>{cell}</td>" in dom
