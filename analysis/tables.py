@@ -147,8 +147,8 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     controller = agg["controller"] if "controller" in agg.columns else pd.Series(None, index=agg.index)
     controller = controller.where(controller.notna(), None)
     with_controller = controller.notna()
-    agg.loc[with_controller, "shapes"] = (
-        agg.loc[with_controller, "shapes"] + " + controller " + controller[with_controller]
+    agg.loc[with_controller, "shapes"] = (  # as text: a column of no modes at all is a float column of NaN
+        agg.loc[with_controller, "shapes"] + " + controller " + controller[with_controller].astype(str)
     )
     order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4, "hard_mining": 5}
     mode_order = {None: 0, "baseline": 1, "monitor_only": 2, "controller_only": 3, "full": 4}

@@ -87,6 +87,7 @@ def test_max_batch_splits_a_group_counting_runs_to_train(tmp_path):
     assert len(results(tmp_path / "split")) == 12
 
 
+@pytest.mark.slow  # two sweeps of submitit jobs, about 25 s: CI runs it with the slow tests
 def test_groups_run_as_submitit_jobs_and_match_the_groups_run_here(tmp_path):
     # executor=local: each group is one submitit job (a process of its own), as executor=slurm makes it one
     # Slurm job; the runs are those of the groups trained in the launching process

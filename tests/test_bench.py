@@ -29,6 +29,7 @@ def test_every_script_in_bench_is_covered():
     assert sorted(p.name for p in (ROOT / "bench").glob("*.py")) == sorted(SCRIPTS)
 
 
+@pytest.mark.slow  # about 90 s for all of them: CI runs them with the slow tests
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_script_runs(script):
     if script in ("ppo_grid.py", "ppo_parts.py"):

@@ -21,6 +21,7 @@ def assert_sweep_analysed(sweep: Path, threads: int) -> None:
     assert (sweep / "report.md").exists() and jobs.count("completed") == 2
 
 
+@pytest.mark.slow  # a job per process through submitit, about 13 s: CI runs it with the slow tests
 def test_submitit_launcher_runs_jobs_in_their_own_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"

@@ -42,9 +42,12 @@ def faults(keep: bool) -> tuple[str, int]:
 
 
 def test_freed_tensors_are_reused_without_page_faults():
-    kept, with_it = faults(True)
+    kept, _ = faults(True)
     if kept != "True":
         pytest.skip("not glibc: mallopt unavailable")
-    _, without = faults(False)
+    # the fewest of three runs each: a loaded machine now and then adds a stray fault-in of one tensor (757 faults
+    # once in ten runs here) that a steady state does not have
+    with_it = min(faults(True)[1] for _ in range(3))
+    without = min(faults(False)[1] for _ in range(3))
     assert with_it < 100  # each 3 MB tensor is 750 pages: none faulted in again
     assert without > 1000  # with glibc's defaults some of them are returned to the kernel and faulted in again
