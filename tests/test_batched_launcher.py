@@ -112,6 +112,7 @@ def test_groups_run_as_submitit_jobs_and_match_the_groups_run_here(tmp_path):
     )
 
 
+@pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_worker_processes_train_groups_at_once_and_match_the_groups_run_in_one_process(tmp_path):
     # workers=2: the two groups train at once in two spawned processes of one torch thread each; every run's id, status and final metrics are those of the groups trained one after another
     here = sweep(tmp_path, "here", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
@@ -164,6 +165,7 @@ def test_a_run_that_fails_inside_a_group_leaves_the_others_completed(compose, tm
     assert values[0] == values[0] and values[1] != values[1] and values[2] == values[2]  # NaN only for the failed job
 
 
+@pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_an_interrupted_batched_sweep_resumes(tmp_path):
     args = (*MIXED, "hydra/launcher=batched")
     assert sweep(tmp_path, "s", *args).returncode == 0

@@ -66,6 +66,7 @@ def test_a_failed_run_never_makes_another_a_duplicate(compose, tmp_path):
     assert second["status"] == "failed" and "duplicate_of" not in second  # trained, not skipped
 
 
+@pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_two_identical_sweeps_into_one_directory_train_each_run_once(tmp_path):
     sweep = tmp_path / "sweep"
     args = [

@@ -309,6 +309,7 @@ def test_a_sweep_killed_mid_job_resumes_to_the_tables_of_an_uninterrupted_one(tm
     assert len(tables[0]) == 2 and (tables[0]["final_val_loss_n"] == 2).all()
 
 
+@pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_joblib_launcher_caps_threads_and_deduplicates_across_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 
@@ -358,6 +359,7 @@ def test_results_cache_serves_a_second_sweep_and_follows_the_code_version(compos
     assert (cache / first["run_id"] / "edited" / "result.json").exists()
 
 
+@pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_tensorboard_hparams_show_every_swept_parameter_of_every_run(tmp_path):
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     from tensorboard.plugins.hparams import metadata

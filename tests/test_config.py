@@ -79,6 +79,7 @@ def test_every_job_of_every_paper_grid_validates(experiment):
     assert 2 <= distinct <= runs and jobs <= runs
 
 
+@pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_paper_grid_deduplicates_to_distinct_runs():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
