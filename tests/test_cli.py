@@ -238,6 +238,7 @@ def test_bad_config_key_exits_with_hydra_message(tmp_path):
     assert "Key 'lrr' not in 'ClassificationConfig'" in proc.stderr
 
 
+@pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_rerunning_a_sweep_redoes_only_unfinished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     args = ("-m", "envelope@envelopes.classification=identity,step", "task.epochs=2", f"hydra.sweep.dir={sweep}")
@@ -426,7 +427,8 @@ def test_help_names_the_app_gives_examples_and_hides_the_schema_groups():
     assert 'eval "$(python run_ablation.py -sc install=bash)"' in text
 
 
-@pytest.mark.parametrize("launcher", ["basic", "batched"])
+# the batched launcher's Ctrl-C runs with the slow tests (CI runs them too); the basic one by default
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("batched", marks=pytest.mark.slow)])
 def test_ctrl_c_mid_sweep_says_so_in_one_line_releases_claims_and_exits_130(tmp_path, launcher):
     import signal
     import time
