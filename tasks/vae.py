@@ -126,7 +126,7 @@ def check_data(task_cfg) -> None:
     from tasks.common import resolve_path
     from tasks.datasets import check_task_sizes, pool_size
 
-    train_size = task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
+    train_size = training_pool(task_cfg)
     check_task_sizes(task_cfg, train_size)
     if task_cfg.split == "fixed":
         size = pool_size(
@@ -139,6 +139,11 @@ def check_data(task_cfg) -> None:
             f"+ val_size must fit in the {size - task_cfg.test_size} images left after test_size (split=fixed)",
             end,
         )
+
+
+def training_pool(task_cfg) -> int:
+    """How many images the training split holds: the drift setting's pool it resamples from, else train_size."""
+    return task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
 
 
 def validate(task_cfg) -> None:
@@ -154,7 +159,7 @@ def validate(task_cfg) -> None:
         check(task_cfg[key] > 0, key, "must be a positive integer", task_cfg[key])
     check(task_cfg.test_size >= 0, "test_size", "must be >= 0", task_cfg.test_size)
     check(task_cfg.split in SPLITS, "split", f"must be one of {list(SPLITS)}", task_cfg.split)
-    train_size = task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
+    train_size = training_pool(task_cfg)
     check(
         task_cfg.split == "random" or task_cfg.val_start >= train_size,
         "val_start",
@@ -307,7 +312,7 @@ def load_data(task_cfg, seed: int, device: torch.device) -> dict[str, torch.Tens
     from tasks.datasets import split_indices, task_pool
 
     pool = task_pool(task_cfg)
-    train_size = task_cfg.drift_pool_size if task_cfg.setting == "drift" else task_cfg.train_size
+    train_size = training_pool(task_cfg)
     try:
         index = split_indices(len(pool.labels), train_size, task_cfg.val_size, task_cfg.test_size, seed)
         if task_cfg.split == "fixed":
