@@ -15,17 +15,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import ABBREVIATIONS
+from envelopes.shapes import SHAPES, threshold_shapes
 
 plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8})
-
-SHAPE_COLOURS = {
-    "identity": "0.3",
-    "step": "tab:red",
-    "linear": "tab:blue",
-    "sigmoid": "tab:green",
-    "focal": "tab:purple",
-    "hard_mining": "tab:orange",
-}
 
 
 def save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -38,20 +30,21 @@ def save(fig, out_dir: Path, name: str) -> list[Path]:
 
 
 def envelope_shapes(out_dir: Path) -> list[Path]:
-    """Step, linear and sigmoid weights against the loss, with T and the transition width marked."""
+    """Each thresholded shape's weight (step, linear, sigmoid) against the loss, with T and the transition width marked."""
     import torch
 
     from envelopes import envelope_weight
 
     threshold, inverse_slope = 1.0, 0.8
     loss = torch.linspace(0.0, 2.0, 801, dtype=torch.float64)
-    fig, axes = plt.subplots(1, 3, figsize=(7.0, 2.3), sharey=True, layout="constrained")
-    for ax, shape in zip(axes, ("step", "linear", "sigmoid")):
+    shapes = threshold_shapes()
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7.0 / 3 * len(shapes), 2.3), sharey=True, layout="constrained")
+    for ax, shape in zip(axes, shapes):
         weight = envelope_weight(loss, shape, threshold, inverse_slope)
-        ax.plot(loss.numpy(), weight.numpy(), color=SHAPE_COLOURS[shape], lw=1.8)
+        ax.plot(loss.numpy(), weight.numpy(), color=SHAPES[shape].colour, lw=1.8)
         ax.axvline(threshold, color="k", ls="--", lw=0.8)
         ax.text(threshold + 0.04, 1.05, "T", ha="left", va="bottom")
-        if shape != "step":
+        if SHAPES[shape].width:
             ax.axvspan(threshold - inverse_slope / 2, threshold + inverse_slope / 2, color="0.85", zorder=0)
             ax.annotate(
                 "",
@@ -71,8 +64,8 @@ def envelope_shapes(out_dir: Path) -> list[Path]:
 def _row_colours(table: pd.DataFrame) -> list:
     """One colour per table row: the shape's colour with one loss, a qualitative cycle with several."""
     shapes = [str(s).split(" / ") for s in table["shapes"]]
-    if all(len(s) == 1 and s[0] in SHAPE_COLOURS for s in shapes) and len({s[0] for s in shapes}) == len(shapes):
-        return [SHAPE_COLOURS.get(s[0]) for s in shapes]
+    if all(len(s) == 1 and s[0] in SHAPES for s in shapes) and len({s[0] for s in shapes}) == len(shapes):
+        return [SHAPES[s[0]].colour for s in shapes]
     cycle = plt.get_cmap("tab10").colors
     return [cycle[i % len(cycle)] for i in range(len(table))]
 
@@ -159,14 +152,14 @@ def sensitivity_heatmaps(
     column = f"{metric}_mean"
     if q_col not in agg.columns or column not in agg.columns:
         return []
-    adaptive = agg[agg[q_col].notna() & agg[shape_col].isin(["step", "linear", "sigmoid"])].copy()
+    adaptive = agg[agg[q_col].notna() & agg[shape_col].isin(threshold_shapes())].copy()
     if adaptive.empty or adaptive[q_col].nunique() < 2:
         return []
     adaptive[w_col] = adaptive[w_col] if w_col in adaptive.columns else np.nan
     adaptive[a_col] = adaptive[a_col].fillna(1.0) if a_col in adaptive.columns else 1.0
     panels = sorted(
         {(s, a) for s, a in zip(adaptive[shape_col], adaptive[a_col])},
-        key=lambda p: (["step", "linear", "sigmoid"].index(p[0]), p[1]),
+        key=lambda p: (threshold_shapes().index(p[0]), p[1]),
     )
     vmin, vmax = adaptive[column].min(), adaptive[column].max()
     cols = min(3, len(panels))

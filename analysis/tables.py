@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analysis.stats import aggregate, difference_interval, holm, iqm_interval, paired_difference, welch_test
+from envelopes.shapes import shape_order
 
 
 @dataclass
@@ -150,10 +151,9 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     agg.loc[with_controller, "shapes"] = (  # as text: a column of no modes at all is a float column of NaN
         agg.loc[with_controller, "shapes"] + " + controller " + controller[with_controller].astype(str)
     )
-    order = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4, "hard_mining": 5}
     mode_order = {None: 0, "baseline": 1, "monitor_only": 2, "controller_only": 3, "full": 4}
     agg["_order"] = [
-        tuple(order.get(v, 9) for v in r) + (int(w), mode_order.get(None if pd.isna(c) else c, 9))
+        tuple(shape_order(v) for v in r) + (int(w), mode_order.get(None if pd.isna(c) else c, 9))
         for r, w, c in zip(agg[shape_columns].values, vwpr, controller)
     ]
     ascending = spec.mode == "min"

@@ -10,8 +10,6 @@ Depends on torch alone; copy this folder into a project and write::
 from .bank import EnvelopeBank
 from .envelope import Envelope
 from .functional import (
-    SHAPES,
-    SHAPES_WITH_WIDTH,
     bias_corrected_ema_,
     envelope_weight,
     focal_weight,
@@ -19,12 +17,13 @@ from .functional import (
     quantiles,
     shaped_loss,
 )
+from .shapes import SHAPES, Shape
 
 __all__ = [
     "Envelope",
     "EnvelopeBank",
     "SHAPES",
-    "SHAPES_WITH_WIDTH",
+    "Shape",
     "bias_corrected_ema_",
     "envelope_weight",
     "focal_weight",

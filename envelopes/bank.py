@@ -14,7 +14,8 @@ group's parameters as tensors and computes all weights at once:
   own :class:`~envelopes.Envelope` computes, exact where order statistics tie;
 - smoothing: a bias-corrected EMA per group with its own step size (a step
   size of 1 passes the batch's value through unchanged);
-- weights: every shape's formula, selected per group.
+- weights: the formula of each shape in the bank (:data:`~envelopes.SHAPES`),
+  selected per group.
 
 Nothing is read back to the host. Each group's thresholds and widths equal
 those of a separate ``Envelope`` with the same settings fed the same
@@ -34,11 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from .envelope import Envelope
-from .functional import ATTENUATION_CUTOFF, interpolation_positions, quantile_levels
-
-SHAPE_CODES = {"identity": 0, "step": 1, "linear": 2, "sigmoid": 3, "focal": 4}
-WITH_THRESHOLD = (1, 2, 3)  # shape codes that have a threshold (step, linear, sigmoid)
-WITH_WIDTH = (2, 3)  # and a width (linear, sigmoid)
+from .functional import interpolation_positions, quantile_levels
+from .shapes import SHAPES
 
 
 class EnvelopeBank(nn.Module):
@@ -62,11 +60,9 @@ class EnvelopeBank(nn.Module):
         for i, envelope in enumerate(envelopes):
             if envelope.full_gradient:
                 raise ValueError(f"envelope {i}: full_gradient focal loss is not an envelope and cannot be banked")
-            if envelope.groups is not None:
-                raise ValueError(f"envelope {i}: give plain envelopes (groups=None); the bank makes one group of each")
         self.groups = len(envelopes)
-        shapes = ["step" if e.shape == "hard_mining" else e.shape for e in envelopes]
-        self.shape_names = shapes
+        self.shape_names = [e.shape for e in envelopes]
+        shapes = [SHAPES[name] for name in self.shape_names]
         self.levels = [tuple(quantile_levels(e.quantile, e.width)) for e in envelopes]
         self.has_quantile = [e.quantile is not None for e in envelopes]
         self.has_width = [e.width is not None for e in envelopes]
@@ -75,10 +71,11 @@ class EnvelopeBank(nn.Module):
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype)
 
-        codes = [SHAPE_CODES[s] for s in shapes]
-        self.register_buffer("shape_code", column(codes, torch.long))
-        self.register_buffer("threshold_applies", column([c in WITH_THRESHOLD for c in codes], torch.bool))
-        self.register_buffer("width_applies", column([c in WITH_WIDTH for c in codes], torch.bool))
+        # one code per formula (hard mining is a step), in the order of SHAPES
+        self.formulas = list(dict.fromkeys(shape.formula for shape in SHAPES.values() if shape in shapes))
+        self.register_buffer("shape_code", column([self.formulas.index(s.formula) for s in shapes], torch.long))
+        self.register_buffer("threshold_applies", column([s.threshold for s in shapes], torch.bool))
+        self.register_buffer("width_applies", column([s.width for s in shapes], torch.bool))
         # Static values in double, cast to the losses' dtype when used, as a Python number would be.
         double = torch.float64
         self.register_buffer(
@@ -92,7 +89,7 @@ class EnvelopeBank(nn.Module):
         self.register_buffer("gamma", column([e.gamma if e.gamma is not None else 2.0 for e in envelopes], double))
         self.register_buffer("adaptive_threshold", column(self.has_quantile, torch.bool))
         self.register_buffer("adaptive_span", column(self.has_width, torch.bool))
-        self.register_buffer("cutoff", column([ATTENUATION_CUTOFF[e.shape] for e in envelopes], double))
+        self.register_buffer("cutoff", column([s.cutoff for s in shapes], double))
         step_sizes = [e.step_size if e.adaptive else 1.0 for e in envelopes]
         # a and (1 - a) in double, cast to the trace's dtype when used, as an Envelope's Python numbers are
         self.register_buffer("step_size", column(step_sizes, double))
@@ -101,7 +98,6 @@ class EnvelopeBank(nn.Module):
         self.register_buffer("estimate", torch.zeros(self.groups, 2))
         self.register_buffer("trace", torch.zeros(self.groups))
         self.smoothed = any(e.smoothed for e in envelopes)
-        self.has_focal = "focal" in shapes
         self._positions: dict = {}
         self.weight: Tensor | None = None
         self.threshold: Tensor | None = None
@@ -165,14 +161,12 @@ class EnvelopeBank(nn.Module):
         per_group = (self.groups,) + (1,) * (loss.dim() - 1)
         t = threshold.reshape(per_group)
         s = span.clamp_min(torch.finfo(span.dtype).tiny).reshape(per_group)
-        code = self.shape_code.reshape(per_group)
-        scaled = (loss - t) / s
-        weight = torch.where(code == 1, (loss >= t).to(loss.dtype), torch.ones_like(loss))
-        weight = torch.where(code == 2, (scaled + 0.5).clamp(0.0, 1.0), weight)
-        weight = torch.where(code == 3, torch.sigmoid(scaled * 4.0), weight)
-        if self.has_focal:
-            focal = (-torch.expm1(-loss.clamp_min(0.0))).pow(self.gamma.to(loss.dtype).reshape(per_group))
-            weight = torch.where(code == 4, focal, weight)
+        gamma = self.gamma.to(loss.dtype).reshape(per_group)
+        weight = self.formulas[0](loss, t, s, gamma)
+        if len(self.formulas) > 1:
+            code = self.shape_code.reshape(per_group)
+            for i, formula in enumerate(self.formulas[1:], start=1):
+                weight = torch.where(code == i, formula(loss, t, s, gamma), weight)
         self.weight = weight
         return weight
 
@@ -198,9 +192,9 @@ class EnvelopeBank(nn.Module):
 
     def applies(self, group: int) -> tuple[str, ...]:
         """The statistics that mean something for ``group``'s shape (an Envelope's statistics keys)."""
-        code = SHAPE_CODES[self.shape_names[group]]
+        shape = SHAPES[self.shape_names[group]]
         return (
             ("mean_weight", "fraction_attenuated")
-            + (("threshold",) if code in WITH_THRESHOLD else ())
-            + (("inverse_slope",) if code in WITH_WIDTH else ())
+            + (("threshold",) if shape.threshold else ())
+            + (("inverse_slope",) if shape.width else ())
         )

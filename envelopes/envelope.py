@@ -9,14 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from .functional import (
-    ATTENUATION_CUTOFF,
-    SHAPES_WITH_WIDTH,
     SelectionPlan,
     bias_corrected_ema_,
     check_finite,
     check_positive,
     check_probability,
-    check_shape,
     check_step_size,
     envelope_weight,
     interpolate,
@@ -25,6 +22,7 @@ from .functional import (
     select_order_statistics,
     selection_plan,
 )
+from .shapes import SHAPES, check_shape
 
 
 def check_ranges(threshold=None, quantile=None, inverse_slope=None, width=None, gamma=None, fraction=None) -> None:
@@ -72,10 +70,8 @@ class Envelope(nn.Module):
     "Low loss" is in the signed sense: for losses that can be negative (the
     PPO policy loss), the most negative values are the most attenuated.
 
-    With ``groups=G``, the losses have a leading dimension of G independent
-    groups (for example G seeds trained as one batched model): each group
-    gets its own quantiles and its own smoothed estimates, exactly as G
-    separate envelopes would, in one call.
+    Many envelopes over a leading dimension of groups (a grid's runs trained
+    as one batched model) are an :class:`~envelopes.EnvelopeBank`.
 
     State (the EMA estimates and trace) lives in buffers, so it follows
     ``.to(device or dtype)`` and round-trips through ``state_dict()``. A call
@@ -97,7 +93,6 @@ class Envelope(nn.Module):
         gamma: float | None = None,
         fraction: float | None = None,
         full_gradient: bool = False,
-        groups: int | None = None,
     ) -> None:
         super().__init__()
         self.shape = check_shape(shape)
@@ -110,9 +105,6 @@ class Envelope(nn.Module):
             gamma=gamma,
             fraction=fraction,
         )
-        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
-            raise ValueError(f"groups must be a positive integer or None, got {groups!r}")
-        self.groups = groups
         if full_gradient and shape != "focal":
             raise ValueError(f"full_gradient applies to shape 'focal' only, got shape {shape!r}")
         # Focal loss as published differentiates its modulating factor too; an envelope does not.
@@ -128,16 +120,15 @@ class Envelope(nn.Module):
                 raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
             # the top fraction of each batch: an adaptive step at quantile 1 - fraction, unsmoothed
             threshold, quantile, step_size = None, 1.0 - self.fraction, 1.0
-        uses_threshold = shape not in ("identity", "focal")
-        if shape == "focal":
+        uses_threshold, uses_width = SHAPES[shape].threshold, SHAPES[shape].width
+        if SHAPES[shape].gamma:
             if gamma is None:
-                raise ValueError("shape 'focal' needs gamma (the focusing parameter, >= 0), got gamma=None")
+                raise ValueError(f"shape {shape!r} needs gamma (the focusing parameter, >= 0), got gamma=None")
             self.gamma = check_finite(gamma, "gamma")
             if self.gamma < 0:
                 raise ValueError(f"gamma must be >= 0, got {gamma!r}")
         else:
             self.gamma = None
-        uses_width = shape in SHAPES_WITH_WIDTH
         if uses_threshold and (threshold is None) == (quantile is None):
             raise ValueError(
                 f"shape {shape!r} needs exactly one of threshold (static) or quantile (adaptive), "
@@ -167,9 +158,7 @@ class Envelope(nn.Module):
         self.smoothed = self.adaptive and self.step_size < 1.0
         if self.smoothed:
             n_estimates = int(self.quantile is not None) + int(self.width is not None)
-            self.register_buffer(
-                "estimate", torch.zeros(n_estimates) if groups is None else torch.zeros(groups, n_estimates)
-            )
+            self.register_buffer("estimate", torch.zeros(n_estimates))
             self.register_buffer("trace", torch.zeros(()))
 
         self.weight: Tensor | None = None
@@ -180,11 +169,6 @@ class Envelope(nn.Module):
     def from_config(cls, config: Mapping[str, Any]) -> Envelope:
         """Build from a mapping with the constructor's keyword arguments."""
         return cls(**dict(config))
-
-    def grouped(self, groups: int) -> Envelope:
-        """A fresh envelope with these parameters for ``groups`` independent groups, on this one's device."""
-        fresh = Envelope(**self.config(), groups=groups)
-        return fresh.to(self.estimate.device) if self.smoothed else fresh
 
     def config(self) -> dict[str, Any]:
         """The effective parameters: only those the shape uses, smoothing only if adaptive."""
@@ -218,13 +202,13 @@ class Envelope(nn.Module):
         return self._plan_cache[key]
 
     def _adaptive_parameters(self, loss: Tensor) -> Tensor:
-        """[threshold?, span?] from this batch's quantiles (one row per group), smoothed if configured.
+        """[threshold?, span?] from this batch's quantiles, smoothed if configured.
 
         Each quantile is a ``torch.lerp`` of its two order statistics, exact
         where they tie; the span is the difference of two such quantiles, so
         a batch of equal losses has span exactly 0.
         """
-        flat = loss.reshape(-1) if self.groups is None else loss.reshape(self.groups, -1)
+        flat = loss.reshape(-1)
         if torch.compiler.is_compiling():
             plan = selection_plan.__wrapped__(flat.shape[-1], self._levels)  # traced, not cached
         else:
@@ -249,11 +233,6 @@ class Envelope(nn.Module):
             self.weight = None
             return torch.ones_like(loss)
         threshold, inverse_slope = self.threshold_value, self.inverse_slope_value
-        if self.groups is not None and (loss.dim() == 0 or loss.shape[0] != self.groups):
-            raise ValueError(
-                f"an envelope with groups={self.groups} needs losses of shape ({self.groups}, ...), "
-                f"got {tuple(loss.shape)}"
-            )
         if self.adaptive:
             values = self._adaptive_parameters(loss).unbind(-1)
             if self.quantile is not None:
@@ -261,11 +240,6 @@ class Envelope(nn.Module):
             if self.width is not None:
                 inverse_slope = values[-1]
         self.threshold, self.inverse_slope = threshold, inverse_slope
-        if self.groups is not None:
-            # one value per group, broadcast over the rest of each group's losses
-            per_group = (self.groups,) + (1,) * (loss.dim() - 1)
-            threshold = threshold.reshape(per_group) if isinstance(threshold, Tensor) else threshold
-            inverse_slope = inverse_slope.reshape(per_group) if isinstance(inverse_slope, Tensor) else inverse_slope
         self.weight = envelope_weight(
             loss,
             self.shape,
@@ -281,7 +255,7 @@ class Envelope(nn.Module):
             return loss
         if self.full_gradient:
             # the original focal loss: the factor (1 - p)^gamma stays in the graph
-            factor = (-torch.expm1(-loss.clamp_min(0.0))).pow(self.gamma)
+            factor = SHAPES["focal"].formula(loss, None, None, self.gamma)
             self.weight = factor.detach()
             return loss * factor
         return loss * self.compute_weight(loss)
@@ -290,16 +264,15 @@ class Envelope(nn.Module):
         """Mean weight, fraction attenuated and current parameters of the last call.
 
         Values computed from the batch are 0-d tensors on the loss's device
-        (no host transfer), or one value per group with ``groups``; static
-        values are Python floats. An identity
+        (no host transfer); static values are Python floats. An identity
         envelope reports weight 1 and nothing attenuated.
         """
         if self.weight is None:
             return {"mean_weight": 1.0, "fraction_attenuated": 0.0}
-        weight = self.weight.reshape(-1) if self.groups is None else self.weight.reshape(self.groups, -1)
+        weight = self.weight.reshape(-1)
         stats: dict[str, Tensor | float] = {
             "mean_weight": weight.mean(-1),
-            "fraction_attenuated": torch.mean(weight <= ATTENUATION_CUTOFF[self.shape], dim=-1, dtype=weight.dtype),
+            "fraction_attenuated": torch.mean(weight <= SHAPES[self.shape].cutoff, dim=-1, dtype=weight.dtype),
         }
         for name in ("threshold", "inverse_slope"):
             value = getattr(self, name)

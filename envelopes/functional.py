@@ -15,20 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-SHAPES = ("identity", "step", "linear", "sigmoid", "focal", "hard_mining")
-"""The envelope shapes: the paper's four, and two classic per-sample reweightings."""
-
-SHAPES_WITH_WIDTH = ("linear", "sigmoid")
-"""Shapes whose transition has a width (``inverse_slope``)."""
-
-ATTENUATION_CUTOFF = {"identity": 0.0, "step": 0.0, "linear": 0.0, "sigmoid": 1e-3, "focal": 1e-3, "hard_mining": 0.0}
-"""A weight at or below this counts as attenuated (sigmoid never reaches 0)."""
-
-
-def check_shape(shape: str, name: str = "shape") -> str:
-    if shape not in SHAPES:
-        raise ValueError(f"{name} must be one of {list(SHAPES)}, got {shape!r}")
-    return shape
+from .shapes import SHAPES, check_shape
+from .shapes import focal as _focal
 
 
 def check_finite(value: float, name: str) -> float:
@@ -69,7 +57,7 @@ def focal_weight(loss: Tensor, gamma: float) -> Tensor:
     without the term from differentiating ``(1 - p)^gamma``. Negative losses
     are treated as 0 (weight 0).
     """
-    return (-torch.expm1(-loss.detach().clamp_min(0.0))).pow(gamma)
+    return _focal(loss.detach(), None, None, gamma)
 
 
 def envelope_weight(
@@ -79,17 +67,11 @@ def envelope_weight(
     inverse_slope: Tensor | float = 1.0,
     gamma: float = 2.0,
 ) -> Tensor:
-    r"""Envelope weight ``w(l)`` in [0, 1], monotone non-decreasing in ``l``.
+    """Envelope weight ``w(l)`` in [0, 1], monotone non-decreasing in ``l``: ``shape``'s formula in :data:`SHAPES`.
 
-    .. math::
-        \text{step}:    w = [l \ge T] \\
-        \text{linear}:  w = \mathrm{clamp}((l - T)/s + 1/2, 0, 1) \\
-        \text{sigmoid}: w = \sigma(4 (l - T) / s)
-
-    with ``T = threshold`` and ``s = inverse_slope`` (the width of the linear
+    ``T = threshold`` and ``s = inverse_slope`` (the width of the linear
     ramp, and the width over which the sigmoid's tangent at ``T`` rises from
-    0 to 1). ``identity`` gives ``w = 1``; ``focal`` gives
-    ``(1 - exp(-l))^gamma`` (see :func:`focal_weight`).
+    0 to 1); ``gamma`` is focal's exponent.
 
     Args:
         loss: losses of any shape; read only, never differentiated.
@@ -102,22 +84,13 @@ def envelope_weight(
     Returns:
         A detached tensor with the shape and dtype of ``loss``.
     """
-    check_shape(shape)
-    loss = loss.detach()
-    if shape == "identity":
-        return torch.ones_like(loss)
-    if shape == "focal":
-        return focal_weight(loss, gamma)
-    if shape in ("step", "hard_mining"):
-        return (loss >= threshold).to(loss.dtype)
-    if isinstance(inverse_slope, Tensor):
-        inverse_slope = inverse_slope.clamp_min(torch.finfo(inverse_slope.dtype).tiny)
-    else:
-        check_positive(inverse_slope, "inverse_slope")
-    if shape == "linear":
-        return ((loss - threshold) / inverse_slope + 0.5).clamp_(0.0, 1.0)
-    # Divide first: a floored span must give (0 / tiny) * 4 = 0, not 0 * inf.
-    return torch.sigmoid((loss - threshold) / inverse_slope * 4.0)
+    formula = SHAPES[check_shape(shape)].formula
+    if SHAPES[shape].width:
+        if isinstance(inverse_slope, Tensor):
+            inverse_slope = inverse_slope.clamp_min(torch.finfo(inverse_slope.dtype).tiny)
+        else:
+            check_positive(inverse_slope, "inverse_slope")
+    return formula(loss.detach(), threshold, inverse_slope, gamma)
 
 
 def shaped_loss(

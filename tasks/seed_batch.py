@@ -8,7 +8,7 @@ once with ``torch.func.vmap``. Data are held with a leading seed dimension:
 each seed keeps its own split, data order and sampling noise, drawn from its
 own generator in the order a single run draws them; each seed's envelopes
 compute their quantiles and smoothed state on that seed's losses alone
-(``Envelope(groups=N)``).
+(``EnvelopeBank``).
 
 The step minimises the sum over seeds of each seed's loss, whose gradient
 with respect to one seed's parameters is that seed's gradient alone; one

@@ -81,11 +81,13 @@ def test_gradient_is_weight_times_loss_gradient(spec, loss, dtype):
 
 @PROPERTY
 @given(envelopes(), st.lists(losses.filter(lambda v: len(v) >= 2), min_size=2, max_size=4), dtypes)
-def test_grouped_equals_separate_envelopes(spec, groups, dtype):
+def test_a_bank_of_one_envelope_per_group_equals_separate_envelopes(spec, groups, dtype):
+    from envelopes import EnvelopeBank
+
     shape, kwargs = spec
     n = min(len(g) for g in groups)
     batches = [tensor([g[:n] for g in groups], dtype), tensor([g[-n:] for g in groups], dtype)]
-    grouped = Envelope(shape, **kwargs, groups=len(groups))
+    grouped = EnvelopeBank([Envelope(shape, **kwargs) for _ in groups])
     singles = [Envelope(shape, **kwargs) for _ in groups]
     for batch in batches:  # two calls: smoothed state must follow each group alone
         together = grouped.compute_weight(batch)
@@ -101,13 +103,20 @@ def test_grouped_equals_separate_envelopes(spec, groups, dtype):
 def test_all_equal_batch_threshold_is_the_value_and_span_zero(value, n, quantile, width, dtype):
     loss = torch.full((n,), value, dtype=DTYPES[dtype])
     tied = loss[0]
+    from envelopes import EnvelopeBank
+
+    def build(groups, shape, **kwargs):
+        if groups is None:
+            return Envelope(shape, **kwargs)
+        return EnvelopeBank([Envelope(shape, **kwargs) for _ in range(groups)])
+
     for groups in (None, 3):
         batch = loss if groups is None else loss.expand(groups, n)
-        step = Envelope("step", quantile=quantile, groups=groups)
+        step = build(groups, "step", quantile=quantile)
         assert (step.compute_weight(batch) == 1).all()
         assert (step.threshold == tied).all()
         for shape in ("linear", "sigmoid"):
-            envelope = Envelope(shape, quantile=quantile, width=width, groups=groups)
+            envelope = build(groups, shape, quantile=quantile, width=width)
             assert (envelope.compute_weight(batch) == 0.5).all()
             assert (envelope.threshold == tied).all() and (envelope.inverse_slope == 0).all()
 

@@ -228,3 +228,37 @@ def test_functional_error_messages():
         quantiles(torch.rand(3), [2])
     with pytest.raises(ValueError, match="at least one element"):
         quantiles(torch.zeros(0), [0.5])
+
+
+def test_a_new_shape_is_one_entry_in_the_shape_table(monkeypatch, compose):
+    """README "Extending": a shape is its formula in ``envelopes/shapes.py`` (here added by the test), a config
+    file and a test; the Envelope, the bank, ``envelope_weight``, config validation and the report read it."""
+    from analysis.tables import shape_order
+    from envelopes import EnvelopeBank, shapes
+    from runner.config import ConfigError, validate
+
+    def cubic(loss, threshold, span, gamma):  # a linear ramp, cubed: monotone, in [0, 1]
+        return ((loss - threshold) / span + 0.5).clamp(0.0, 1.0).pow(3)
+
+    monkeypatch.setitem(shapes.SHAPES, "cubic", shapes.Shape("cubic", cubic, threshold=True, width=True))
+    loss = torch.linspace(0.0, 2.0, 101)
+    alone = Envelope("cubic", quantile=0.5, width=0.4, step_size=0.5)
+    bank = EnvelopeBank([Envelope("identity"), Envelope("cubic", quantile=0.5, width=0.4, step_size=0.5)])
+    for scale in (1.0, 2.0):  # two calls: the smoothed state too
+        expected = alone.compute_weight(loss * scale)
+        assert torch.equal(expected, cubic(loss * scale, alone.threshold, alone.inverse_slope, None))
+        weights = bank.compute_weight(torch.stack([loss, loss * scale]))
+        assert torch.equal(weights[0], torch.ones_like(loss)) and torch.equal(weights[1], expected)
+    assert bank.applies(1) == ("mean_weight", "fraction_attenuated", "threshold", "inverse_slope")
+    assert torch.equal(envelope_weight(loss, "cubic", 1.0, 0.5), cubic(loss, 1.0, 0.5, None))
+    with pytest.raises(ValueError, match="needs exactly one of inverse_slope"):
+        Envelope("cubic", quantile=0.5)
+    cfg = compose(
+        "envelopes.classification.shape=cubic",
+        "envelopes.classification.threshold=0.5",
+        "envelopes.classification.inverse_slope=0.2",
+    )
+    assert validate(cfg)["classification"].config() == {"shape": "cubic", "threshold": 0.5, "inverse_slope": 0.2}
+    with pytest.raises(ConfigError, match="'cubic'"):
+        validate(compose("envelopes.classification.shape=cubical"))
+    assert shape_order("cubic") == len(shapes.SHAPES) - 1 > shape_order("sigmoid")

@@ -161,10 +161,12 @@ def test_classification_seeds_batched_match_single_runs(compose, tmp_path):
     assert_same_runs(compose, tmp_path, overrides, rtol=1e-4, elements={"classification": 1200})
 
 
-def test_grouped_envelope_equals_one_envelope_per_group():
+def test_a_bank_of_one_envelope_per_seed_equals_one_envelope_per_seed():
+    from envelopes import EnvelopeBank
+
     gen = torch.Generator().manual_seed(0)
     kwargs = {"quantile": 0.7, "width": 0.2, "step_size": 0.3}
-    grouped = Envelope("sigmoid", groups=4, **kwargs)
+    grouped = EnvelopeBank([Envelope("sigmoid", **kwargs) for _ in range(4)])
     separate = [Envelope("sigmoid", **kwargs) for _ in range(4)]
     for _ in range(3):  # the smoothed state too
         loss = torch.rand(4, 50, 3, generator=gen) * torch.tensor([1.0, 2.0, 5.0, 10.0]).reshape(4, 1, 1)
@@ -176,10 +178,10 @@ def test_grouped_envelope_equals_one_envelope_per_group():
         single = envelope.statistics()
         for key in ("mean_weight", "fraction_attenuated", "threshold", "inverse_slope"):
             torch.testing.assert_close(stats[key][g], single[key])
-    with pytest.raises(ValueError, match=r"groups=4 needs losses of shape \(4, ...\)"):
+    with pytest.raises(ValueError, match=r"EnvelopeBank of 4 envelopes needs losses of shape \(4, ...\)"):
         grouped(torch.rand(3, 10))
-    with pytest.raises(ValueError, match="groups must be a positive integer"):
-        Envelope("identity", groups=0)
+    with pytest.raises(ValueError, match="at least one envelope"):
+        EnvelopeBank([])
 
 
 def test_model_group_calls_each_seed_model_on_its_own_inputs():
