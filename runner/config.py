@@ -127,9 +127,10 @@ def help_groups() -> str:
     """The user-facing config groups (``conf/<group>/*.yaml``, Hydra's and the schemas left out) and their options."""
     lines = []
     for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
-        options = sorted(f.stem for f in group.glob("*.yaml"))
         key = {"envelope": "envelope@envelopes.<loss>"}.get(group.name, group.name)
-        lines.append(f"{key}: {', '.join(options)}")
+        lines.append(f"{key}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}")
+        for sub in sorted(p for p in group.iterdir() if p.is_dir()):  # presets kept apart, e.g. envelope/paper
+            lines.append(f"{key}: {', '.join(sorted(f'{sub.name}/{f.stem}' for f in sub.glob('*.yaml')))}")
     return "\n".join(lines)
 
 

@@ -106,7 +106,7 @@ def test_regression_run_end_to_end(compose, tmp_path):
         f"data_root={SHARED_DATA}",
         "task.epochs=3",
         "task.test_fraction=0.1",
-        "envelope@envelopes.mse=paper_mse_sigmoid",
+        "envelope@envelopes.mse=paper/mse_sigmoid",
         "tensorboard=false",
     )
     run_job(cfg, tmp_path, None, [], reraise=True)

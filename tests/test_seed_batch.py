@@ -143,7 +143,7 @@ def test_regression_seeds_batched_match_single_runs(compose, tmp_path):
         f"data_root={SHARED_DATA}",
         "task.epochs=2",
         "task.test_fraction=0.1",
-        "envelope@envelopes.mse=paper_mse_sigmoid",
+        "envelope@envelopes.mse=paper/mse_sigmoid",
     )
     # 20,640 rows less 2,064 test and 4,128 validation rows
     assert_same_runs(compose, tmp_path, overrides, rtol=1e-4, elements={"mse": 14448})
