@@ -623,7 +623,7 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
             status="completed",
             device=str(device),
             threads=torch.get_num_threads(),
-            # bit-identical results need the same threads and the same group (README, "Seeds and devices")
+            # bit-identical results need the same threads and the same group (docs/running.md, "Seeds and devices")
             group_size=len(runs),
             final=final,
             best=recorder.best,

@@ -6,7 +6,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LAE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-# The README's four-run EnvPool sweep (the grid-batching issue's acceptance command), without a launcher
+# A four-run EnvPool sweep (a small form of docs/batching.md's grid commands) (the grid-batching issue's acceptance command), without a launcher
 ACROBOT_ENVPOOL_SWEEP = (
     "-m",
     "task=acrobot",
