@@ -1,7 +1,7 @@
 """Where a batched PPO group's time goes: each part of a rollout step and of an update minibatch, timed alone.
 
 For K agents (the paper's 64-64 actor and critic per agent, stacked as
-``tasks.ppo.ActorCritic``) on one torch thread:
+``tasks.ppo_networks.ActorCritic``) on one torch thread:
 
 - rollout forward, hot: the policy and value of one observation per agent,
   repeated, so the weights stay in the caches;
@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.job import keep_freed_memory
 from tasks.common import make_optimizer
-from tasks.ppo import ActorCritic, Environments, agent_networks
+from tasks.ppo_envs import Environments
+from tasks.ppo_networks import ActorCritic, agent_networks
 
 
 def median_ms(fn, repeats: int, rounds: int = 5) -> float:

@@ -1,8 +1,10 @@
 """PPO-clip with per-sample policy and value envelopes (LunarLander-v3, Acrobot-v1, CartPole-v1).
 
-Read top to bottom: seeding and environments, networks, then per update a
+Read top to bottom: the config and its checks, then ``run``: per update a
 rollout (no autograd), advantage estimation (GAE), the PPO update with the
-two envelopes, and logging against environment steps.
+two envelopes, and logging against environment steps. The networks are in
+``tasks/ppo_networks.py``, the environments (gymnasium, EnvPool) in
+``tasks/ppo_envs.py``.
 
 Losses an envelope can shape, per sample of a minibatch:
 
@@ -31,14 +33,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from envelopes import EnvelopeBank
 from tasks.common import DivergedError, EnvelopeMeter, MeanStd, check, check_optimizer, divergence, make_optimizer
+from tasks.ppo_envs import Environments
+from tasks.ppo_networks import ActorCritic, agent_networks
 from tasks.seed_batch import seed_outcomes
 
 OBJECTIVE = ("charts/return_ma100", "max")
@@ -137,269 +139,6 @@ def validate(task_cfg) -> None:
         f"must be at most rollout_steps x num_envs = {batch}",
         task_cfg.minibatch_size,
     )
-
-
-def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(a, b)
-        nn.init.orthogonal_(linear.weight, out_gain if i == len(sizes) - 2 else np.sqrt(2))
-        nn.init.zeros_(linear.bias)
-        layers += [linear, nn.Tanh()]
-    return nn.Sequential(*layers[:-1])
-
-
-def agent_networks(
-    seeds: list[int], observation: int, hidden: list[int], actions: int
-) -> tuple[list[nn.Sequential], list[nn.Sequential]]:
-    """Each agent's actor and critic as a run alone builds them: seeded, then its actor, then its critic."""
-    actors, critics = [], []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        actors.append(mlp([observation, *hidden, actions], 0.01))
-        critics.append(mlp([observation, *hidden, 1], 1.0))
-    return actors, critics
-
-
-class ActorCritic:
-    """K agents' actors and critics (MLPs of one architecture, tanh between layers) as stacked tensors.
-
-    The hidden layers of all 2K networks are one stack: weights (2K, in,
-    out), biases (2K, 1, out), the K actors first and then the K critics,
-    so that each hidden layer of every actor and critic is one batched
-    product. The output layers are one stack too, in ``nn.Linear``'s (out,
-    in) layout: (2K, actions, hidden), each critic's value in its first row
-    and zeros below it (their gradients are exactly zero, so they stay zero
-    under Adam and SGD). Computing them as one product on the whole hidden
-    stack, rather than on its actor and critic halves, keeps the backward
-    pass from building a zero-filled gradient of the whole stack for each
-    half; and as ``W @ h^T``, whose batched product is several times faster
-    on the CPU with so few outputs than ``h @ W^T`` (121 agents, 100
-    samples, 3 actions: 1.7 ms against 0.5 ms, the weight gradient 1.4 ms
-    against 0.25).
-
-    Agent k's layers are built as a single run of its seed builds them
-    (``torch.manual_seed(seed)``, then the actor, then the critic) and
-    stacked, so each agent sees only its own parameters and inputs.
-    """
-
-    def __init__(self, actors: list[nn.Sequential], critics: list[nn.Sequential], device: torch.device):
-        def linears(modules):
-            return [[m for m in module if isinstance(m, nn.Linear)] for module in modules]
-
-        actor_layers, critic_layers = linears(actors), linears(critics)
-        hidden = len(actor_layers[0]) - 1
-        self.agents = len(actors)
-
-        def stack(tensors):
-            return torch.stack(tensors).contiguous().to(device).requires_grad_()
-
-        self.weights = [
-            stack([net[i].weight.detach().T for net in actor_layers + critic_layers]) for i in range(hidden)
-        ]
-        self.biases = [
-            stack([net[i].bias.detach()[None] for net in actor_layers + critic_layers]) for i in range(hidden)
-        ]
-        actions = actor_layers[0][-1].out_features
-        head_weight = torch.zeros(2 * self.agents, actions, actor_layers[0][-1].in_features)
-        head_bias = torch.zeros(2 * self.agents, actions, 1)
-        for k, net in enumerate(actor_layers + critic_layers):
-            rows = net[-1].out_features  # the actor's actions, the critic's one value
-            head_weight[k, :rows] = net[-1].weight.detach()
-            head_bias[k, :rows, 0] = net[-1].bias.detach()
-        self.head_weight = head_weight.to(device).requires_grad_()
-        self.head_bias = head_bias.to(device).requires_grad_()
-        # On the CPU, MKL's batched product of one row per network is five times slower with an input
-        # width that is not a multiple of 8 (242 networks of 6 -> 64: 0.16 ms; of 8 -> 64: 0.03 ms), so
-        # the rollout (one observation per environment) uses the first layer's weights with zero rows
-        # appended, remade whenever the optimiser has changed them.
-        inputs = self.weights[0].shape[1]
-        self.padding = (-inputs) % 8 if device.type == "cpu" else 0
-        self._padded: tuple[int, torch.Tensor] | None = None
-
-    def _padded_first_weight(self) -> torch.Tensor:
-        weight = self.weights[0]
-        if self._padded is None or self._padded[0] != weight._version:
-            padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, self.padding))
-            self._padded = (weight._version, padded)
-        return self._padded[1]
-
-    def parameters(self) -> list[torch.Tensor]:
-        pairs = [*zip(self.weights, self.biases), (self.head_weight, self.head_bias)]
-        return [t for pair in pairs for t in pair]
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Observations (K, B, obs) to logits (K, B, actions) and values (K, B)."""
-        h = x.repeat(2, 1, 1)  # each agent's observations to its actor (first K) and its critic (last K)
-        weights = self.weights
-        if self.padding and x.shape[1] == 1 and not torch.is_grad_enabled():
-            h = torch.nn.functional.pad(h, (0, self.padding))
-            weights = [self._padded_first_weight(), *weights[1:]]
-        for weight, bias in zip(weights, self.biases):
-            h = tanh_layer(h, weight, bias)
-        out = torch.baddbmm(self.head_bias, self.head_weight, h.transpose(1, 2))  # (2K, actions, B)
-        return out[: self.agents].transpose(1, 2), out[self.agents :, 0]
-
-
-def tanh_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``tanh(bias + x @ weight)`` for batched (K, B, in) inputs, (K, in, out) weights and (K, 1, out) biases.
-
-    On the CPU, torch's ``tanh`` kernel is slow: 2.6 ns an element on two
-    cores here, twice the batched product before it and five times its own
-    ``sigmoid``. This computes ``tanh(z) = 2 sigmoid(2z) - 1`` instead, with
-    the 2 folded into the product (``alpha = beta = 2``, exact in binary):
-    within 1.8e-7 of the exact tanh everywhere (torch's own: 6e-8), about
-    three ulps of 1, below the rounding of the products that feed it. The
-    backward pass is the one autograd would take (``(1 - y^2)`` times the
-    incoming gradient, then the product's gradients). Elsewhere (CUDA),
-    torch's ``tanh``.
-    """
-    if x.device.type != "cpu":
-        return torch.tanh(torch.baddbmm(bias, x, weight))
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return _cpu_tanh_layer(x, weight, bias)
-    return _TanhLayer.apply(x, weight, bias)
-
-
-def _cpu_tanh_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``2 sigmoid(2 (bias + x @ weight)) - 1``, the 2 folded into the product, in place after it."""
-    return torch.baddbmm(bias, x, weight, beta=2, alpha=2).sigmoid_().mul_(2).sub_(1)
-
-
-class _TanhLayer(torch.autograd.Function):
-    """:func:`tanh_layer` on the CPU with its gradient (saves the output, as ``tanh`` does)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        y = _cpu_tanh_layer(x, weight, bias)
-        ctx.save_for_backward(x, weight, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, y = ctx.saved_tensors
-        pre = torch.ops.aten.tanh_backward(grad, y)  # the gradient of bias + x @ weight
-        grad_x = torch.bmm(pre, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.bmm(x.transpose(1, 2), pre) if ctx.needs_input_grad[1] else None
-        grad_bias = pre.sum(1, keepdim=True) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
-
-
-class Environments:
-    """K agents x N environments, stepped as one batch; same-step autoreset on either back end.
-
-    ``step`` returns the observation to act on next (a new episode's first
-    where one ended), the reward, ``terminated``, ``truncated``, the final
-    observation of every environment (equal to the next observation where
-    no episode ended), all (K * N, ...), and the episodes that ended on
-    this step: ``(ended, returns, lengths)`` from gymnasium's
-    ``RecordEpisodeStatistics`` (the environment's own rewards; ``returns``
-    and ``lengths`` hold 0 where ``ended`` is False), or None where none
-    ended. Agent k owns environments ``k * N .. k * N + N - 1``.
-
-    Agent k's environment j is seeded ``seed_k + j`` on either back end, as
-    in a run alone, so an agent's episodes do not depend on the batch it is
-    in (each back end draws initial states from its own generator, so the
-    back ends' episodes differ from each other).
-
-    - ``gymnasium``: one synchronous vector env with same-step autoreset.
-    - ``envpool``: one C++ pool made a gymnasium vector env with same-step
-      autoreset (:class:`EnvPoolVector`).
-    """
-
-    def __init__(self, backend: str, env_id: str, seeds: list[int], num_envs: int, max_episode_steps: int | None):
-        self.count = len(seeds) * num_envs
-        # agent k's environment j seeded seed_k + j, as in a run alone
-        env_seeds = [int(seed) + j for seed in seeds for j in range(num_envs)]
-        if backend == "envpool":
-            limit = max_episode_steps if max_episode_steps is not None else gym.spec(env_id).max_episode_steps
-            envs = EnvPoolVector(env_id, env_seeds, limit)
-            self.reset_seeds = None
-        else:
-            kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-            envs = gym.make_vec(
-                env_id,
-                num_envs=self.count,
-                vectorization_mode="sync",
-                vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-                **kwargs,
-            )
-            self.reset_seeds = env_seeds
-        self.envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-        self.observation_size = int(np.prod(self.envs.single_observation_space.shape))
-        self.actions = int(self.envs.single_action_space.n)
-
-    def reset(self) -> np.ndarray:
-        obs, _ = self.envs.reset() if self.reset_seeds is None else self.envs.reset(seed=self.reset_seeds)
-        return np.asarray(obs, dtype=np.float32)
-
-    def step(self, actions: np.ndarray):
-        obs, reward, terminated, truncated, info = self.envs.step(actions)
-        obs = np.asarray(obs, dtype=np.float32)
-        final, episodes = obs, None
-        if "_final_obs" in info:  # the ended environments were reset: obs holds their new episodes' first
-            ended = info["_final_obs"]
-            final = obs.copy()
-            final[ended] = np.stack(list(info["final_obs"][ended]))
-        if "_episode" in info:
-            episodes = (info["_episode"], info["episode"]["r"], info["episode"]["l"])
-        return obs, np.asarray(reward, dtype=np.float32), terminated, truncated, final, episodes
-
-    def close(self) -> None:
-        self.envs.close()
-
-
-class EnvPoolVector(gym.vector.VectorEnv):
-    """EnvPool's C++ pool as a gymnasium vector env with same-step autoreset.
-
-    EnvPool resets an ended episode on the next ``step`` (that step ignores
-    its action and returns reward 0); here ended environments are reset at
-    once with ``reset(env_id)`` instead, and their last observations go to
-    ``info["final_obs"]`` (mask ``info["_final_obs"]``), as gymnasium's
-    same-step vector envs do. EnvPool also reports an episode that
-    terminates on the step its time limit is reached as truncated alone
-    (CartPole-v1, seed 0, action 0 and a limit of 8 steps), which would
-    bootstrap a terminal state; the time limit is therefore applied here,
-    as gymnasium's TimeLimit does: ``truncated`` at the limit,
-    ``terminated`` as the environment says.
-    """
-
-    def __init__(self, env_id: str, seeds: list[int], limit: int):
-        import envpool
-
-        self.metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
-        self.num_envs, self.limit = len(seeds), limit
-        # the pool's own limit lies past ours, so that it never cuts an episode itself
-        self.pool = envpool.make_gymnasium(env_id, num_envs=self.num_envs, max_episode_steps=limit + 1, env_seed=seeds)
-        self.single_observation_space = self.pool.observation_space
-        self.single_action_space = self.pool.action_space
-        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
-        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
-        self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
-
-    def reset(self, *, seed=None, options=None):
-        if seed is not None:
-            raise ValueError("EnvPoolVector is seeded when made (env_seed), not on reset")
-        self.elapsed[:] = 0
-        obs, _ = self.pool.reset()
-        return obs, {}
-
-    def step(self, actions):
-        obs, reward, terminated, _, _ = self.pool.step(actions)
-        self.elapsed += 1
-        truncated = self.elapsed >= self.limit  # both flags where it also terminated, as gymnasium's TimeLimit
-        done = terminated | truncated
-        info = {}
-        if done.any():
-            final = obs.copy()
-            self.elapsed[done] = 0
-            fresh, fresh_info = self.pool.reset(np.flatnonzero(done).astype(np.int32))
-            obs[fresh_info["env_id"]] = fresh
-            info = {"final_obs": final, "_final_obs": done}
-        return obs, reward, terminated, truncated, info
-
-    def close(self) -> None:
-        self.pool.close()
 
 
 def bootstrap_time_limits(

@@ -8,7 +8,8 @@ import torch
 
 from runner.config import ConfigError, validate
 from runner.job import run_job
-from tasks.ppo import ActorCritic, agent_networks, bootstrap_time_limits, gae, tanh_layer
+from tasks.ppo import bootstrap_time_limits, gae
+from tasks.ppo_networks import ActorCritic, agent_networks, tanh_layer
 
 pytest.importorskip("gymnasium")
 
@@ -138,7 +139,7 @@ def test_a_step_that_terminates_at_the_time_limit_is_not_bootstrapped(backend):
     # a limit of that many steps both flags are set, and the state is terminal all the same.
     if backend == "envpool":
         pytest.importorskip("envpool")
-    from tasks.ppo import Environments
+    from tasks.ppo_envs import Environments
 
     def feed(limit):
         envs = Environments(backend, "CartPole-v1", [0], 1, limit)
@@ -230,7 +231,7 @@ needs_envpool = pytest.mark.skipif(
 @needs_envpool
 def test_envpool_terminal_step_at_the_time_limit_is_terminal_and_not_bootstrapped():
     # EnvPool itself reports this step as truncated only; the wrapper applies the limit as TimeLimit does
-    from tasks.ppo import Environments
+    from tasks.ppo_envs import Environments
 
     def ending(backend, limit):
         envs = Environments(backend, "CartPole-v1", [0], 1, limit)
@@ -252,7 +253,7 @@ def episodes(backend, env_id, count, seed=0, envs_per_batch=16):
     Read from the episode statistics ``step`` reports, each checked against
     the sum of the rewards ``step`` returned over that episode.
     """
-    from tasks.ppo import Environments
+    from tasks.ppo_envs import Environments
 
     envs = Environments(backend, env_id, [seed], envs_per_batch, None)
     envs.reset()
