@@ -14,10 +14,12 @@ slashes become underscores (``val_loss``), so pandas and shells can use them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,10 @@ from typing import Any
 from tqdm import tqdm
 
 from tasks.common import DivergedError, divergence
+
+log = logging.getLogger(__name__)
+PROGRESS_LOG_INTERVAL_S = 60.0
+"""Without a terminal, a progress line at most this often."""
 
 
 def file_key(tag: str) -> str:
@@ -162,7 +168,8 @@ class Recorder:
         job_dir: the job's output directory.
         objective: ``(tag, "min" | "max")``; the best row is the one where it is best.
         tensorboard: write TensorBoard events under ``job_dir/tb``.
-        progress: show a progress bar (None: only when stderr is a terminal).
+        progress: show a progress bar (None: a bar when stderr is a terminal, otherwise a log line
+            about once a minute, for logs of runs in the background or on a cluster; False: neither).
         run_name: the events go to ``job_dir/tb/<run_name>``, so that TensorBoard,
             opened on a sweep, names the run ``<job>/tb/<run_name>`` (see :func:`run_label`).
     """
@@ -181,6 +188,7 @@ class Recorder:
         self.final: dict[str, float] = {}
         self.best: dict[str, float] = {}
         self.progress_enabled = sys.stderr.isatty() if progress is None else progress
+        self.progress_logged = progress is None and not self.progress_enabled
         self.tensorboard = tensorboard
         self.tb_dir = self.job_dir / "tb" / run_name if run_name else self.job_dir / "tb"
         # Files are opened at the first row, so a job that fails while loading data leaves none.
@@ -202,7 +210,9 @@ class Recorder:
             self._open()
         return self.writer
 
-    def progress(self, iterable: Iterable, total: int, unit: str = "epoch") -> tqdm:
+    def progress(self, iterable: Iterable, total: int, unit: str = "epoch") -> Iterable:
+        if self.progress_logged:
+            return logged_progress(iterable, total, unit, f"{self.job_dir.name}: ")
         return tqdm(
             iterable, total=total, unit=unit, disable=not self.progress_enabled, dynamic_ncols=True, leave=False
         )
@@ -261,3 +271,35 @@ class Recorder:
             self._metrics_file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def logged_progress(iterable: Iterable, total: int, unit: str, prefix: str = ""):
+    """``iterable``, logging ``done/total``, the time elapsed and an estimate of the rest every
+    :data:`PROGRESS_LOG_INTERVAL_S` seconds.
+
+    For a log file, where a progress bar's redraws would be noise. Counting
+    and the clock only: nothing is read from a device.
+    """
+    start = last = time.monotonic()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= PROGRESS_LOG_INTERVAL_S and done < total:
+            last = now
+            left = (now - start) / done * (total - done)
+            log.info(
+                "%s%d/%d %ss (%.0f%%), %s elapsed, about %s left",
+                prefix,
+                done,
+                total,
+                unit,
+                100.0 * done / total,
+                _duration(now - start),
+                _duration(left),
+            )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

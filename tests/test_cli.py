@@ -588,3 +588,23 @@ def test_tracking_names_its_key_and_how_to_install(compose):
 
     with pytest.raises(ConfigError, match=r"tracking must be one of \['mlflow'\] or null, got 'wandb'"):
         validate(compose("tracking=wandb"))
+
+
+def test_progress_goes_to_the_log_when_stderr_is_not_a_terminal(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from runner import recorder as module
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(module, "PROGRESS_LOG_INTERVAL_S", 0.0)  # a line every step, not every minute
+    recorder = module.Recorder(tmp_path / "7", ("val_loss", "min"), tensorboard=False)
+    with caplog.at_level(logging.INFO, logger="runner.recorder"):
+        assert list(recorder.progress(range(5), total=5, unit="update")) == [0, 1, 2, 3, 4]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("7: 1/5 updates (20%), 0m00s elapsed, about 0m00s left"), lines
+    assert len(lines) == 4  # none after the last step
+    caplog.clear()
+    quiet = module.Recorder(tmp_path / "8", ("val_loss", "min"), tensorboard=False, progress=False)
+    with caplog.at_level(logging.INFO, logger="runner.recorder"):
+        list(quiet.progress(range(5), total=5))
+    assert not caplog.records
