@@ -212,7 +212,7 @@ class Recorder:
 
     def progress(self, iterable: Iterable, total: int, unit: str = "epoch") -> Iterable:
         if self.progress_logged:
-            return logged_progress(iterable, total, unit, f"{self.job_dir.name}: ")
+            return LoggedProgress(iterable, total, unit, f"{self.job_dir.name}: ")
         return tqdm(
             iterable, total=total, unit=unit, disable=not self.progress_enabled, dynamic_ncols=True, leave=False
         )
@@ -273,30 +273,42 @@ class Recorder:
             self.writer.close()
 
 
-def logged_progress(iterable: Iterable, total: int, unit: str, prefix: str = ""):
+class LoggedProgress:
     """``iterable``, logging ``done/total``, the time elapsed and an estimate of the rest every
-    :data:`PROGRESS_LOG_INTERVAL_S` seconds.
+    :data:`PROGRESS_LOG_INTERVAL_S` seconds, with the last values given to :meth:`set_postfix`.
 
     For a log file, where a progress bar's redraws would be noise. Counting
     and the clock only: nothing is read from a device.
     """
-    start = last = time.monotonic()
-    for done, item in enumerate(iterable, 1):
-        yield item
-        now = time.monotonic()
-        if now - last >= PROGRESS_LOG_INTERVAL_S and done < total:
-            last = now
-            left = (now - start) / done * (total - done)
-            log.info(
-                "%s%d/%d %ss (%.0f%%), %s elapsed, about %s left",
-                prefix,
-                done,
-                total,
-                unit,
-                100.0 * done / total,
-                _duration(now - start),
-                _duration(left),
-            )
+
+    def __init__(self, iterable: Iterable, total: int, unit: str, prefix: str = ""):
+        self.iterable, self.total, self.unit, self.prefix = iterable, total, unit, prefix
+        self.postfix = ""
+
+    def set_postfix(self, values: Mapping[str, Any] | None = None, **named: Any) -> None:
+        """As tqdm's: the values shown with the next line."""
+        values = {**(values or {}), **named}
+        self.postfix = ", " + ", ".join(f"{k} {v}" for k, v in values.items()) if values else ""
+
+    def __iter__(self):
+        start = last = time.monotonic()
+        for done, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= PROGRESS_LOG_INTERVAL_S and done < self.total:
+                last = now
+                left = (now - start) / done * (self.total - done)
+                log.info(
+                    "%s%d/%d %ss (%.0f%%), %s elapsed, about %s left%s",
+                    self.prefix,
+                    done,
+                    self.total,
+                    self.unit,
+                    100.0 * done / self.total,
+                    _duration(now - start),
+                    _duration(left),
+                    self.postfix,
+                )
 
 
 def _duration(seconds: float) -> str:

@@ -599,9 +599,12 @@ def test_progress_goes_to_the_log_when_stderr_is_not_a_terminal(tmp_path, caplog
     monkeypatch.setattr(module, "PROGRESS_LOG_INTERVAL_S", 0.0)  # a line every step, not every minute
     recorder = module.Recorder(tmp_path / "7", ("val_loss", "min"), tensorboard=False)
     with caplog.at_level(logging.INFO, logger="runner.recorder"):
-        assert list(recorder.progress(range(5), total=5, unit="update")) == [0, 1, 2, 3, 4]
+        bar = recorder.progress(range(5), total=5, unit="update")
+        for step in bar:
+            bar.set_postfix({"loss": f"{step / 10:.4g}"})  # as the tasks call it
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith("7: 1/5 updates (20%), 0m00s elapsed, about 0m00s left"), lines
+    assert lines[0] == "7: 1/5 updates (20%), 0m00s elapsed, about 0m00s left, loss 0", lines
+    assert lines[1].startswith("7: 2/5 updates (40%)") and lines[1].endswith("loss 0.1")
     assert len(lines) == 4  # none after the last step
     caplog.clear()
     quiet = module.Recorder(tmp_path / "8", ("val_loss", "min"), tensorboard=False, progress=False)
