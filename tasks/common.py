@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -58,6 +58,34 @@ class Divergence:
                 f"{first:.4g} before training (divergence_factor)"
             )
         return None
+
+
+def log_seeds(
+    recorders: list,
+    failed: dict[int, str],
+    rows: Mapping[int, dict[str, float]],
+    check: Callable[[int, dict[str, float], str], str | None],
+    step: int,
+    where: str,
+    step_name: str = "epoch",
+    unit: str = "seed",
+) -> None:
+    """Log each live run's row at ``step``: the failed-run rule of every task.
+
+    ``rows`` holds the metrics of each run not yet in ``failed``. A run whose
+    row ``check(index, row, where)`` rejects (a value that is not finite, a
+    loss past the divergence factor: :class:`Divergence`) goes into
+    ``failed`` with the reason and is no longer logged, while the others
+    train on (runs are independent); :class:`DivergedError` when none is left.
+    """
+    for s, metrics in rows.items():
+        reason = check(s, metrics, where)
+        if reason is not None:
+            failed[s] = reason
+            continue
+        recorders[s].log(step, metrics, step_name=step_name)
+    if len(failed) == len(recorders):
+        raise DivergedError(failed[0] if len(recorders) == 1 else f"every {unit} diverged: {failed}")
 
 
 def check(condition: bool, key: str, allowed: str, value) -> None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from envelopes import EnvelopeBank
-from tasks.common import DivergedError, EnvelopeMeter, MeanStd, check, check_optimizer, divergence, make_optimizer
+from tasks.common import EnvelopeMeter, MeanStd, check, check_optimizer, divergence, log_seeds, make_optimizer
 from tasks.ppo_envs import Environments
 from tasks.ppo_networks import ActorCritic, agent_networks
 from tasks.seed_batch import seed_outcomes
@@ -174,6 +174,11 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[t
         running = delta + gamma * lam * not_done * running
         advantages[t] = running
     return advantages, advantages + values
+
+
+def finite(agent: int, metrics: dict[str, float], where: str) -> str | None:
+    """An agent's run has failed where a recorded value is not finite (returns have no divergence factor)."""
+    return divergence(metrics, where)
 
 
 def run(cfg, context) -> list[dict[str, float] | Exception]:
@@ -333,10 +338,11 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             meter.summaries(f"train/{name.split('_')[0]}_{name.split('_')[1]}_loss") for name, meter in stats.items()
         ]
         elapsed = time.perf_counter() - start
-        for k, recorder in enumerate(recorders):
+        rows = {}
+        for k in range(K):
             if k in failed:
                 continue
-            metrics = {}
+            metrics = rows[k] = {}
             for per_agent in loss_stats:
                 metrics.update(per_agent[k])
             metrics.update(envelope_stats["policy"][k])
@@ -357,13 +363,8 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             if recent[k]:
                 metrics["charts/return_ma100"] = float(np.mean(recent[k]))
                 history[k].append((global_step, metrics["charts/return_ma100"]))
-            reason = divergence(metrics, f"update {update} ({global_step} steps)")
-            if reason is not None:
-                failed[k] = reason
-                continue
-            recorder.log(global_step, metrics, step_name="step")
-        if len(failed) == K:
-            raise DivergedError(failed[0] if K == 1 else f"every agent diverged: {failed}")
+        where = f"update {update} ({global_step} steps)"
+        log_seeds(recorders, failed, rows, finite, global_step, where, step_name="step", unit="agent")
         if recent[0]:
             bar.set_postfix(return_ma=f"{np.mean(recent[0]):.1f}", sps=f"{batch * K / rollout_seconds:.0f}")
     envs.close()

@@ -1,4 +1,4 @@
-"""The epoch loop shared by supervised tasks: per-sample loss -> envelope -> step.
+"""The epoch loop of the tasks that train in epochs (supervised tasks and the VAE): per-sample loss -> envelope -> step.
 
 A task supplies its data (tensors on the device, with a leading seed
 dimension), its models (a :class:`~tasks.seed_batch.ModelGroup`: one seed,
@@ -9,13 +9,13 @@ statistics on the device and logs one row per epoch and seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from envelopes import Envelope, EnvelopeBank
-from tasks.common import ControlledLoss, DivergedError, Divergence, EnvelopeMeter, MeanStd, VWPRMonitor, optimise
+from tasks.common import ControlledLoss, Divergence, EnvelopeMeter, MeanStd, VWPRMonitor, log_seeds, optimise
 from tasks.seed_batch import ModelGroup, generators, permutations, take
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,6 +54,62 @@ def train_step(
     meter.add()
 
 
+def batches(n: int, batch_size: int, gens: list[torch.Generator], device: torch.device) -> Iterator[torch.Tensor]:
+    """One epoch's minibatches: (seeds, batch) indices into n items, a fresh order per seed from its generator."""
+    order = permutations(n, gens, device)
+    for start in range(0, order.shape[1], batch_size):
+        yield order[:, start : start + batch_size]
+
+
+def run_epochs(
+    epochs: int,
+    train_epoch: Callable[[int], Callable[[int], dict[str, float]]],
+    evaluate: Callable[[], list[dict[str, float]]],
+    recorders: list,
+    diverged: Divergence,
+    vwpr: VWPRMonitor | None = None,
+    controlled: ControlledLoss | None = None,
+    control_value: Callable[[list[dict[str, float]]], float] | None = None,
+    postfix: Callable[[list[dict[str, float]]], dict[str, str]] | None = None,
+) -> dict[int, str]:
+    """The epoch loop of every task that trains in epochs (supervised tasks and the VAE).
+
+    Per epoch: the controller's epoch start, ``train_epoch(epoch)`` (the
+    epoch's steps; it returns each seed's training metrics, ``seed -> dict``),
+    VWPR's epoch end, ``evaluate()`` (one dict per seed, without gradients),
+    the controller's decision on ``control_value(evaluation)``, then one row
+    per live seed (training, method and evaluation metrics) under the
+    failed-seed rule (:func:`~tasks.common.log_seeds`). Returns ``{seed index:
+    reason}`` for the seeds that failed; raises :class:`DivergedError` when
+    none is left.
+    """
+    failed: dict[int, str] = {}
+    if diverged.needs_reference:
+        with torch.no_grad():
+            diverged.reference(evaluate())
+    bar = recorders[0].progress(range(1, epochs + 1), total=epochs)
+    for epoch in bar:
+        if controlled is not None:
+            controlled.controller.epoch_start()
+        train_metrics = train_epoch(epoch)
+        method_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
+        with torch.no_grad():
+            evaluation = evaluate()
+        if controlled is not None:
+            method_metrics.update(controlled.controller.epoch_end(epoch, control_value(evaluation)))
+        rows = {
+            s: {**train_metrics(s), **method_metrics, **evaluation[s]} for s in range(len(recorders)) if s not in failed
+        }
+        log_seeds(recorders, failed, rows, diverged, epoch, f"epoch {epoch}")
+        if postfix is not None:
+            bar.set_postfix(postfix(evaluation))
+    if vwpr is not None:
+        vwpr.save_figure(recorders[0].job_dir)
+    if controlled is not None:
+        controlled.save()
+    return failed
+
+
 def fit(
     group: ModelGroup,
     optimizer: torch.optim.Optimizer,
@@ -70,33 +126,21 @@ def fit(
     controlled: ControlledLoss | None = None,
     diverged: Divergence | None = None,
 ) -> dict[int, str]:
-    """Train for ``epochs``, logging train/, envelope/<loss_name>/, vwpr/ and ``evaluate()``'s metrics per epoch and seed.
+    """Train a supervised task for ``epochs`` (:func:`run_epochs`), logging train/, envelope/<loss_name>/,
+    vwpr/ and ``evaluate()``'s metrics per epoch and seed.
 
     ``train`` holds (S, n, ...) inputs and (S, n) targets; ``envelope`` is
     a bank of one envelope per run when S > 1 (runs may differ in their
     envelopes); ``evaluate()`` returns one dict per seed.
-    A seed with a non-finite value in any recorded metric, or whose loss grew
-    past ``diverged``'s factor, stops being logged while the others train on
-    (seeds are independent). Returns ``{seed index: reason}``
-    for such seeds; raises :class:`DivergedError` when none is left.
     """
     train_x, train_y = train
     device = train_x.device
     gens = generators(seeds, device)
-    failed: dict[int, str] = {}
-    diverged = diverged or Divergence()
-    if diverged.needs_reference:
-        with torch.no_grad():
-            diverged.reference(evaluate())
-    bar = recorders[0].progress(range(1, epochs + 1), total=epochs)
-    for epoch in bar:
+
+    def train_epoch(epoch: int) -> Callable[[int], dict[str, float]]:
         raw, shaped = MeanStd(device, len(seeds)), MeanStd(device, len(seeds))
         meter = EnvelopeMeter(envelope, device)
-        order = permutations(train_x.shape[1], gens, device)
-        if controlled is not None:
-            controlled.controller.epoch_start()
-        for start in range(0, order.shape[1], batch_size):
-            index = order[:, start : start + batch_size]
+        for index in batches(train_x.shape[1], batch_size, gens, device):
             train_step(
                 group,
                 optimizer,
@@ -110,31 +154,23 @@ def fit(
                 None if vwpr is None else vwpr.vwpr,
                 controlled,
             )
-        method_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
-        with torch.no_grad():
-            evaluation = evaluate()
-        if controlled is not None:
-            method_metrics.update(controlled.controller.epoch_end(epoch, evaluation[0][controlled.metric]))
-        for s, recorder in enumerate(recorders):
-            if s in failed:
-                continue
-            metrics = {**raw.summary("train/raw_loss", s), **shaped.summary("train/shaped_loss", s)}
-            metrics.update(meter.summary(f"envelope/{loss_name}", s))
-            metrics.update(method_metrics)
-            metrics.update(evaluation[s])
-            reason = diverged(s, metrics, f"epoch {epoch}")
-            if reason is not None:  # any recorded value, not only the loss: the run failed
-                failed[s] = reason
-                continue
-            recorder.log(epoch, metrics)
-        if len(failed) == len(seeds):
-            raise DivergedError(failed[0] if len(seeds) == 1 else f"every seed diverged: {failed}")
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(evaluation[0].items())[:2]})
-    if vwpr is not None:
-        vwpr.save_figure(recorders[0].job_dir)
-    if controlled is not None:
-        controlled.save()
-    return failed
+        return lambda s: {
+            **raw.summary("train/raw_loss", s),
+            **shaped.summary("train/shaped_loss", s),
+            **meter.summary(f"envelope/{loss_name}", s),
+        }
+
+    return run_epochs(
+        epochs,
+        train_epoch,
+        evaluate,
+        recorders,
+        diverged or Divergence(),
+        vwpr,
+        controlled,
+        control_value=lambda evaluation: evaluation[0][controlled.metric],
+        postfix=lambda evaluation: {k.split("/")[-1]: f"{v:.4g}" for k, v in list(evaluation[0].items())[:2]},
+    )
 
 
 def build_mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential:

@@ -21,6 +21,7 @@ and reports validation on the static, current and cumulative distributions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,6 @@ from torch import nn
 
 from tasks.common import (
     ControlledLoss,
-    DivergedError,
     Divergence,
     EnvelopeMeter,
     MeanStd,
@@ -39,7 +39,8 @@ from tasks.common import (
     make_optimizer,
     optimise,
 )
-from tasks.seed_batch import ModelGroup, generators, normal, permutations, seed_outcomes, stack_seeds, take
+from tasks.seed_batch import ModelGroup, generators, normal, seed_outcomes, stack_seeds, take
+from tasks.supervised import batches, run_epochs
 
 SEED_BATCH = True
 OBJECTIVE = ("val/recon", "min")
@@ -333,6 +334,91 @@ def load_data(task_cfg, seed: int, device: torch.device) -> dict[str, torch.Tens
     return out
 
 
+class Drift:
+    """The drift setting: each epoch's training images drawn by class weights that drift (``class_weights``),
+    and the validation loss reweighted to the current and the cumulative class distribution.
+
+    Each seed's drift is its own (phases and shifts drawn from ``seed + 7``).
+    """
+
+    def __init__(self, task_cfg, seeds: list[int], data: dict[str, torch.Tensor], device: torch.device):
+        self.task_cfg, self.device = task_cfg, device
+        phase, shift = [], []
+        for seed in seeds:
+            draw = torch.Generator().manual_seed(seed + 7)
+            phase.append(torch.rand(10, generator=draw) * 2 * math.pi)
+            shift.append((torch.rand(10, generator=draw) * 2 - 1) * task_cfg.drift_spread)
+        self.phase, self.shift = torch.stack(phase), torch.stack(shift)
+        self.cumulative = torch.zeros(len(seeds), 10)
+        counts = torch.stack([torch.bincount(y, minlength=10) for y in data["val_y"]])
+        self.val_class_counts = counts.clamp_min(1).to(device)
+        self.weights: torch.Tensor | None = None
+
+    def sample(self, epoch: int, data: dict[str, torch.Tensor], gens: list[torch.Generator]) -> torch.Tensor:
+        """This epoch's training images (seeds, train_size, ...), drawn with replacement by class weight."""
+        cfg = self.task_cfg
+        self.weights = class_weights(epoch, self.phase, self.shift, cfg.drift_amplitude, cfg.drift_frequency)
+        self.cumulative += self.weights
+        per_image = self.weights.to(self.device).gather(1, data["train_y"])
+        index = torch.stack(
+            [torch.multinomial(p, cfg.train_size, replacement=True, generator=g) for p, g in zip(per_image, gens)]
+        )
+        return take(data["train_x"], index)
+
+    def add_metrics(self, val: list[dict[str, float]], recon_per_sample: torch.Tensor, val_y: torch.Tensor) -> None:
+        """Each seed's validation reconstruction under this epoch's and the cumulative class distribution, and
+        the class weights (nothing before the first epoch)."""
+        if self.weights is None:
+            return
+        # reweight validation images so that each class carries its weight under this distribution
+        reweighted = {}
+        cumulative = self.cumulative / self.cumulative.sum(1, keepdim=True)
+        for label, dist in (("current", self.weights), ("cumulative", cumulative)):
+            per_image = (dist.to(self.device) / self.val_class_counts).gather(1, val_y)
+            reweighted[label] = ((per_image * recon_per_sample).sum(1) / per_image.sum(1)).tolist()
+        for s, metrics in enumerate(val):
+            metrics.update({f"val/recon_{label}": values[s] for label, values in reweighted.items()})
+            metrics.update({f"drift/class_weight_{c}": w for c, w in enumerate(self.weights[s].tolist())})
+
+
+def controlled_loss(cfg, context, group: ModelGroup, val_x: torch.Tensor) -> ControlledLoss:
+    """The loss controller of a VAE run, its probe the negative ELBO of a fixed held-out batch."""
+    task_cfg = cfg.task
+    probe_x = val_x[:, :PROBE_SIZE]
+
+    def probe() -> float:
+        with torch.no_grad():
+            recon, kl, _ = elementwise_losses(group, probe_x)
+            return (recon.sum(-1) + kl.sum(-1)).mean().item()
+
+    steps = task_cfg.epochs * -(-task_cfg.train_size // task_cfg.batch_size)
+    return ControlledLoss(cfg, context, None, AUX_LOSSES, "val/neg_elbo", probe, group.parameters(), steps)
+
+
+def epoch_summary(meters: dict, envelope_meters: dict, kl_weight: float) -> Callable[[int], dict[str, float]]:
+    """Seed ``s``'s training metrics of an epoch: the losses' statistics, the KL weight, the envelopes'."""
+
+    def seed_metrics(s: int) -> dict[str, float]:
+        metrics = {}
+        for name, meter in meters.items():
+            metrics.update(meter.summary(f"train/{name}", s))
+        metrics["train/kl_weight"] = kl_weight
+        metrics["train/samples"] = meters["total"].count
+        for name, meter in envelope_meters.items():
+            metrics.update(meter.summary(f"envelope/{name}", s))
+        return metrics
+
+    return seed_metrics
+
+
+def test_metrics(group: ModelGroup, data: dict[str, torch.Tensor], task_cfg, n_seeds: int) -> list[dict[str, float]]:
+    """Each seed's reconstruction, KL and ELBO on its test split, evaluated once (none without one)."""
+    if task_cfg.test_size == 0:
+        return [{} for _ in range(n_seeds)]
+    test, _ = evaluate(group, data["test_x"], task_cfg.active_unit_threshold)
+    return [{"test_recon": t["val/recon"], "test_kl": t["val/kl"], "test_elbo": t["val/elbo"]} for t in test]
+
+
 def run(cfg, context) -> list[dict[str, float] | Exception]:
     task_cfg, device, recorders, seeds = cfg.task, context.device, context.recorders, context.seeds
     n_seeds = len(seeds)
@@ -345,56 +431,17 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     gens = generators(seeds, device)
     vwpr = None if context.vwpr is None else VWPRMonitor(context.vwpr, group.module)
 
-    drift = task_cfg.setting == "drift"
-    if drift:
-        phase, shift = [], []
-        for seed in seeds:
-            draw = torch.Generator().manual_seed(seed + 7)
-            phase.append(torch.rand(10, generator=draw) * 2 * math.pi)
-            shift.append((torch.rand(10, generator=draw) * 2 - 1) * task_cfg.drift_spread)
-        phase, shift = torch.stack(phase), torch.stack(shift)
-        cumulative = torch.zeros(n_seeds, 10)
-        val_class_counts = torch.stack([torch.bincount(y, minlength=10) for y in data["val_y"]]).clamp_min(1).to(device)
+    drift = Drift(task_cfg, seeds, data, device) if task_cfg.setting == "drift" else None
+    controlled = controlled_loss(cfg, context, group, data["val_x"]) if context.controller is not None else None
+    step, kl_weight = 0, 1.0
 
-    controlled = None
-    if context.controller is not None:
-        probe_x = data["val_x"][:, :PROBE_SIZE]
-
-        def probe() -> float:  # the negative ELBO of a fixed held-out batch
-            with torch.no_grad():
-                recon, kl, _ = elementwise_losses(group, probe_x)
-                return (recon.sum(-1) + kl.sum(-1)).mean().item()
-
-        steps = task_cfg.epochs * -(-task_cfg.train_size // task_cfg.batch_size)
-        controlled = ControlledLoss(cfg, context, None, AUX_LOSSES, "val/neg_elbo", probe, group.parameters(), steps)
-
-    step = 0
-    failed: dict[int, str] = {}
-    diverged = Divergence(OBJECTIVE[0], cfg.divergence_factor)
-    if diverged.needs_reference:
-        diverged.reference(evaluate(group, data["val_x"], task_cfg.active_unit_threshold)[0])
-    bar = recorders[0].progress(range(1, task_cfg.epochs + 1), total=task_cfg.epochs)
-    for epoch in bar:
-        if controlled is not None:
-            controlled.controller.epoch_start()
-        if drift:
-            weights = class_weights(epoch, phase, shift, task_cfg.drift_amplitude, task_cfg.drift_frequency)
-            cumulative += weights
-            per_image = weights.to(device).gather(1, data["train_y"])
-            index = torch.stack(
-                [
-                    torch.multinomial(p, task_cfg.train_size, replacement=True, generator=g)
-                    for p, g in zip(per_image, gens)
-                ]
-            )
-            train_x = take(data["train_x"], index)
-        else:
-            train_x = data["train_x"]
+    def train_epoch(epoch: int) -> Callable[[int], dict[str, float]]:
+        nonlocal step, kl_weight
+        train_x = data["train_x"] if drift is None else drift.sample(epoch, data, gens)
         meters = {name: MeanStd(device, n_seeds) for name in ("recon", "prior", "total")}
         envelope_meters = {name: EnvelopeMeter(envelopes[name], device) for name in loss_names(task_cfg)}
-        order = permutations(train_x.shape[1], gens, device)
-        for start in range(0, order.shape[1], task_cfg.batch_size):
-            x = take(train_x, order[:, start : start + task_cfg.batch_size])
+        for index in batches(train_x.shape[1], task_cfg.batch_size, gens, device):
+            x = take(train_x, index)
             step += 1
             kl_weight = min(1.0, step / task_cfg.kl_annealing_steps) if task_cfg.kl_annealing_steps else 1.0
             if controlled is not None:
@@ -414,53 +461,29 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             for meter in envelope_meters.values():
                 meter.add()
 
-        method_metrics = {} if vwpr is None else vwpr.epoch_end(epoch, recorders[0])
-        val, recon_per_sample = evaluate(group, data["val_x"], task_cfg.active_unit_threshold)
-        if controlled is not None:
-            method_metrics.update(controlled.controller.epoch_end(epoch, -val[0]["val/elbo"]))
-        if drift:
-            # reweight validation images so that each class carries its weight under this distribution
-            reweighted = {}
-            for label, dist in (("current", weights), ("cumulative", cumulative / cumulative.sum(1, keepdim=True))):
-                per_image = (dist.to(device) / val_class_counts).gather(1, data["val_y"])
-                reweighted[label] = ((per_image * recon_per_sample).sum(1) / per_image.sum(1)).tolist()
-        for s, recorder in enumerate(recorders):
-            if s in failed:
-                continue
-            metrics = {}
-            for name, meter in meters.items():
-                metrics.update(meter.summary(f"train/{name}", s))
-            metrics["train/kl_weight"] = kl_weight
-            metrics["train/samples"] = meters["total"].count
-            for name, meter in envelope_meters.items():
-                metrics.update(meter.summary(f"envelope/{name}", s))
-            metrics.update(method_metrics)
-            metrics.update(val[s])
-            if drift:
-                metrics.update({f"val/recon_{label}": values[s] for label, values in reweighted.items()})
-                metrics.update({f"drift/class_weight_{c}": w for c, w in enumerate(weights[s].tolist())})
-            reason = diverged(s, metrics, f"epoch {epoch}")
-            if reason is not None:  # any recorded value, not only the loss: the run failed
-                failed[s] = reason
-                continue
-            recorder.log(epoch, metrics)
-        if len(failed) == n_seeds:
-            raise DivergedError(failed[0] if n_seeds == 1 else f"every seed diverged: {failed}")
-        bar.set_postfix(val_recon=f"{val[0]['val/recon']:.2f}", kl=f"{val[0]['val/kl']:.2f}")
+        return epoch_summary(meters, envelope_meters, kl_weight)
 
-    if vwpr is not None:
-        vwpr.save_figure(recorders[0].job_dir)
-    if controlled is not None:
-        controlled.save()
+    def evaluate_val() -> list[dict[str, float]]:
+        val, recon_per_sample = evaluate(group, data["val_x"], task_cfg.active_unit_threshold)
+        if drift is not None:
+            drift.add_metrics(val, recon_per_sample, data["val_y"])
+        return val
+
+    failed = run_epochs(
+        task_cfg.epochs,
+        train_epoch,
+        evaluate_val,
+        recorders,
+        Divergence(OBJECTIVE[0], cfg.divergence_factor),
+        vwpr,
+        controlled,
+        control_value=lambda val: -val[0]["val/elbo"],
+        postfix=lambda val: {"val_recon": f"{val[0]['val/recon']:.2f}", "kl": f"{val[0]['val/kl']:.2f}"},
+    )
     for s, recorder in enumerate(recorders):
         if recorder.writer is not None and s not in failed:
             log_images(group.model(s), data["val_x"][s], gens[s], task_cfg, recorder.writer)
-    if task_cfg.test_size == 0:
-        tests = [{} for _ in seeds]
-    else:
-        test, _ = evaluate(group, data["test_x"], task_cfg.active_unit_threshold)
-        tests = [{"test_recon": t["val/recon"], "test_kl": t["val/kl"], "test_elbo": t["val/elbo"]} for t in test]
-    return seed_outcomes(tests, failed)
+    return seed_outcomes(test_metrics(group, data, task_cfg, len(seeds)), failed)
 
 
 @torch.no_grad()
