@@ -65,6 +65,35 @@ def test_every_experiment_preset_validates_and_sweeps(experiment):
             assert 2 <= distinct <= runs and jobs <= runs
 
 
+@pytest.mark.parametrize("experiment", [e for e in options("experiment") if not e.startswith("optuna")])
+def test_a_job_composed_once_per_seedless_job_equals_hydras_composition(experiment):
+    """compose_job (the sweep check's and the batching launcher's) composes what jobs share but their seed once;
+    each job's config must be exactly what Hydra composes for that job (its hydra node but the fields Hydra
+    derives from the override list, which no job reads)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    from runner.callbacks import compose_job, expand_sweep, forget_compositions, split_seed
+    from runner.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = _sweep_config(experiment)
+        jobs = expand_sweep(cfg)
+        first = split_seed(jobs[0])[0]
+        same = [job for job in jobs if split_seed(job)[0] == first][:2]  # two seeds of one seedless job, if any
+        forget_compositions(cfg)
+        for job in same:
+            ours = compose_job(cfg, job)
+            hydras = GlobalHydra.instance().config_loader().load_sweep_config(cfg, list(job))
+            for c in (ours, hydras):
+                with open_dict(c):
+                    c.hydra.job.override_dirname = ""
+            assert OmegaConf.to_container(ours) == OmegaConf.to_container(hydras), (experiment, job)
+        forget_compositions(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", [e for e in options("experiment") if "paper" in e])
 def test_every_job_of_every_paper_grid_validates(experiment):

@@ -91,6 +91,7 @@ class BatchedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from runner.callbacks import compose_job
         from runner.job import Member, run_members
 
         setup_globals()
@@ -99,20 +100,11 @@ class BatchedLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         jobs: list[tuple[int, DictConfig, Member]] = []
-        composed: dict[tuple[str, ...], DictConfig] = {}
         for offset, overrides in enumerate(job_overrides):
             idx = initial_job_idx + offset
-            # Jobs that differ only in their seed share one composition (about 0.15 s each): the seed
-            # is a plain top-level value, so setting it on a copy is what composing it would give.
-            seedless = tuple(o for o in overrides if o.split("=", 1)[0] != "seed")
-            seed = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "seed"), None)
-            if seedless not in composed:
-                composed[seedless] = self.hydra_context.config_loader.load_sweep_config(self.config, list(seedless))
-            cfg = composed[seedless].copy()
+            # composed once per job but its seed, by the sweep's check where it ran in this process
+            cfg = compose_job(self.config, overrides, self.hydra_context.config_loader)
             with open_dict(cfg):
-                if seed is not None:
-                    cfg.seed = int(seed)
-                    cfg.hydra.overrides.task = list(overrides)
                 cfg.hydra.job.id = idx
                 cfg.hydra.job.num = idx
             HydraConfig.instance().set_config(cfg)
