@@ -225,7 +225,7 @@ def wait_for_other_processes(sweep_dir: Path, poll_s: float = 2.0) -> None:
     directory), so that the report counts their results instead of calling them unfinished."""
     import time
 
-    from runner.job import live_claims
+    from runner.claims import live_claims
 
     announced = None
     while live := live_claims(sweep_dir):

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from envelopes import Envelope, EnvelopeBank
 from methods.loss_controller import ControllerSettings
 from runner.cache import ResultsCache
+from runner.claims import claim, claim_key, release
 from runner.config import config_id, controller_settings, effective_config, validate
-from runner.recorder import Recorder, file_key, run_label, write_json_atomic
+from runner.recorder import Recorder, file_key, run_label
+from runner.result import Result, previous_result
 from tasks import task_module
 from tasks.common import resolve_path
 
 log = logging.getLogger(__name__)
-
-RESULT_FILE = "result.json"
-CLAIMS_DIR = ".claims"
 
 
 @dataclass
@@ -114,173 +111,6 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     return bool(mallopt(m_trim_threshold, trim_threshold)) and bool(mallopt(m_mmap_threshold, mmap_threshold))
 
 
-# Claims this process holds: claim file -> (open descriptor holding its lock, owner run directory).
-_held: dict[str, tuple[int, Path]] = {}
-
-
-@dataclass
-class Claim:
-    """Who trains a run: ``mine`` (this process, now), ``duplicate`` (another run directory with the
-    same run id, completed or being trained by a live process) or ``busy`` (this very run directory,
-    being trained by another live process: a concurrent sweep into the same directory)."""
-
-    status: str
-    owner: Path | None = None
-
-
-def _owner_of(fd: int) -> Path | None:
-    text = os.pread(fd, 4096, 0).decode(errors="replace")
-    first = text.splitlines()[0].strip() if text.strip() else ""
-    return Path(first) if first else None
-
-
-def _open_claim(path: Path) -> int | None:
-    try:
-        return os.open(path, os.O_RDWR)
-    except FileNotFoundError:  # removed or replaced meanwhile
-        return None
-
-
-def _lock(fd: int) -> bool:
-    """Take the claim's exclusive lock without waiting; False if a live process holds it."""
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
-def _same(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
-def claim(sweep_dir: Path, key: str, run_dir: Path, run_id: str | None = None) -> Claim:
-    """Claim the run ``key`` (its run id) of a sweep for ``run_dir``, for as long as this process lives.
-
-    A claim is a file in ``<sweep>/.claims/`` naming the run directory that
-    trains the run, and an exclusive ``flock`` on it held by the process
-    that trains it; the operating system drops the lock when that process
-    ends, however it ends. So a claim belongs to a live process or to none:
-
-    - no claim yet: it is created complete and already locked (a locked
-      temporary file hard-linked into place), and is this process's;
-    - a claim locked by another process: that process is training the run;
-      ``busy`` if it is this very directory (two sweeps into one
-      directory: this one skips it and waits at its end), else ``duplicate``;
-    - a claim nobody holds: its owner finished or died. If the owner
-      completed the run, ``duplicate`` (or, for this very directory, the
-      caller has already found its result); if it died or failed, the claim
-      is taken over and the run is trained again. A failed run never makes
-      another skip as its duplicate.
-
-    ``flock`` also works between the nodes of a cluster where the shared
-    file system supports locks (NFSv4 and Lustre do; Linux maps ``flock``
-    to NFS byte-range locks). The claim is given up with :func:`release`.
-    """
-    import fcntl
-    import socket
-
-    claims = sweep_dir / CLAIMS_DIR
-    claims.mkdir(parents=True, exist_ok=True)
-    path = claims / key
-    if str(path) in _held:
-        owner = _held[str(path)][1]
-        return Claim("mine") if _same(owner, run_dir) else Claim("duplicate", owner)
-    content = f"{run_dir}\n{socket.gethostname()} {os.getpid()}\n".encode()
-    for _ in range(1000):
-        tmp = claims / f".{key}.{os.getpid()}.{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, content)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
-        try:
-            os.link(tmp, path)
-            _held[str(path)] = (fd, run_dir)
-            return Claim("mine")
-        except FileExistsError:
-            os.close(fd)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fd = _open_claim(path)
-        if fd is None:
-            continue
-        if not _lock(fd):  # a live process holds it
-            owner = _owner_of(fd)
-            os.close(fd)
-            if owner is None:  # being rewritten by the process that took it over
-                time.sleep(0.01)
-                continue
-            return Claim("busy" if _same(owner, run_dir) else "duplicate", owner)
-        try:
-            replaced = os.stat(path).st_ino != os.fstat(fd).st_ino
-        except FileNotFoundError:
-            replaced = True
-        if replaced:  # locked a file that is no longer the claim: look again
-            os.close(fd)
-            continue
-        owner = _owner_of(fd)
-        if owner is not None and not _same(owner, run_dir) and previous_result(owner, run_id or key) is not None:
-            os.close(fd)
-            return Claim("duplicate", owner)
-        # its owner died or failed (or is this directory's interrupted attempt): take it over
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, content, 0)
-        _held[str(path)] = (fd, run_dir)
-        return Claim("mine")
-    raise RuntimeError(f"could not claim {path}: it kept changing hands")
-
-
-def release(run_dir: Path) -> None:
-    """Give up this process's claims on runs trained in ``run_dir`` (after their results are written)."""
-    for path, (fd, owner) in list(_held.items()):
-        if _same(owner, run_dir):
-            os.close(fd)
-            del _held[path]
-
-
-def live_claims(sweep_dir: Path) -> list[Path]:
-    """Run directories of the sweep that another live process is training now."""
-    live = []
-    for path in sorted((sweep_dir / CLAIMS_DIR).glob("[!.]*")):
-        if str(path) in _held:
-            continue
-        fd = _open_claim(path)
-        if fd is None:
-            continue
-        if not _lock(fd):
-            owner = _owner_of(fd)
-            if owner is not None:
-                live.append(owner)
-        os.close(fd)
-    return live
-
-
-def claim_key(run_id: str, run_dir: Path, deduplicate: bool) -> str:
-    """The claim's name: the run id, or, without de-duplication, the run id and its directory."""
-    if deduplicate:
-        return run_id
-    import hashlib
-
-    return f"{run_id}.{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
-
-
-def previous_result(job_dir: Path, run_id: str) -> dict[str, Any] | None:
-    """A completed result of the same run in this directory (an interrupted sweep re-run)."""
-    import json
-
-    path = job_dir / RESULT_FILE
-    if not path.exists():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except ValueError:
-        return None
-    if result.get("status") == "completed" and result.get("run_id") == run_id:
-        return result
-    return None
-
-
 @dataclass
 class SeedRun:
     """One seed's run inside a job: its directory, identity and result."""
@@ -288,7 +118,7 @@ class SeedRun:
     seed: int
     dir: Path
     overrides: list[str]
-    result: dict[str, Any]
+    result: Result
     config: DictConfig
     envelopes: dict[str, Envelope]
     member: Any = None  # the Member (job) it belongs to
@@ -309,14 +139,14 @@ def prepare(
     run_dir = job_dir / f"seed_{seed}" if batched else job_dir
     run_overrides = seed_overrides(overrides, seed) if batched else overrides
     effective = effective_config(seed_cfg, envelopes)
-    result = {
-        "overrides": run_overrides,
-        "task": cfg.task.name,
-        "seed": seed,
-        "config_id": config_id(effective),
-        "run_id": config_id(effective, with_seed=True),
-        "effective": effective,
-    }
+    result = Result(
+        run_overrides,
+        cfg.task.name,
+        seed,
+        config_id=config_id(effective),
+        run_id=config_id(effective, with_seed=True),
+        effective=effective,
+    )
     return SeedRun(seed, run_dir, run_overrides, result, seed_cfg, envelopes)
 
 
@@ -326,11 +156,6 @@ def write_config(run: SeedRun, batched: bool) -> None:
     if batched:
         (run.dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in run.overrides))
     (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(run.config, resolve=True))
-
-
-def objective_value(result: dict[str, Any]) -> float:
-    value = (result.get("objective") or {}).get("value")
-    return math.nan if value is None else float(value)
 
 
 class GroupLog(logging.FileHandler):
@@ -439,8 +264,8 @@ def run_members(
             cache = None if members[0].cfg.cache_dir is None else ResultsCache(resolve_path(members[0].cfg.cache_dir))
             if cache is not None:
                 for run in pending:
-                    if run.result.get("status") == "completed":
-                        cache.store(run.result["run_id"], run.dir)
+                    if run.result.status == "completed":
+                        cache.store(run.result.run_id, run.dir)
             export(pending, sweep_dir)
     finally:
         for recorder in recorders:
@@ -452,22 +277,21 @@ def run_members(
     for index, runs in prepared:
         member = members[index]
         if member.cfg.seed_batch > 1:
-            job_result = {
-                "overrides": member.overrides,
-                "task": member.cfg.task.name,
-                "seed": member.cfg.seed,
-                "status": "batch",
-                "seeds": [run.seed for run in runs],
-                "trained": [run.seed for run in runs if run in pending],
-                "runs": [run.dir.name for run in runs],
-                "wall_time_s": time.time() - start,
-            }
-            write_json_atomic(member.dir / RESULT_FILE, job_result)
-        values = [objective_value(run.result) for run in runs if run.result.get("status") == "completed"]
+            Result(
+                member.overrides,
+                member.cfg.task.name,
+                member.cfg.seed,
+                status="batch",
+                seeds=[run.seed for run in runs],
+                trained=[run.seed for run in runs if run in pending],
+                runs=[run.dir.name for run in runs],
+                wall_time_s=time.time() - start,
+            ).write(member.dir)
+        values = [run.result.objective_value for run in runs if run.result.status == "completed"]
         finite = [v for v in values if math.isfinite(v)]
         outcomes[index] = sum(finite) / len(finite) if finite else math.nan
         if sweep_dir is None:  # a single run: say where its files went (a sweep's report does)
-            status = ", ".join(sorted({str(run.result.get("status")) for run in runs}))
+            status = ", ".join(sorted({str(run.result.status) for run in runs}))
             print(
                 f"Run {status}: files in {member.dir} (config.yaml, metrics.jsonl, result.json, tb/); "
                 f"tensorboard --logdir {member.dir}"
@@ -480,10 +304,10 @@ def export(runs: list[SeedRun], sweep_dir: Path | None) -> None:
     from runner.tracking import export_run
 
     for run in runs:
-        if run.config.get("tracking") and run.result.get("status") in ("completed", "failed"):
+        if run.config.get("tracking") and run.result.status in ("completed", "failed"):
             experiment = sweep_dir.name if sweep_dir is not None else "runs"
             name = run_label(run.overrides) or run.dir.name
-            export_run(run.dir, run.result, experiment, run.config.tracking_uri, name)
+            export_run(run.dir, run.result.to_json(), experiment, run.config.tracking_uri, name)
 
 
 def prepare_member(
@@ -508,14 +332,14 @@ def prepare_member(
         run = prepare(cfg, envelopes, job_dir, member.overrides, batched, seed)
         run.member = member
         runs.append(run)
-        done = previous_result(run.dir, run.result["run_id"])
+        done = previous_result(run.dir, run.result.run_id)
         if done is not None:
             log.info("seed %d already completed in %s; not re-running", seed, run.dir)
             run.result = done
             continue  # its files are already there: a resumed sweep passes over it quickly
         if sweep_dir is not None:
-            key = claim_key(run.result["run_id"], run.dir, cfg.deduplicate)
-            taken = claim(sweep_dir, key, run.dir, run.result["run_id"])
+            key = claim_key(run.result.run_id, run.dir, cfg.deduplicate)
+            taken = claim(sweep_dir, key, run.dir, run.result.run_id)
             if taken.status == "busy":
                 log.info("seed %d: another live process is training %s; skipping it here", seed, run.dir)
                 continue  # its files are that process's to write
@@ -523,15 +347,16 @@ def prepare_member(
             if taken.status == "duplicate":
                 write_config(run, batched)
                 log.info("same effective config as %s; skipping", taken.owner)
-                run.result.update(status="duplicate", duplicate_of=str(taken.owner), wall_time_s=time.time() - start)
-                write_json_atomic(run.dir / RESULT_FILE, run.result)
+                run.result.status, run.result.duplicate_of = "duplicate", str(taken.owner)
+                run.result.wall_time_s = time.time() - start
+                run.result.write(run.dir)
                 continue
         write_config(run, batched)
-        cached = None if cache is None else cache.fetch(run.result["run_id"], run.dir)
+        cached = None if cache is None else cache.fetch(run.result.run_id, run.dir)
         if cached is not None:
             log.info("seed %d: results cached in %s; not re-running", seed, cached["cached_from"])
-            run.result = {**cached, "overrides": run.overrides}
-            write_json_atomic(run.dir / RESULT_FILE, run.result)
+            run.result = Result.from_json({**cached, "overrides": run.overrides})
+            run.result.write(run.dir)
             continue
         pending.append(run)
     return runs
@@ -541,24 +366,20 @@ def fail_runs(
     member: Member, runs: list[SeedRun], recorders: list[Recorder], error: Exception, start: float, batched: bool
 ) -> None:
     """Write a failed result for each of ``runs`` (and the job's own for a failure before any run)."""
-    failure = {
-        "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": traceback.format_exc(),
-        "wall_time_s": time.time() - start,
-    }
-    log.error("job %s failed: %s", member.dir, failure["error"])
+    wall_time, trace = time.time() - start, traceback.format_exc()
+    log.error("job %s failed: %s: %s", member.dir, type(error).__name__, error)
     by_dir = {recorder.job_dir: recorder for recorder in recorders}
     for run in runs:
-        run.result.update(failure)
+        run.result.failed(error, wall_time, trace)
         recorder = by_dir.get(run.dir)
         if recorder is not None:
-            run.result.update(final=recorder.final, best=recorder.best)
-        write_json_atomic(run.dir / RESULT_FILE, run.result)
+            run.result.final, run.result.best = recorder.final, recorder.best
+        run.result.write(run.dir)
     if not runs or batched:
-        job_result = {"overrides": member.overrides, "task": member.cfg.task.name, "seed": member.cfg.seed, **failure}
+        job_result = Result(member.overrides, member.cfg.task.name, member.cfg.seed)
+        job_result.failed(error, wall_time, trace)
         member.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(member.dir / RESULT_FILE, job_result)
+        job_result.write(member.dir)
 
 
 def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int | None) -> None:
@@ -607,34 +428,24 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
     objective_key = file_key(module.OBJECTIVE[0])
     for run, recorder, extra in zip(runs, recorders, extras):
         if isinstance(extra, Exception):  # this run failed; the batch's others did not
-            run.result.update(
-                status="failed",
-                error=f"{type(extra).__name__}: {extra}",
-                final=recorder.final,
-                best=recorder.best,
-                wall_time_s=wall_time / len(runs),
-            )
-            write_json_atomic(run.dir / RESULT_FILE, run.result)
+            run.result.failed(extra, wall_time / len(runs))
+            run.result.final, run.result.best = recorder.final, recorder.best
+            run.result.write(run.dir)
             log.error("seed %d failed: %s", run.seed, extra)
             continue
         final = {**recorder.final, **extra}
         value = final.get(objective_key)
-        run.result.update(
-            status="completed",
-            device=str(device),
-            threads=torch.get_num_threads(),
-            # bit-identical results need the same threads and the same group (docs/running.md, "Seeds and devices")
-            group_size=len(runs),
-            final=final,
-            best=recorder.best,
-            objective={"metric": objective_key, "mode": module.OBJECTIVE[1], "value": value},
-            # a batch's runs share its time: each is charged its share
-            wall_time_s=wall_time / len(runs),
-        )
+        result = run.result
+        result.status, result.device, result.threads = "completed", str(device), torch.get_num_threads()
+        # bit-identical results need the same threads and the same group (docs/running.md, "Seeds and devices")
+        result.group_size = len(runs)
+        result.final, result.best = final, recorder.best
+        result.objective = {"metric": objective_key, "mode": module.OBJECTIVE[1], "value": value}
+        result.wall_time_s = wall_time / len(runs)  # a batch's runs share its time: each is charged its share
         if len(runs) > 1:
-            run.result["batch"] = {"seeds": [r.seed for r in runs], "wall_time_s": wall_time}
+            result.batch = {"seeds": [r.seed for r in runs], "wall_time_s": wall_time}
         if context.warnings:
-            run.result["warnings"] = list(context.warnings)
-        recorder.log_hparams(run.result["effective"], {k: v for k, v in final.items() if isinstance(v, (int, float))})
-        write_json_atomic(run.dir / RESULT_FILE, run.result)
+            result.warnings = list(context.warnings)
+        recorder.log_hparams(result.effective, {k: v for k, v in final.items() if isinstance(v, (int, float))})
+        result.write(run.dir)
         log.info("seed %d completed: %s = %s", run.seed, objective_key, value)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from runner.claims import claim, live_claims, release
 from runner.config import config_id, effective_config, validate
-from runner.job import claim, live_claims, release, run_job
+from runner.job import run_job
 from tasks.datasets import DataNotFoundError
 from tests.conftest import ROOT, SHARED_DATA
 from tests.test_regression import needs_california
@@ -19,7 +20,7 @@ from tests.test_regression import needs_california
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from runner.job import claim
+    from runner.claims import claim
     print(claim(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])).status, flush=True)
     time.sleep(60)
 """)

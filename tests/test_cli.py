@@ -433,7 +433,7 @@ def test_ctrl_c_mid_sweep_says_so_in_one_line_releases_claims_and_exits_130(tmp_
     import signal
     import time
 
-    from runner.job import live_claims
+    from runner.claims import live_claims
 
     sweep = tmp_path / "sweep"
     args = [
