@@ -178,6 +178,12 @@ def controller_settings(cfg: DictConfig, **replace: Any) -> ControllerSettings:
     return ControllerSettings(**{**OmegaConf.to_container(cfg.controller, resolve=True), **replace})
 
 
+def controller_on(mode: str | None) -> bool:
+    """Whether a controller mode changes training: null and ``baseline`` (the base loss alone) train exactly
+    what no controller trains, so they are the same run."""
+    return mode not in (None, "baseline")
+
+
 def check_report_metric(task_name: str, metric: str) -> None:
     """``report.metric`` (``val_loss``, ``final_val_loss``, ``best_val_accuracy``, ``val/loss``) names a metric the
     task records; a :class:`ConfigError` listing them otherwise."""
@@ -353,7 +359,7 @@ def effective_config(cfg: DictConfig, envelopes: dict[str, Envelope], data: bool
     # the controller's only when it is on (a run without it keeps the id it always had); its baseline mode
     # (the base loss alone) trains what no controller trains, so it is the same run
     out.pop("controller", None)
-    if container["controller"]["mode"] not in (None, "baseline"):
+    if controller_on(container["controller"]["mode"]):
         out["controller"] = container["controller"]
     return out
 

@@ -26,7 +26,7 @@ from envelopes import Envelope, EnvelopeBank
 from methods.loss_controller import ControllerSettings
 from runner.cache import ResultsCache
 from runner.claims import claim, claim_key, release
-from runner.config import config_id, controller_settings, effective_config, validate
+from runner.config import config_id, controller_on, controller_settings, effective_config, validate
 from runner.recorder import Recorder, file_key, run_label
 from runner.result import Result, previous_result
 from tasks import task_module
@@ -419,7 +419,7 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
         [run.seed for run in runs],
         cfg.vwpr if cfg.vwpr.enabled else None,
         # baseline (the base loss alone) trains exactly what no controller trains: it is that run
-        None if cfg.controller.mode in (None, "baseline") else controller_settings(cfg),
+        controller_settings(cfg) if controller_on(cfg.controller.mode) else None,
         run_envelopes=None if same else per_run,
     )
     extras = module.run(cfg, context)

@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 
 def group_key(cfg: DictConfig) -> str | None:
     """What the runs of a group must share: the whole config but envelopes and seed (None: runs alone)."""
-    if cfg.vwpr.enabled or cfg.controller.mode not in (None, "baseline"):
+    from runner.config import controller_on
+
+    if cfg.vwpr.enabled or controller_on(cfg.controller.mode):
         return None
     container = {
         key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
