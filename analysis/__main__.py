@@ -20,19 +20,28 @@ the fresh seeds alone (analysis/confirm.py).
 """
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
-from analysis.confirm import write_plan
-from analysis.report import Reading, paper_tables, write_report
-from analysis.tables import default_spec, parse_fixed
+import pandas as pd
+
+from analysis.confirm import plan_rows, plan_rows_from_configs, write_plan
+from analysis.report import Reading, paper_table_protocol, paper_tables, write_report
+from analysis.tables import TableSpec, default_spec, hold_fixed, parse_fixed
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep directories (Hydra multirun layout)")
+    parser.add_argument(
+        "sweeps",
+        nargs="+",
+        type=Path,
+        help="sweep directories (Hydra multirun layout); with --confirm-seeds, a report's configs.csv instead "
+        "where the sweep's runs are gone",
+    )
     parser.add_argument(
         "--metric", help="selection metric, e.g. val_loss or best_val_accuracy (default: the objective)"
     )
@@ -75,16 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fixed = parse_fixed(args.fix) if args.fix else None
         if args.confirm_seeds is not None:
-            reading = Reading.of(args.sweeps, args.metric, args.mode, args.at_step, fixed, args.paper_table)
-            spec = default_spec(reading.jobs, reading.metric, reading.mode)
-            write_plan(
-                reading.jobs,
-                spec,
-                args.confirm_seeds,
-                (args.out or args.sweeps[0]) / "confirm",
-                args.sweeps,
-                args.paper_table,
-            )
+            _confirmation_plan(args, fixed)
             return 0
         write_report(
             args.sweeps,
@@ -100,6 +100,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _confirmation_plan(args: argparse.Namespace, fixed: dict | None) -> None:
+    """--confirm-seeds: the plan from the sweeps' runs, or from a report's configs.csv (selected as the report
+    selected; the file holds the figures at the step that report read its runs)."""
+    source = args.sweeps[0]
+    out = (args.out or (source.parent if source.suffix == ".csv" else source)) / "confirm"
+    if source.suffix != ".csv":
+        reading = Reading.of(args.sweeps, args.metric, args.mode, args.at_step, fixed, args.paper_table)
+        spec = default_spec(reading.jobs, reading.metric, reading.mode)
+        rows = plan_rows(reading.jobs, spec, args.paper_table)
+        seeds, at_step, fixed = reading.jobs["seed"], reading.jobs.attrs.get("at_step"), reading.fixed
+    else:
+        if len(args.sweeps) > 1:
+            raise ValueError("--confirm-seeds takes one configs.csv, or sweep directories, not several files")
+        protocol = paper_table_protocol(args.paper_table) if args.paper_table else None
+        metric = args.metric or (protocol.metric if protocol else None)
+        mode = args.mode or (protocol.mode if protocol else None)
+        if metric is None or mode is None:
+            raise ValueError(f"{source} names no objective: give --metric and --mode, or --paper-table")
+        select = metric if metric.startswith(("final_", "best_")) else f"final_{metric}"
+        spec = TableSpec(select, mode, [select])
+        at_step = args.at_step if args.at_step is not None else (protocol.at_step if protocol else None)
+        fixed = fixed if fixed is not None else (protocol.fixed if protocol else {})
+        configs = hold_fixed(pd.read_csv(source), fixed or {})
+        rows = plan_rows_from_configs(configs, spec, args.paper_table)
+        seeds = pd.Series([int(s) for listed in configs["seeds"] for s in ast.literal_eval(str(listed))])
+    write_plan(rows, seeds, spec, args.confirm_seeds, out, args.sweeps, args.paper_table, at_step, fixed)
 
 
 if __name__ == "__main__":

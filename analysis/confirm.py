@@ -50,78 +50,165 @@ def _figure(values: pd.Series) -> dict:
     }
 
 
-def fresh_seeds(jobs: pd.DataFrame, count: int) -> list[int]:
+def fresh_seeds(used: pd.Series, count: int) -> list[int]:
     """``count`` seeds that no run of the selection used: from the next multiple of 1,000 above the largest."""
-    used = pd.to_numeric(jobs["seed"], errors="coerce").dropna()
+    used = pd.to_numeric(used, errors="coerce").dropna()
     start = (int(used.max()) // 1000 + 1) * 1000 if len(used) else 1000
     return list(range(start, start + count))
 
 
-def plan_rows(jobs: pd.DataFrame, spec, table_number: str | None = None) -> list[dict]:
-    """The configurations to confirm: each table row's selection (per group of task parameters), identity
-    included, then the paper's rows of ``table_number`` found in the sweep; each once."""
-    from analysis.report import paper_rows, split_by_task_parameters
-    from analysis.tables import paper_table
+def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
+    """Each group's selection (``(label, configurations as aggregate() gives them, runs or configurations for
+    the paper's rows)``): every table row's configuration, identity included, then the paper's rows of
+    ``table_number`` found there; each configuration once."""
+    from analysis.report import paper_rows
+    from analysis.tables import best_per_shapes, loss_names
 
-    done = jobs[jobs["status"] == "completed"]
+    metrics = list(dict.fromkeys([spec.select, *spec.report]))
     rows: list[dict] = []
     seen: set[str] = set()
 
-    def add(config_id: str, label: str, source: str, group: pd.DataFrame) -> None:
-        if config_id in seen:
+    def add(config: pd.Series, label: str, source: str, candidates: int | None) -> None:
+        if config["config_id"] in seen:
             return
-        seen.add(config_id)
-        runs = group[group["config_id"] == config_id]
+        seen.add(config["config_id"])
+        figures = {
+            m: {
+                "mean": float(config[f"{m}_mean"]),
+                "std": float(config[f"{m}_std"]),
+                "n": int(config[f"{m}_n"]),
+            }
+            for m in metrics
+            if f"{m}_mean" in config.index
+        }
         rows.append(
             {
                 "row": label,
                 "source": source,
-                "config_id": config_id,
-                "envelopes": str(runs["envelopes"].iloc[0]),
-                "identity": bool(
-                    all(e == {"shape": "identity"} for e in json.loads(runs["envelopes_json"].iloc[0]).values())
-                ),
-                "overrides": _overrides(runs.sort_values("seed")["job_dir"].iloc[0]),
-                "selection": {m: _figure(runs[m]) for m in dict.fromkeys([spec.select, *spec.report])},
-                "selection_seeds": sorted(int(s) for s in runs["seed"]),
-                "candidates": None,
+                "config_id": config["config_id"],
+                "envelopes": str(config["envelopes"]),
+                "identity": all(config[f"env_{loss}_shape"] == "identity" for loss in loss_names(config.to_frame().T)),
+                "overrides": overrides_of(config),
+                "selection": figures,
+                "selection_seeds": sorted(int(s) for s in config["seeds"]),
+                "candidates": candidates,
             }
         )
 
-    for label, group in split_by_task_parameters(done):
+    for label, agg, runs in groups:
         prefix = "" if not label else ", ".join(f"task.{k}={v}" for k, v in label) + ": "
-        table = paper_table(group, spec)
-        for _, row in table.iterrows():
-            add(row["config_id"], prefix + row["shapes"], f"best of {int(row['candidates'])} by {spec.select}", group)
-            rows[-1]["candidates"] = int(row["candidates"])
+        by_id = agg.set_index("config_id", drop=False)
+        for _, row in best_per_shapes(agg, spec).iterrows():
+            source = f"best of {int(row['candidates'])} by {spec.select}"
+            add(row, prefix + row["shapes"], source, int(row["candidates"]))
         if table_number is not None:
-            for envelopes, config_id in paper_rows(group, table_number):
-                add(config_id, prefix + f"paper: {envelopes}", f"the paper's Table {table_number} row", group)
+            for envelopes, config_id in paper_rows(runs, table_number):
+                add(by_id.loc[config_id], prefix + f"paper: {envelopes}", f"the paper's Table {table_number} row", None)
     return rows
 
 
+def plan_rows(jobs: pd.DataFrame, spec, table_number: str | None = None) -> list[dict]:
+    """The configurations to confirm, from a sweep's runs: each table row's selection (per group of task
+    parameters), identity included, then the paper's rows of ``table_number`` found in the sweep; each once."""
+    from analysis.report import split_by_task_parameters
+    from analysis.stats import aggregate
+
+    done = jobs[jobs["status"] == "completed"]
+    metrics = list(dict.fromkeys([spec.select, *spec.report]))
+    first_run = done.sort_values("seed").groupby("config_id")["job_dir"].first()
+    groups = [(label, aggregate(group, metrics), group) for label, group in split_by_task_parameters(done)]
+    return _selected_rows(groups, spec, table_number, lambda config: _overrides(first_run[config["config_id"]]))
+
+
+def plan_rows_from_configs(configs: pd.DataFrame, spec, table_number: str | None = None) -> list[dict]:
+    """The configurations to confirm, from a report's ``configs.csv`` (one row per configuration with the mean,
+    std and n of the selection metric) where the sweep's runs are no longer at hand: the same selection as
+    :func:`plan_rows`. Each configuration's task parameters (for the groups and the paper's protocol) come from
+    composing its overrides with Hydra; its overrides are the ``config`` column's."""
+    import ast
+
+    from analysis.load import ENVELOPE_PARAMETERS
+    from analysis.report import split_by_task_parameters
+    from analysis.tables import loss_names
+
+    configs = configs.copy()
+    if not {"config_id", "config", "seeds", f"{spec.select}_mean"} <= set(configs.columns):
+        raise ValueError(
+            f"a configs.csv for a confirmation plan needs the columns config_id, config, seeds and "
+            f"{spec.select}_mean (a report's configs.csv); got {sorted(configs.columns)}"
+        )
+    configs["seeds"] = configs["seeds"].map(lambda s: ast.literal_eval(s) if isinstance(s, str) else s)
+    overrides = configs["config"].map(lambda c: [o for o in str(c).split() if not o.startswith("seed_batch=")])
+    tasks = {key: _composed_task(list(key)) for key in {_non_envelope(o) for o in overrides}}
+    configs["task_json"] = [json.dumps(tasks[_non_envelope(o)], sort_keys=True) for o in overrides]
+    configs["envelopes_json"] = [
+        json.dumps(
+            {
+                loss: {
+                    p: _plain(row[f"env_{loss}_{p}"]) for p in ENVELOPE_PARAMETERS if _given(row.get(f"env_{loss}_{p}"))
+                }
+                for loss in loss_names(configs)
+            },
+            sort_keys=True,
+        )
+        for _, row in configs.iterrows()
+    ]
+    configs["_overrides"] = overrides
+    configs["status"] = "completed"
+    groups = [(label, group, group) for label, group in split_by_task_parameters(configs)]
+    return _selected_rows(groups, spec, table_number, lambda config: list(config["_overrides"]))
+
+
+def _non_envelope(overrides: list[str]) -> tuple[str, ...]:
+    return tuple(o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(("envelope", "hydra")))
+
+
+def _composed_task(overrides: list[str]) -> dict:
+    """The task config that Hydra composes from these overrides (the project's ``conf/``)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from runner.config import register_configs
+
+    register_configs()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=overrides).task, resolve=True)
+
+
+def _given(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value):
+    """A CSV cell as the value a result.json held: whole numbers of a float column stay floats (0.1, 1.0)."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def write_plan(
-    jobs: pd.DataFrame,
+    rows: list[dict],
+    used_seeds: pd.Series,
     spec,
     seeds: int,
     out_dir: Path,
-    sweep_dirs: list[Path],
+    sources: list[Path],
     table_number: str | None = None,
+    at_step: int | None = None,
+    fixed: dict | None = None,
 ) -> Path:
     """Write ``confirmation.json`` and ``jobs.yaml`` into ``out_dir``; print the command that runs them."""
     if seeds < 2:
         raise ValueError(f"--confirm-seeds must be at least 2 (a confirmed figure needs a spread), got {seeds}")
-    rows = plan_rows(jobs, spec, table_number)
     if not rows:
         raise ValueError("no completed configuration to confirm")
-    new_seeds = fresh_seeds(jobs, seeds)
+    new_seeds = fresh_seeds(used_seeds, seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = {
-        "selection_sweeps": [str(d) for d in sweep_dirs],
+        "selection_sweeps": [str(d) for d in sources],
         "selected_by": {"metric": spec.select, "mode": spec.mode},
         "reported": spec.report[0],
-        "at_step": jobs.attrs.get("at_step"),
-        "fixed": jobs.attrs.get("fixed") or {},
+        "at_step": at_step,
+        "fixed": fixed or {},
         "paper_table": table_number,
         "seeds": new_seeds,
         "rows": rows,

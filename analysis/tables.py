@@ -134,13 +134,15 @@ def loss_names(jobs: pd.DataFrame) -> list[str]:
     )
 
 
-def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
-    """One row per envelope shape (per combination of shapes, with several losses)."""
-    losses = loss_names(jobs)
-    metrics = list(dict.fromkeys([spec.select, *spec.report]))
-    agg = aggregate(jobs, metrics)
-    if agg.empty:
-        return agg
+def best_per_shapes(agg: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    """The selection of a table: per envelope shape (per combination of shapes, with several losses; VWPR and a
+    controller mode set apart), the configuration with the best mean ``spec.select``, in display order, with
+    ``shapes`` and ``candidates`` (how many configurations it was chosen from).
+
+    ``agg`` is one row per configuration as :func:`aggregate` gives it (or as a report's ``configs.csv`` holds it).
+    """
+    losses = loss_names(agg)
+    agg = agg.copy()
     shape_columns = [f"env_{loss}_shape" for loss in losses]
     agg["shapes"] = agg[shape_columns].astype(str).agg(" / ".join, axis=1)
     vwpr = agg["vwpr"].fillna(False).astype(bool) if "vwpr" in agg.columns else pd.Series(False, index=agg.index)
@@ -151,6 +153,7 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     agg.loc[with_controller, "shapes"] = (  # as text: a column of no modes at all is a float column of NaN
         agg.loc[with_controller, "shapes"] + " + controller " + controller[with_controller].astype(str)
     )
+    agg["controller"] = controller
     mode_order = {None: 0, "baseline": 1, "monitor_only": 2, "controller_only": 3, "full": 4}
     agg["_order"] = [
         tuple(shape_order(v) for v in r) + (int(w), mode_order.get(None if pd.isna(c) else c, 9))
@@ -164,12 +167,25 @@ def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         .sort_values("_order")
     )
     best["candidates"] = best["shapes"].map(agg.groupby("shapes").size())
+    return best
+
+
+def paper_table(jobs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    """One row per envelope shape (per combination of shapes, with several losses)."""
+    losses = loss_names(jobs)
+    metrics = list(dict.fromkeys([spec.select, *spec.report]))
+    agg = aggregate(jobs, metrics)
+    if agg.empty:
+        return agg
+    best = best_per_shapes(agg, spec)
+    shape_columns = [f"env_{loss}_shape" for loss in losses]
+    controller = best["controller"]
 
     done = jobs[jobs["status"] == "completed"]
     values = {cid: group[spec.report[0]].to_numpy(float) for cid, group in done.groupby("config_id")}
     # the baseline: identity everywhere, no VWPR, and no controller (or its base-loss-only mode)
     plain = best[shape_columns].eq("identity").all(axis=1) & ~best["shapes"].str.contains("+ VWPR", regex=False)
-    modes = controller[best.index]
+    modes = controller
     baseline = best[plain & modes.isna()]
     if baseline.empty:
         baseline = best[plain & (modes == "baseline")]

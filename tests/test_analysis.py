@@ -520,6 +520,46 @@ def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path
     assert "paired by seed (10)" in text and "fresh seeds 1000-1009" in text
 
 
+def test_a_confirmation_plan_from_a_reports_configs_csv_selects_what_the_sweep_selects(tmp_path):
+    from analysis.confirm import PLAN_FILE
+
+    rng = np.random.default_rng(1)
+    sweep, num = tmp_path / "selection", 0
+    for shape, quantiles in (("identity", [None]), ("step", [0.1, 0.5, 0.9])):
+        for quantile in quantiles:
+            for seed in range(3):
+                make_job(sweep, num, shape, seed, float(rng.normal(1.0, 0.1)), quantile=quantile)
+                num += 1
+    write_report([sweep], tmp_path / "report", make_figures=False)
+    plans = {}
+    for name, source in (("sweep", sweep), ("csv", tmp_path / "report" / "configs.csv")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "analysis", str(source), "--confirm-seeds", "4", "--out", str(tmp_path / name)]
+            + (["--metric", "val_loss", "--mode", "min"] if name == "csv" else []),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr
+        plans[name] = json.loads((tmp_path / name / "confirm" / PLAN_FILE).read_text())
+    keys = ("row", "config_id", "identity", "selection", "selection_seeds", "candidates")
+    assert [{k: r[k] for k in keys} for r in plans["csv"]["rows"]] == [
+        {k: r[k] for k in keys} for r in plans["sweep"]["rows"]
+    ]
+    assert [sorted(r["overrides"]) for r in plans["csv"]["rows"]] == [
+        sorted(r["overrides"]) for r in plans["sweep"]["rows"]
+    ]
+    assert plans["csv"]["seeds"] == plans["sweep"]["seeds"] == [1000, 1001, 1002, 1003]
+    # a configs.csv names no objective: the metric comes from the command line or the paper's table
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(tmp_path / "report" / "configs.csv"), "--confirm-seeds", "4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "give --metric and --mode, or --paper-table" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("factor", "values", "named"),
     [
