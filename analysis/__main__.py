@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         "sweeps",
         nargs="+",
         type=Path,
-        help="sweep directories (Hydra multirun layout); with --confirm-seeds, a report's configs.csv instead "
-        "where the sweep's runs are gone",
+        help="sweep directories (Hydra multirun layout), or reports' jobs.csv files where the runs are gone "
+        "(no curves then); with --confirm-seeds, also a report's configs.csv",
     )
     parser.add_argument(
         "--metric", help="selection metric, e.g. val_loss or best_val_accuracy (default: the objective)"
@@ -107,7 +107,8 @@ def _confirmation_plan(args: argparse.Namespace, fixed: dict | None) -> None:
     selected; the file holds the figures at the step that report read its runs)."""
     source = args.sweeps[0]
     out = (args.out or (source.parent if source.suffix == ".csv" else source)) / "confirm"
-    if source.suffix != ".csv":
+    per_config = source.suffix == ".csv" and "job_dir" not in pd.read_csv(source, nrows=0).columns  # configs.csv
+    if not per_config:
         reading = Reading.of(args.sweeps, args.metric, args.mode, args.at_step, fixed, args.paper_table)
         spec = default_spec(reading.jobs, reading.metric, reading.mode)
         rows = plan_rows(reading.jobs, spec, args.paper_table)

@@ -35,9 +35,11 @@ PLAN_FILE = "confirmation.json"
 JOBS_FILE = "jobs.yaml"
 
 
-def _overrides(job_dir: str) -> list[str]:
-    """A run's overrides without its seed and seed batch (each confirmation job is one run of one seed)."""
-    listed = yaml.safe_load((Path(job_dir) / ".hydra" / "overrides.yaml").read_text()) or []
+def _overrides(run: pd.Series) -> list[str]:
+    """A run's overrides without its seed and seed batch (each confirmation job is one run of one seed): from its
+    ``.hydra/overrides.yaml``, or where the run directory is gone (a report's jobs.csv) its ``overrides`` column."""
+    path = Path(str(run["job_dir"])) / ".hydra" / "overrides.yaml"
+    listed = (yaml.safe_load(path.read_text()) or []) if path.exists() else str(run["overrides"]).split()
     return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in ("seed", "seed_batch")]
 
 
@@ -115,9 +117,9 @@ def plan_rows(jobs: pd.DataFrame, spec, table_number: str | None = None) -> list
 
     done = jobs[jobs["status"] == "completed"]
     metrics = list(dict.fromkeys([spec.select, *spec.report]))
-    first_run = done.sort_values("seed").groupby("config_id")["job_dir"].first()
+    first_run = done.sort_values("seed").groupby("config_id").first()
     groups = [(label, aggregate(group, metrics), group) for label, group in split_by_task_parameters(done)]
-    return _selected_rows(groups, spec, table_number, lambda config: _overrides(first_run[config["config_id"]]))
+    return _selected_rows(groups, spec, table_number, lambda config: _overrides(first_run.loc[config["config_id"]]))
 
 
 def plan_rows_from_configs(configs: pd.DataFrame, spec, table_number: str | None = None) -> list[dict]:

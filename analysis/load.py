@@ -71,7 +71,8 @@ def envelope_label(envelopes: dict) -> str:
 
 
 def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
-    """One row per job.
+    """One row per job, from sweep directories or from reports' ``jobs.csv`` files (the same rows, written by
+    :func:`analysis.report.write_report`; without the runs' metrics there are no curves).
 
     Columns: sweep, job_dir, overrides, config (overrides but the seed),
     status, task, seed, config_id, run_id, error, wall_time_s, objective
@@ -79,7 +80,8 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
     ``envelopes`` (a readable label), ``final_<metric>`` and ``best_<metric>``.
     """
     rows = []
-    for sweep_dir in map(Path, sweep_dirs):
+    frames = [pd.read_csv(Path(p)) for p in sweep_dirs if Path(p).suffix == ".csv" and Path(p).is_file()]
+    for sweep_dir in (Path(p) for p in sweep_dirs if not (Path(p).suffix == ".csv" and Path(p).is_file())):
         if not sweep_dir.is_dir():
             raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
         for job_dir in _job_dirs(sweep_dir):
@@ -139,7 +141,8 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
                 row.update({f"final_{k}": v for k, v in (result.get("final") or {}).items()})
                 row.update({f"best_{k}": v for k, v in (result.get("best") or {}).items()})
             rows.append(row)
-    return pd.DataFrame(rows)
+    # a report's jobs.csv (what this function returned for its sweeps) stands for sweeps whose runs are gone
+    return pd.concat([pd.DataFrame(rows), *frames], ignore_index=True) if frames else pd.DataFrame(rows)
 
 
 def load_metrics(jobs: pd.DataFrame) -> pd.DataFrame:

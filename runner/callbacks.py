@@ -136,10 +136,29 @@ def compose_job(config: DictConfig, overrides: Sequence[str], loader=None) -> Di
 
 
 def forget_compositions(config: DictConfig) -> None:
-    """Drop the sweep's cached compositions (a new sweep into the directory composes afresh)."""
+    """Drop the sweep's cached compositions and validations (a new sweep into the directory composes afresh)."""
     sweep = str(config.hydra.sweep.dir)
-    for key in [k for k in _composed if k[0] == sweep]:
-        del _composed[key]
+    for cache in (_composed, _validated):
+        for key in [k for k in cache if k[0] == sweep]:
+            del cache[key]
+
+
+# the envelopes of each job the sweep's check validated, by the key of its composition
+_validated: dict[tuple[str, tuple[str, ...]], dict] = {}
+
+
+def checked_envelopes(config: DictConfig, overrides: Sequence[str]) -> dict | None:
+    """The envelopes the sweep's check validated for this job (jobs that differ only in their seed share its
+    validation), so that the job is not validated again; None where the check did not validate it in this
+    process, or the job's seed is not a valid one (the job's own validation then names the error)."""
+    seedless, seed = split_seed(overrides)
+    envelopes = _validated.get((str(config.hydra.sweep.dir), seedless))
+    if envelopes is None or seed is None:
+        return envelopes
+    try:
+        return envelopes if int(seed) >= 0 else None
+    except ValueError:
+        return None
 
 
 # sweep directories whose every job check_sweep composed and validated in this process
@@ -187,6 +206,7 @@ def check_sweep(config: DictConfig, data: bool = True) -> tuple[int, int, int]:
                 checked[seedless] = None
                 errors.append(f"  {' '.join(overrides)}\n    {error}")
             else:
+                _validated[(str(config.hydra.sweep.dir), seedless)] = envelopes
                 try:
                     checked[seedless] = effective_config(job_cfg, envelopes, data=data), job_cfg.seed_batch
                 except (OSError, ValueError) as error:  # missing or unreadable data: one entry per source

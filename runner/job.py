@@ -195,6 +195,7 @@ class Member:
     overrides: list[str]
     write_hydra_files: bool = False
     hydra: DictConfig | None = None
+    envelopes: dict[str, Envelope] | None = None  # validated already (by the sweep's check); None: validate it
 
 
 def run_job(
@@ -236,37 +237,15 @@ def run_members(
     """
     start = time.time()
     outcomes: list[float] = [math.nan] * len(members)
-    prepared: list[tuple[int, list[SeedRun]]] = []
     pending: list[SeedRun] = []
     recorders: list[Recorder] = []
     claimed: list[Path] = []
     logs = [GroupLog(member.dir) for member in members if member.write_hydra_files]
     try:
-        for index, member in enumerate(members):
-            try:
-                runs = prepare_member(member, sweep_dir, pending, claimed, start)
-            except Exception as error:
-                fail_runs(member, [], [], error, start, batched=member.cfg.seed_batch > 1)
-                if reraise:
-                    raise
-                continue
-            prepared.append((index, runs))
-        if pending:
-            try:
-                train(pending, recorders, default_threads)
-            except Exception as error:
-                for member in {id(m): m for m in (run.member for run in pending)}.values():
-                    member_pending = [run for run in pending if run.member is member]
-                    fail_runs(member, member_pending, recorders, error, start, batched=member.cfg.seed_batch > 1)
-                if reraise:
-                    raise
-                return outcomes
-            cache = None if members[0].cfg.cache_dir is None else ResultsCache(resolve_path(members[0].cfg.cache_dir))
-            if cache is not None:
-                for run in pending:
-                    if run.result.status == "completed":
-                        cache.store(run.result.run_id, run.dir)
-            export(pending, sweep_dir)
+        prepared = prepare_members(members, sweep_dir, pending, claimed, start, reraise)
+        if pending and not train_pending(pending, recorders, default_threads, start, reraise):
+            return outcomes
+        export(pending, sweep_dir)
     finally:
         for recorder in recorders:
             recorder.close()
@@ -275,28 +254,78 @@ def run_members(
         for group_log in logs:
             group_log.close()
     for index, runs in prepared:
-        member = members[index]
-        if member.cfg.seed_batch > 1:
-            Result(
-                member.overrides,
-                member.cfg.task.name,
-                member.cfg.seed,
-                status="batch",
-                seeds=[run.seed for run in runs],
-                trained=[run.seed for run in runs if run in pending],
-                runs=[run.dir.name for run in runs],
-                wall_time_s=time.time() - start,
-            ).write(member.dir)
-        values = [run.result.objective_value for run in runs if run.result.status == "completed"]
-        finite = [v for v in values if math.isfinite(v)]
-        outcomes[index] = sum(finite) / len(finite) if finite else math.nan
-        if sweep_dir is None:  # a single run: say where its files went (a sweep's report does)
-            status = ", ".join(sorted({str(run.result.status) for run in runs}))
-            print(
-                f"Run {status}: files in {member.dir} (config.yaml, metrics.jsonl, result.json, tb/); "
-                f"tensorboard --logdir {member.dir}"
-            )
+        outcomes[index] = finish_member(members[index], runs, pending, sweep_dir, start)
     return outcomes
+
+
+def prepare_members(
+    members: list[Member],
+    sweep_dir: Path | None,
+    pending: list[SeedRun],
+    claimed: list[Path],
+    start: float,
+    reraise: bool,
+) -> list[tuple[int, list[SeedRun]]]:
+    """Each job's runs (:func:`prepare_member`), by the job's index; a job that cannot be prepared fails alone."""
+    prepared = []
+    for index, member in enumerate(members):
+        try:
+            runs = prepare_member(member, sweep_dir, pending, claimed, start)
+        except Exception as error:
+            fail_runs(member, [], [], error, start, batched=member.cfg.seed_batch > 1)
+            if reraise:
+                raise
+            continue
+        prepared.append((index, runs))
+    return prepared
+
+
+def train_pending(
+    pending: list[SeedRun], recorders: list[Recorder], default_threads: int | None, start: float, reraise: bool
+) -> bool:
+    """Train the pending runs together and keep the completed ones in the results cache; an error of the batch as
+    a whole fails every pending run (False)."""
+    try:
+        train(pending, recorders, default_threads)
+    except Exception as error:
+        for member in {id(m): m for m in (run.member for run in pending)}.values():
+            member_pending = [run for run in pending if run.member is member]
+            fail_runs(member, member_pending, recorders, error, start, batched=member.cfg.seed_batch > 1)
+        if reraise:
+            raise
+        return False
+    cache_dir = pending[0].member.cfg.cache_dir
+    if cache_dir is not None:
+        cache = ResultsCache(resolve_path(cache_dir))
+        for run in pending:
+            if run.result.status == "completed":
+                cache.store(run.result.run_id, run.dir)
+    return True
+
+
+def finish_member(member: Member, runs: list[SeedRun], pending: list[SeedRun], sweep_dir: Path | None, start: float):
+    """A job's outcome once its runs have ended: the mean of their finite objectives (NaN if none); a
+    seed-batched job writes its ``batch`` result, a single run says where its files went."""
+    if member.cfg.seed_batch > 1:
+        Result(
+            member.overrides,
+            member.cfg.task.name,
+            member.cfg.seed,
+            status="batch",
+            seeds=[run.seed for run in runs],
+            trained=[run.seed for run in runs if run in pending],
+            runs=[run.dir.name for run in runs],
+            wall_time_s=time.time() - start,
+        ).write(member.dir)
+    if sweep_dir is None:  # a single run: say where its files went (a sweep's report does)
+        status = ", ".join(sorted({str(run.result.status) for run in runs}))
+        print(
+            f"Run {status}: files in {member.dir} (config.yaml, metrics.jsonl, result.json, tb/); "
+            f"tensorboard --logdir {member.dir}"
+        )
+    finite = [run.result.objective_value for run in runs if run.result.status == "completed"]
+    finite = [v for v in finite if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def export(runs: list[SeedRun], sweep_dir: Path | None) -> None:
@@ -323,7 +352,7 @@ def prepare_member(
         if member.hydra is not None:
             (job_dir / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": member.hydra})))
     batched = cfg.seed_batch > 1
-    envelopes = validate(cfg)
+    envelopes = member.envelopes if member.envelopes is not None else validate(cfg)
     cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
     if batched:
         (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

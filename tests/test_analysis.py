@@ -520,7 +520,7 @@ def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path
     assert "paired by seed (10)" in text and "fresh seeds 1000-1009" in text
 
 
-def test_a_confirmation_plan_from_a_reports_configs_csv_selects_what_the_sweep_selects(tmp_path):
+def test_a_reports_jobs_csv_or_configs_csv_stands_for_a_sweep_whose_runs_are_gone(tmp_path):
     from analysis.confirm import PLAN_FILE
 
     rng = np.random.default_rng(1)
@@ -531,8 +531,16 @@ def test_a_confirmation_plan_from_a_reports_configs_csv_selects_what_the_sweep_s
                 make_job(sweep, num, shape, seed, float(rng.normal(1.0, 0.1)), quantile=quantile)
                 num += 1
     write_report([sweep], tmp_path / "report", make_figures=False)
+    # the table again from the report's jobs.csv alone: the same
+    write_report([tmp_path / "report" / "jobs.csv"], tmp_path / "again", make_figures=False)
+    assert (tmp_path / "again" / "table.md").read_text() == (tmp_path / "report" / "table.md").read_text()
     plans = {}
-    for name, source in (("sweep", sweep), ("csv", tmp_path / "report" / "configs.csv")):
+    sources = (
+        ("sweep", sweep),
+        ("jobs", tmp_path / "report" / "jobs.csv"),
+        ("csv", tmp_path / "report" / "configs.csv"),
+    )
+    for name, source in sources:
         proc = subprocess.run(
             [sys.executable, "-m", "analysis", str(source), "--confirm-seeds", "4", "--out", str(tmp_path / name)]
             + (["--metric", "val_loss", "--mode", "min"] if name == "csv" else []),
@@ -543,13 +551,14 @@ def test_a_confirmation_plan_from_a_reports_configs_csv_selects_what_the_sweep_s
         assert proc.returncode == 0, proc.stderr
         plans[name] = json.loads((tmp_path / name / "confirm" / PLAN_FILE).read_text())
     keys = ("row", "config_id", "identity", "selection", "selection_seeds", "candidates")
-    assert [{k: r[k] for k in keys} for r in plans["csv"]["rows"]] == [
-        {k: r[k] for k in keys} for r in plans["sweep"]["rows"]
-    ]
-    assert [sorted(r["overrides"]) for r in plans["csv"]["rows"]] == [
-        sorted(r["overrides"]) for r in plans["sweep"]["rows"]
-    ]
-    assert plans["csv"]["seeds"] == plans["sweep"]["seeds"] == [1000, 1001, 1002, 1003]
+    for name in ("jobs", "csv"):  # each selects the rows the sweep's runs select, with the same overrides
+        assert [{k: r[k] for k in keys} for r in plans[name]["rows"]] == [
+            {k: r[k] for k in keys} for r in plans["sweep"]["rows"]
+        ]
+        assert [sorted(r["overrides"]) for r in plans[name]["rows"]] == [
+            sorted(r["overrides"]) for r in plans["sweep"]["rows"]
+        ]
+        assert plans[name]["seeds"] == plans["sweep"]["seeds"] == [1000, 1001, 1002, 1003]
     # a configs.csv names no objective: the metric comes from the command line or the paper's table
     proc = subprocess.run(
         [sys.executable, "-m", "analysis", str(tmp_path / "report" / "configs.csv"), "--confirm-seeds", "4"],

@@ -269,3 +269,33 @@ def test_workers_with_a_single_group_say_it_trains_in_this_process(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "workers=2: one group to train, so it trains in this process" in proc.stderr + proc.stdout
+
+
+def test_a_batched_sweep_validates_each_job_once(tmp_path):
+    # the command line as run_ablation.py runs it, with every caller's validate counting its calls
+    counting = """
+import atexit, runpy, sys
+import runner.callbacks, runner.config, runner.job
+seeds, real = [], runner.config.validate
+def validate(cfg):
+    seeds.append(int(cfg.seed))
+    return real(cfg)
+for module in (runner.config, runner.callbacks, runner.job):
+    module.validate = validate
+atexit.register(lambda: print("validated seeds", seeds))
+sys.argv = ["run_ablation.py", *sys.argv[1:]]
+runpy.run_path("run_ablation.py", run_name="__main__")
+"""
+    args = ["envelope@envelopes.classification=identity,step", "seed=0,1", "task.epochs=1", "task.train_size=200"]
+    proc = subprocess.run(
+        [sys.executable, "-c", counting, "-m", *args, "tensorboard=false", "hydra/launcher=batched"]
+        + [f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {r["status"] for r in results(tmp_path).values()} == {"completed"} and len(results(tmp_path)) == 4
+    # the sweep's check validates each configuration once (jobs that differ in their seed share it); the
+    # launcher and the runs use what it validated
+    assert "validated seeds [0, 0]" in proc.stdout

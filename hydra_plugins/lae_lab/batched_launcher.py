@@ -93,85 +93,14 @@ class BatchedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from runner.callbacks import compose_job
-        from runner.job import Member, run_members
-
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        jobs: list[tuple[int, DictConfig, Member]] = []
-        for offset, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + offset
-            # composed once per job but its seed, by the sweep's check where it ran in this process
-            cfg = compose_job(self.config, overrides, self.hydra_context.config_loader)
-            with open_dict(cfg):
-                cfg.hydra.job.id = idx
-                cfg.hydra.job.num = idx
-            HydraConfig.instance().set_config(cfg)
-            job_dir = sweep_dir / str(cfg.hydra.sweep.subdir)
-            member = Member(self._job_config(cfg), job_dir, list(overrides), write_hydra_files=True, hydra=cfg.hydra)
-            jobs.append((idx, cfg, member))
-        groups: dict[str | None, list[int]] = {}
-        alone: list[int] = []
-        for position, (_, cfg, _) in enumerate(jobs):
-            key = group_key(cfg)
-            (alone if key is None else groups.setdefault(key, [])).append(position)
-        batches = [chunk for positions in groups.values() for chunk in self._split(positions, jobs)]
-        batches += [[position] for position in alone]
-        log.info(
-            "Launching %d jobs in %d batched groups (at most %d runs to train each)",
-            len(jobs),
-            len(batches),
-            self.max_batch,
-        )
-
-        def runs_to_train(batch: list[int]) -> int:
-            return sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
-
-        returns: dict[int, Any] = {}
-        submitted = []
-        pool = None
-        if self.workers > 1 and len(batches) > 1:
-            batches.sort(key=runs_to_train, reverse=True)  # largest groups first, so that the workers finish together
-            pool = WorkerPool(min(self.workers, len(batches)))
-        elif self.workers > 1:
-            log.info("workers=%d: one group to train, so it trains in this process", self.workers)
-        for number, batch in enumerate(batches, 1):
-            members = [jobs[p][2] for p in batch]
-            runs = runs_to_train(batch)
-            log.info(
-                "group %d/%d: %d jobs, %d runs to train (#%s)",
-                number,
-                len(batches),
-                len(members),
-                runs,
-                ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""),
-            )
-            if pool is not None:
-                pool.submit(number, members, sweep_dir)
-            elif self.executor == "here":
-                values = run_members(members, sweep_dir, reraise=False)
-                for position, value in zip(batch, values):
-                    returns[position] = value
-            else:
-                submitted.append((number, batch, self._submit(members, sweep_dir, number)))
-        for number, values in [] if pool is None else pool.results():
-            batch = batches[number - 1]
-            if isinstance(values, Exception):  # the process died: its group's runs stay unfinished
-                log.error("group %d (worker process) failed: %s; its runs stay unfinished", number, values)
-                values = [math.nan] * len(batch)
-            for position, value in zip(batch, values):
-                returns[position] = value
-        for number, batch, job in submitted:
-            try:
-                values = job.result()
-            except Exception as error:  # the job died (killed, timed out, node failure): its runs stay unfinished
-                log.error("group %d (%s job %s) failed: %r", number, self.executor, job.job_id, error)
-                values = [math.nan] * len(batch)
-            for position, value in zip(batch, values):
-                returns[position] = value
+        jobs = self._compose(job_overrides, initial_job_idx, sweep_dir)
+        batches = self._group(jobs)
+        returns = self._dispatch(batches, jobs, sweep_dir)
         out = []
         for position, (_, cfg, member) in enumerate(jobs):
             ret = JobReturn(
@@ -185,6 +114,98 @@ class BatchedLauncher(Launcher):
             ret.return_value = returns[position]
             out.append(ret)
         return out
+
+    def _compose(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path) -> list:
+        """Each job as ``(index, its config with the hydra node, its Member)``."""
+        from runner.callbacks import checked_envelopes, compose_job
+        from runner.job import Member
+
+        jobs = []
+        for offset, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + offset
+            # composed once per job but its seed, by the sweep's check where it ran in this process
+            cfg = compose_job(self.config, overrides, self.hydra_context.config_loader)
+            with open_dict(cfg):
+                cfg.hydra.job.id = idx
+                cfg.hydra.job.num = idx
+            HydraConfig.instance().set_config(cfg)
+            job_dir = sweep_dir / str(cfg.hydra.sweep.subdir)
+            member = Member(
+                self._job_config(cfg),
+                job_dir,
+                list(overrides),
+                write_hydra_files=True,
+                hydra=cfg.hydra,
+                envelopes=checked_envelopes(self.config, overrides),
+            )
+            jobs.append((idx, cfg, member))
+        return jobs
+
+    def _group(self, jobs: list) -> list[list[int]]:
+        """The jobs' positions in batches: the jobs of a group (:func:`group_key`) in chunks of at most
+        ``max_batch`` runs to train, then each job that runs alone."""
+        groups: dict[str, list[int]] = {}
+        alone: list[int] = []
+        for position, (_, cfg, _) in enumerate(jobs):
+            key = group_key(cfg)
+            (alone if key is None else groups.setdefault(key, [])).append(position)
+        batches = [chunk for positions in groups.values() for chunk in self._split(positions, jobs)]
+        batches += [[position] for position in alone]
+        log.info(
+            "Launching %d jobs in %d batched groups (at most %d runs to train each)",
+            len(jobs),
+            len(batches),
+            self.max_batch,
+        )
+        return batches
+
+    def _runs_to_train(self, batch: list[int], jobs: list) -> int:
+        return sum(self._to_train.get(p, jobs[p][2].cfg.seed_batch) for p in batch)
+
+    def _dispatch(self, batches: list[list[int]], jobs: list, sweep_dir: Path) -> dict[int, Any]:
+        """Train the batches (here, in worker processes, or as submitit jobs); each job's objective by position.
+        A group whose process or job died leaves NaN for its jobs (their runs stay unfinished)."""
+        from runner.job import run_members
+
+        returns: dict[int, Any] = {}
+        submitted = []
+        pool = None
+        if self.workers > 1 and len(batches) > 1:
+            # largest groups first, so that the workers finish together
+            batches.sort(key=lambda batch: self._runs_to_train(batch, jobs), reverse=True)
+            pool = WorkerPool(min(self.workers, len(batches)))
+        elif self.workers > 1:
+            log.info("workers=%d: one group to train, so it trains in this process", self.workers)
+        for number, batch in enumerate(batches, 1):
+            members = [jobs[p][2] for p in batch]
+            log.info(
+                "group %d/%d: %d jobs, %d runs to train (#%s)",
+                number,
+                len(batches),
+                len(members),
+                self._runs_to_train(batch, jobs),
+                ",".join(str(jobs[p][0]) for p in batch[:8]) + (",..." if len(batch) > 8 else ""),
+            )
+            if pool is not None:
+                pool.submit(number, members, sweep_dir)
+            elif self.executor == "here":
+                returns.update(zip(batch, run_members(members, sweep_dir, reraise=False)))
+            else:
+                submitted.append((number, batch, self._submit(members, sweep_dir, number)))
+        for number, values in [] if pool is None else pool.results():
+            batch = batches[number - 1]
+            if isinstance(values, Exception):  # the process died: its group's runs stay unfinished
+                log.error("group %d (worker process) failed: %s; its runs stay unfinished", number, values)
+                values = [math.nan] * len(batch)
+            returns.update(zip(batch, values))
+        for number, batch, job in submitted:
+            try:
+                values = job.result()
+            except Exception as error:  # the job died (killed, timed out, node failure): its runs stay unfinished
+                log.error("group %d (%s job %s) failed: %r", number, self.executor, job.job_id, error)
+                values = [math.nan] * len(batch)
+            returns.update(zip(batch, values))
+        return returns
 
     def _submit(self, members: list, sweep_dir: Path, number: int):
         """Submit one group as a submitit job (Slurm, or a process on this machine) that trains it."""
@@ -214,8 +235,9 @@ class BatchedLauncher(Launcher):
 
         chunks, current, size = [], [], 0
         for position in positions:
-            cfg = jobs[position][2].cfg
-            effective = effective_config(cfg, validate(cfg))
+            member = jobs[position][2]
+            cfg = member.cfg
+            effective = effective_config(cfg, member.envelopes if member.envelopes is not None else validate(cfg))
             ids = {
                 config_id({**effective, "seed": seed}, with_seed=True)
                 for seed in range(cfg.seed, cfg.seed + cfg.seed_batch)
