@@ -194,16 +194,19 @@ def sensitivity_heatmaps(
     return save(fig, out_dir, f"sensitivity_{loss}_{metric}{suffix}")
 
 
+# the envelope's logged series that envelope_dynamics draws: metric suffix, axis label
+ENVELOPE_SERIES = (
+    ("mean_weight", "mean weight"),
+    ("fraction_attenuated", "fraction attenuated"),
+    ("threshold", "threshold T"),
+)
+
+
 def envelope_dynamics(
     metrics: pd.DataFrame, table: pd.DataFrame, loss: str, out_dir: Path, suffix: str = ""
 ) -> list[Path]:
     """Mean weight, fraction attenuated and threshold over training, mean over seeds."""
-    names = [
-        ("mean_weight", "mean weight"),
-        ("fraction_attenuated", "fraction attenuated"),
-        ("threshold", "threshold T"),
-    ]
-    columns = [(f"envelope_{loss}_{n}", label) for n, label in names]
+    columns = [(f"envelope_{loss}_{n}", label) for n, label in ENVELOPE_SERIES]
     if metrics.empty or columns[0][0] not in metrics.columns:
         return []
     x = _step_column(metrics)

@@ -145,19 +145,28 @@ def load_jobs(*sweep_dirs: str | Path) -> pd.DataFrame:
     return pd.concat([pd.DataFrame(rows), *frames], ignore_index=True) if frames else pd.DataFrame(rows)
 
 
-def load_metrics(jobs: pd.DataFrame) -> pd.DataFrame:
+def load_metrics(
+    jobs: pd.DataFrame, keep: Iterable[str] | None = None, columns: Iterable[str] | None = None
+) -> pd.DataFrame:
     """Long table of per-epoch (or per-step) metrics: one row per job and logged step.
 
-    A run whose ``metrics.jsonl`` has a line that is not JSON (a truncated
+    ``keep`` (job directories) keeps only those runs' rows and ``columns``
+    only those metrics (beside ``step`` and ``epoch``): a report's figures
+    plot the table's rows alone, so a grid of thousands of runs need not be
+    held in memory. Every completed run's file is still read through: a
+    run whose ``metrics.jsonl`` has a line that is not JSON (a truncated
     file) is left out of the curves with a warning naming the file and line;
     ``attrs["unreadable"]`` lists those messages for the report.
     """
+    kept_dirs = None if keep is None else set(map(str, keep))
+    wanted = None if columns is None else {"step", "epoch", *columns}
     records = []
     unreadable = []
     for job in jobs.itertuples(index=False):
         path = Path(job.job_dir) / "metrics.jsonl"
         if job.status != "completed" or not path.exists():
             continue
+        keeping = kept_dirs is None or str(job.job_dir) in kept_dirs
         rows = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line:
@@ -168,8 +177,11 @@ def load_metrics(jobs: pd.DataFrame) -> pd.DataFrame:
                     warnings.warn(unreadable[-1], stacklevel=2)
                     rows = []
                     break
-                record.update(job_dir=job.job_dir, config_id=job.config_id, seed=job.seed)
-                rows.append(record)
+                if keeping:
+                    if wanted is not None:
+                        record = {k: v for k, v in record.items() if k in wanted}
+                    record.update(job_dir=job.job_dir, config_id=job.config_id, seed=job.seed)
+                    rows.append(record)
         records += rows
     frame = pd.DataFrame.from_records(records)
     frame.attrs["unreadable"] = unreadable

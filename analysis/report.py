@@ -418,7 +418,18 @@ def write_report(
     if plan is not None:  # a confirmation sweep: its planned rows, not a new selection on its own numbers
         return _confirmation_report(jobs, plan, out_dir, lines)
     groups = split_by_task_parameters(done)
-    metrics = load_metrics(done) if make_figures else pd.DataFrame()
+    tables = [paper_table(group, spec) for _, group in groups]
+    # the figures plot the tables' rows: only their runs' curves, and only the metrics drawn, are held
+    drawn = set().union(*(set(t["config_id"]) for t in tables if not t.empty))
+    curve_metric = spec.select.split("_", 1)[1]
+    envelope_columns = [f"envelope_{loss}_{name}" for loss in loss_names(done) for name, _ in figures.ENVELOPE_SERIES]
+    metrics = (
+        load_metrics(
+            done, keep=done.loc[done["config_id"].isin(drawn), "job_dir"], columns=[curve_metric, *envelope_columns]
+        )
+        if make_figures
+        else pd.DataFrame()
+    )
     if metrics.attrs.get("unreadable"):
         lines += ["\n## Runs whose metrics could not be read (left out of the figures)\n\n"]
         lines += [f"- {message}\n" for message in metrics.attrs["unreadable"]]
@@ -429,10 +440,9 @@ def write_report(
     plotted = figures.envelope_shapes(figure_dir) if make_figures and shaped else []
     printed = []
     written = ["report.md"]
-    for label, group in groups:
+    for (label, group), table in zip(groups, tables):
         suffix = "" if not label else "_" + "_".join(f"{k}{v}" for k, v in label)
         heading = "" if not label else " (" + ", ".join(f"task.{k}={v}" for k, v in label) + ")"
-        table = paper_table(group, spec)
         markdown = to_markdown(table, spec)
         (out_dir / f"table{suffix}.md").write_text(markdown)
         (out_dir / f"table{suffix}.tex").write_text(to_latex(table, spec))
@@ -444,7 +454,6 @@ def write_report(
         printed.append(f"{heading.strip(' ()')}\n{markdown}" if heading else markdown)
         if make_figures:
             agg_group = aggregate(group, [spec.select])
-            curve_metric = spec.select.split("_", 1)[1]
             group_metrics = metrics[metrics["job_dir"].isin(group["job_dir"])] if not metrics.empty else metrics
             plotted += figures.learning_curves(group_metrics, table, curve_metric, figure_dir, suffix)
             for loss in loss_names(group):

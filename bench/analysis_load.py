@@ -5,6 +5,10 @@ temporary directory, then times ``load_jobs``, ``load_metrics`` and the
 paper table.
 
     python bench/analysis_load.py [--jobs 1000] [--smoke]
+
+``--write DIR --rows 2000 --wide`` writes the sweep to DIR and stops: rows
+as wide as a PPO run logs (20 metrics), for timing a whole report and its
+peak memory, e.g. ``/usr/bin/time -v python -m analysis DIR --out OUT``.
 """
 
 import argparse
@@ -19,8 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analysis.load import load_jobs, load_metrics
 from analysis.tables import default_spec, paper_table
 
+WIDE = [
+    f"train_{loss}_{kind}_loss_{stat}"
+    for loss in ("policy", "value")
+    for kind in ("raw", "shaped")
+    for stat in ("mean", "std")
+] + [
+    "envelope_classification_fraction_attenuated",
+    "losses_explained_variance",
+    "losses_approx_kl",
+    "losses_clipfrac",
+    "losses_kl_coef",
+    "charts_rollout_SPS",
+    "charts_SPS",
+    "test_loss",
+]
 
-def write_sweep(root: Path, jobs: int, epochs: int = 20) -> None:
+
+def write_sweep(root: Path, jobs: int, epochs: int = 20, wide: bool = False) -> None:
     shapes = ["identity", "step", "linear", "sigmoid"]
     for num in range(jobs):
         job = root / str(num)
@@ -51,6 +71,7 @@ def write_sweep(root: Path, jobs: int, epochs: int = 20) -> None:
                 "val_loss": 1.0 / e,
                 "train_raw_loss_mean": 1.0 / e,
                 "envelope_classification_mean_weight": 0.9,
+                **({key: 0.5 + 1e-3 * e for key in WIDE} if wide else {}),
             }
             for e in range(1, epochs + 1)
         ]
@@ -61,11 +82,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--smoke", action="store_true", help="a tiny setting that checks the script runs (8 jobs)")
+    parser.add_argument("--rows", type=int, default=20, help="metric rows per job (epochs or updates)")
+    parser.add_argument("--wide", action="store_true", help="rows as wide as a PPO run logs (20 metrics)")
+    parser.add_argument("--write", type=Path, metavar="DIR", help="write the sweep to DIR (new) and stop")
     args = parser.parse_args()
     if args.smoke:
         args.jobs = 8
+    if args.write is not None:
+        args.write.mkdir(parents=True)
+        write_sweep(args.write, args.jobs, args.rows, args.wide)
+        print(f"{args.jobs} jobs x {args.rows} rows written to {args.write}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        write_sweep(Path(tmp), args.jobs)
+        write_sweep(Path(tmp), args.jobs, args.rows, args.wide)
         start = time.perf_counter()
         jobs = load_jobs(tmp)
         loaded = time.perf_counter()

@@ -116,6 +116,19 @@ def test_load_jobs_counts_every_status(sweep):
     assert len(metrics) == 13 * 3 and set(metrics["epoch"]) == {1, 2, 3}
 
 
+def test_load_metrics_holds_only_the_runs_and_metrics_asked_for_and_still_reads_every_file(sweep):
+    jobs = load_jobs(sweep)
+    done = jobs[jobs["status"] == "completed"]
+    kept = done["job_dir"].iloc[:2]
+    with (Path(done["job_dir"].iloc[-1]) / "metrics.jsonl").open("a") as handle:
+        handle.write('{"epoch": 4, "val_lo')  # a run not kept: its truncated file is named all the same
+    with pytest.warns(UserWarning, match="line 4 cannot be read"):
+        metrics = load_metrics(done, keep=kept, columns=["val_loss"])
+    assert set(metrics["job_dir"]) == set(kept) and len(metrics) == 2 * 3
+    assert set(metrics.columns) == {"epoch", "val_loss", "job_dir", "config_id", "seed"}
+    assert len(metrics.attrs["unreadable"]) == 1
+
+
 def test_missing_sweep_dir_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_jobs(tmp_path / "nope")
