@@ -23,6 +23,17 @@ paper grid's environment steps by the rate (one process on this machine).
 
     python bench/ppo_grid.py [--env acrobot lunarlander] [--updates 2] [--single 4] [--workers 2]
     python bench/ppo_grid.py --smoke
+
+Against another program at equal work (``--peer PYTHON --peer-dir DIR``,
+Acrobot only): each of ``--rounds`` rounds runs the other program's
+``jax_ppo_acrobot.py --agents 121`` (or, with ``--workers W``,
+``jax_workers.py --agents 121*W --workers W``; each prints one JSON line
+with its median environment steps/s) and then this slice, one after the
+other, so both are measured in the same minutes; it prints both rates per
+round, their medians and the ratio.
+
+    python bench/ppo_grid.py --env acrobot --updates 4 --single 0 --workers 2 \\
+        --peer /tmp/peer-venv/bin/python --peer-dir <dir of the peer scripts> --rounds 3
 """
 
 from __future__ import annotations
@@ -74,6 +85,20 @@ def sweep(args: list[str], out: Path) -> tuple[float, list[float]]:
     return wall, rates, sum(groups.values())
 
 
+def peer_rate(python: str, peer_dir: Path, workers: int, calls: int) -> float:
+    """The other program's median environment steps/s on the same work: 121 agents per process."""
+    if workers > 1:
+        command = [python, str(peer_dir / "jax_workers.py"), "--agents", str(121 * workers), "--workers", str(workers)]
+        command += ["--", "--chunk", "1", "--calls", str(calls)]
+    else:
+        command = [python, str(peer_dir / "jax_ppo_acrobot.py"), "--agents", "121", "--chunk", "1"]
+        command += ["--calls", str(calls)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the peer failed ({' '.join(command)}):\n{proc.stderr[-3000:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["median"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", nargs="+", choices=sorted(GRIDS), default=sorted(GRIDS))
@@ -83,30 +108,19 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="Acrobot, 4 runs batched and 2 alone: checks the script runs"
     )
+    parser.add_argument("--peer", metavar="PYTHON", help="the other program's interpreter (its own environment)")
+    parser.add_argument("--peer-dir", type=Path, metavar="DIR", help="the directory of the other program's scripts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds against --peer")
+    parser.add_argument("--peer-calls", type=int, default=20, help="timed calls of the peer per round")
     args = parser.parse_args()
+    if args.peer is not None:
+        if args.peer_dir is None:
+            parser.error("--peer needs --peer-dir, the directory holding jax_ppo_acrobot.py and jax_workers.py")
+        return against_peer(args)
     for env in args.env if not args.smoke else ["acrobot"]:
-        runs, steps, preset, rollout = GRIDS[env]
-        updates = args.updates * 500 // rollout  # the same environment steps per run for either protocol
-        common = [
-            f"experiment={preset}",
-            f"task.total_steps={updates * rollout}",
-            "seed=0",
-            "task.truncation=bootstrap",
-        ]
-        if args.smoke:
-            common += [
-                "envelope@envelopes.value=identity",
-                "envelopes.policy.quantile=0.1",
-                "envelopes.policy.width=0.1",
-            ]
+        runs, steps, _, _ = GRIDS[env]
+        common, batched_args, updates, rollout = slice_overrides(env, args.updates, args.smoke, args.workers)
         with tempfile.TemporaryDirectory() as tmp:
-            batched_args = common + ["hydra/launcher=batched", "task.backend=envpool"]
-            if args.workers > 1:
-                batched_args = [a for a in batched_args if a != "seed=0"] + [
-                    f"seed=range({args.workers})",
-                    "hydra.launcher.max_batch=121",
-                    f"hydra.launcher.workers={args.workers}",
-                ]
             wall, rates, batched = sweep(batched_args, Path(tmp) / "batched")
             group = len(rates)
             if not args.single:
@@ -132,6 +146,37 @@ def main() -> None:
             f"  one agent per job (gymnasium):  {single:,.0f} env steps/s per job; "
             f"whole grid {grid_steps / single / 3600:.2f} h one job at a time"
         )
+
+
+def slice_overrides(env: str, updates_of_500: int, smoke: bool, workers: int) -> tuple[list[str], list[str], int, int]:
+    """The slice's overrides (alone, and batched on EnvPool), its updates and rollout length."""
+    runs, steps, preset, rollout = GRIDS[env]
+    updates = updates_of_500 * 500 // rollout  # the same environment steps per run for either protocol
+    common = [f"experiment={preset}", f"task.total_steps={updates * rollout}", "seed=0", "task.truncation=bootstrap"]
+    if smoke:
+        common += ["envelope@envelopes.value=identity", "envelopes.policy.quantile=0.1", "envelopes.policy.width=0.1"]
+    batched = common + ["hydra/launcher=batched", "task.backend=envpool"]
+    if workers > 1:
+        batched = [a for a in batched if a != "seed=0"]
+        batched += [f"seed=range({workers})", "hydra.launcher.max_batch=121", f"hydra.launcher.workers={workers}"]
+    return common, batched, updates, rollout
+
+
+def against_peer(args: argparse.Namespace) -> None:
+    """Interleaved rounds: the peer, then this project's slice, each round; medians and the ratio."""
+    ours, theirs = [], []
+    _, overrides, updates, rollout = slice_overrides("acrobot", args.updates, args.smoke, args.workers)
+    for number in range(1, args.rounds + 1):
+        theirs.append(peer_rate(args.peer, args.peer_dir, args.workers, args.peer_calls))
+        with tempfile.TemporaryDirectory() as tmp:
+            _, rates, rate = sweep(overrides, Path(tmp) / "batched")
+        ours.append(rate)
+        print(f"round {number}: peer {theirs[-1]:,.0f} env steps/s, LAE Lab {ours[-1]:,.0f} ({len(rates)} runs)")
+    peer, lae = statistics.median(theirs), statistics.median(ours)
+    print(
+        f"Acrobot, {args.workers} process(es), {updates} updates of {rollout} steps per run; medians of "
+        f"{args.rounds} rounds: peer {peer:,.0f} env steps/s, LAE Lab {lae:,.0f}; LAE Lab / peer = {lae / peer:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -46,3 +46,31 @@ def test_benchmark_script_runs(script):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow  # two smoke slices of about 10 s each
+def test_ppo_grid_against_a_peer_runs_both_in_turn_on_the_same_work_and_prints_the_ratio(tmp_path):
+    pytest.importorskip("envpool")
+    # a stand-in for the other program: it records its arguments and reports a fixed rate
+    (tmp_path / "jax_workers.py").write_text(
+        "import json, pathlib, sys\n"
+        "log = pathlib.Path(__file__).with_name('calls.txt')\n"
+        "log.write_text(log.read_text() + ' '.join(sys.argv[1:]) + '\\n' if log.exists() else ' '.join(sys.argv[1:]) + '\\n')\n"
+        "print('compiling'); print(json.dumps({'median': 1000.0}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--workers", "2", "--rounds", "2"]
+        + ["--peer", sys.executable, "--peer-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls == ["--agents 242 --workers 2 -- --chunk 1 --calls 20"] * 2  # 121 agents per process, as ours
+    rounds = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 and all("peer 1,000 env steps/s, LAE Lab " in line for line in rounds)
+    ours = [float(line.split("LAE Lab ")[1].split(" ")[0].replace(",", "")) for line in rounds]
+    ratio = float(proc.stdout.split("LAE Lab / peer = ")[1].split("x")[0])
+    assert ratio == pytest.approx(sorted(ours)[0] / 1000 + (sorted(ours)[1] - sorted(ours)[0]) / 2000, abs=0.01)
