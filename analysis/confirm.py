@@ -70,6 +70,8 @@ def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
     rows: list[dict] = []
     seen: set[str] = set()
 
+    group_name = ""
+
     def add(config: pd.Series, label: str, source: str, candidates: int | None) -> None:
         if config["config_id"] in seen:
             return
@@ -86,6 +88,7 @@ def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
         rows.append(
             {
                 "row": label,
+                "group": group_name,
                 "source": source,
                 "config_id": config["config_id"],
                 "envelopes": str(config["envelopes"]),
@@ -98,7 +101,8 @@ def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
         )
 
     for label, agg, runs in groups:
-        prefix = "" if not label else ", ".join(f"task.{k}={v}" for k, v in label) + ": "
+        group_name = ", ".join(f"task.{k}={v}" for k, v in label)
+        prefix = group_name + ": " if group_name else ""
         by_id = agg.set_index("config_id", drop=False)
         for _, row in best_per_shapes(agg, spec).iterrows():
             source = f"best of {int(row['candidates'])} by {spec.select}"
@@ -247,10 +251,15 @@ def confirmation_table(jobs: pd.DataFrame, plan: dict, alpha: float = 0.05) -> p
     done = jobs[jobs["status"] == "completed"]
     metric = reported if reported in done.columns else selected
     by_config = {cid: group.set_index("seed")[metric].astype(float) for cid, group in done.groupby("config_id")}
-    base_row = next((row for row in plan["rows"] if row["identity"]), None)
-    base = by_config.get(base_row["config_id"]) if base_row is not None else None
+    # each group of task parameters (a truncation setting, say) against its own identity
+    base_rows: dict[str, dict] = {}
+    for row in plan["rows"]:
+        if row["identity"]:
+            base_rows.setdefault(_group(row), row)
     out = []
     for row in plan["rows"]:
+        base_row = base_rows.get(_group(row))
+        base = by_config.get(base_row["config_id"]) if base_row is not None else None
         values = by_config.get(row["config_id"], pd.Series(dtype=float))
         figure = _figure(values)
         half = float(values.std(ddof=1) / math.sqrt(len(values)) * _t(len(values) - 1)) if len(values) > 1 else math.nan
@@ -286,7 +295,7 @@ def confirmation_table(jobs: pd.DataFrame, plan: dict, alpha: float = 0.05) -> p
     lower_better = plan["selected_by"]["mode"] == "min"
     table["verdict"] = [
         "baseline"
-        if base_row is not None and r["row"] == base_row["row"]
+        if any(r["row"] == base["row"] for base in base_rows.values())
         else "not run yet"
         if r["confirmed"]["n"] == 0
         else "no identity to compare"
@@ -298,6 +307,15 @@ def confirmation_table(jobs: pd.DataFrame, plan: dict, alpha: float = 0.05) -> p
     ]
     table.attrs.update(metric=metric, selected=selected, mode=plan["selected_by"]["mode"])
     return table
+
+
+def _group(row: dict) -> str:
+    """A planned row's group of task parameters (``task.truncation=bootstrap``; empty if one group). Plans
+    written before rows named it carry it as the label's ``task.`` prefix."""
+    if "group" in row:
+        return row["group"]
+    label = row["row"]
+    return label.split(": ", 1)[0] if label.startswith("task.") and ": " in label else ""
 
 
 def _t(df: int) -> float:
@@ -356,7 +374,8 @@ def to_markdown(table: pd.DataFrame, plan: dict, digits: int = 4) -> str:
         f"({plan['selected_by']['mode']}) on the seeds of {', '.join(plan['selection_sweeps'])}; the selection "
         f"stage column is that sweep's `{metric}` of the chosen configuration, optimistic by selection. Confirmed: "
         f"the same configurations trained on fresh seeds {seeds[0]}-{seeds[-1]}, none used in selection; the "
-        f"verdict comes from these runs alone: the difference from identity ({', '.join(tests) or 'no test'}), "
+        f"verdict comes from these runs alone: the difference from identity with the same task parameters "
+        f"({', '.join(tests) or 'no test'}), "
         f"Holm-corrected over the rows; 'within noise' means corrected p ≥ 0.05."
     )
     return "\n".join(lines) + "\n\n" + note + "\n"

@@ -533,6 +533,41 @@ def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path
     assert "paired by seed (10)" in text and "fresh seeds 1000-1009" in text
 
 
+@pytest.mark.parametrize("named", [True, False])  # plans written before rows named their group: the label's prefix
+def test_a_confirmation_compares_each_group_of_task_parameters_with_its_own_identity(named):
+    import pandas as pd
+
+    from analysis.confirm import confirmation_table
+
+    figure = {"mean": 0.0, "std": 1.0, "n": 5}
+    rows = [
+        {"row": f"task.truncation={t}: {shape}", "identity": shape == "identity", "config_id": f"{shape}-{t}"}
+        | {"envelopes": shape, "source": "", "selection": {"final_x": figure}}
+        | ({"group": f"task.truncation={t}"} if named else {})
+        for t in ("bootstrap", "terminate")
+        for shape in ("identity", "step")
+    ]
+    plan = {"selected_by": {"metric": "final_x", "mode": "max"}, "reported": "final_x", "rows": rows}
+    noise = [0.3, -0.2, 0.1, -0.4, 0.2]
+    level = {"identity-bootstrap": 0.0, "step-bootstrap": 10.0, "identity-terminate": 100.0, "step-terminate": 110.0}
+    jobs = pd.DataFrame(
+        [
+            {"status": "completed", "config_id": cid, "seed": 1000 + i, "final_x": value + n * (1 + (j % 2))}
+            for j, (cid, value) in enumerate(level.items())
+            for i, n in enumerate(noise)
+        ]
+    )
+    table = confirmation_table(jobs, plan).set_index("row")
+    assert table.loc["task.truncation=terminate: identity", "verdict"] == "baseline"
+    assert table.loc["task.truncation=bootstrap: identity", "verdict"] == "baseline"
+    assert table.loc["task.truncation=terminate: step", "difference"] == pytest.approx(10.0)  # not 110
+    assert table.loc["task.truncation=bootstrap: step", "difference"] == pytest.approx(10.0)
+    assert (
+        table.loc[["task.truncation=terminate: step", "task.truncation=bootstrap: step"], "verdict"]
+        == "better than identity"
+    ).all()
+
+
 def test_a_reports_jobs_csv_or_configs_csv_stands_for_a_sweep_whose_runs_are_gone(tmp_path):
     from analysis.confirm import PLAN_FILE
 
