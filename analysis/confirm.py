@@ -239,7 +239,9 @@ def write_plan(
 
 
 def read_plan(sweep_dir: Path) -> dict | None:
-    path = Path(sweep_dir) / PLAN_FILE
+    """The confirmation plan of a confirmation sweep (or of a report's jobs.csv: the plan beside it)."""
+    sweep_dir = Path(sweep_dir)
+    path = (sweep_dir.parent if sweep_dir.is_file() else sweep_dir) / PLAN_FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 

@@ -531,6 +531,9 @@ def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["step"].rstrip(" |").endswith("within noise") and rows["identity"].rstrip(" |").endswith("baseline")
     assert "paired by seed (10)" in text and "fresh seeds 1000-1009" in text
+    # the committed files alone (the report's jobs.csv, the plan beside it) give the same confirmation
+    again = write_report([confirm / "jobs.csv"], tmp_path / "again")
+    assert (tmp_path / "again" / "confirmation.md").read_text() == text and again.exists()
 
 
 @pytest.mark.parametrize("named", [True, False])  # plans written before rows named their group: the label's prefix
