@@ -20,15 +20,14 @@ the fresh seeds alone (analysis/confirm.py).
 """
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from analysis.confirm import plan_rows, plan_rows_from_configs, write_plan
+from analysis.confirm import plan_rows, plan_rows_from_configs, read_configs, write_plan
 from analysis.report import Reading, paper_table_protocol, paper_tables, write_report
-from analysis.tables import TableSpec, default_spec, hold_fixed, parse_fixed
+from analysis.tables import TableSpec, default_spec, hold_fixed, parse_fixed, selection_column
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +120,13 @@ def _confirmation_plan(args: argparse.Namespace, fixed: dict | None) -> None:
         mode = args.mode or (protocol.mode if protocol else None)
         if metric is None or mode is None:
             raise ValueError(f"{source} names no objective: give --metric and --mode, or --paper-table")
-        select = metric if metric.startswith(("final_", "best_")) else f"final_{metric}"
+        select = selection_column(metric)
         spec = TableSpec(select, mode, [select])
         at_step = args.at_step if args.at_step is not None else (protocol.at_step if protocol else None)
         fixed = fixed if fixed is not None else (protocol.fixed if protocol else {})
-        configs = hold_fixed(pd.read_csv(source), fixed or {})
+        configs = hold_fixed(read_configs(source), fixed or {})
         rows = plan_rows_from_configs(configs, spec, args.paper_table)
-        seeds = pd.Series([int(s) for listed in configs["seeds"] for s in ast.literal_eval(str(listed))])
+        seeds = pd.Series([int(s) for listed in configs["seeds"] for s in listed])
     write_plan(rows, seeds, spec, args.confirm_seeds, out, args.sweeps, args.paper_table, at_step, fixed)
 
 

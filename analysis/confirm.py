@@ -70,9 +70,7 @@ def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
     rows: list[dict] = []
     seen: set[str] = set()
 
-    group_name = ""
-
-    def add(config: pd.Series, label: str, source: str, candidates: int | None) -> None:
+    def add(config: pd.Series, label: str, source: str, candidates: int | None, group: str, losses: list) -> None:
         if config["config_id"] in seen:
             return
         seen.add(config["config_id"])
@@ -88,11 +86,11 @@ def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
         rows.append(
             {
                 "row": label,
-                "group": group_name,
+                "group": group,
                 "source": source,
                 "config_id": config["config_id"],
                 "envelopes": str(config["envelopes"]),
-                "identity": all(config[f"env_{loss}_shape"] == "identity" for loss in loss_names(config.to_frame().T)),
+                "identity": all(config[f"env_{loss}_shape"] == "identity" for loss in losses),
                 "overrides": overrides_of(config),
                 "selection": figures,
                 "selection_seeds": sorted(int(s) for s in config["seeds"]),
@@ -104,12 +102,14 @@ def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
         group_name = ", ".join(f"task.{k}={v}" for k, v in label)
         prefix = group_name + ": " if group_name else ""
         by_id = agg.set_index("config_id", drop=False)
+        losses = loss_names(agg)
         for _, row in best_per_shapes(agg, spec).iterrows():
             source = f"best of {int(row['candidates'])} by {spec.select}"
-            add(row, prefix + row["shapes"], source, int(row["candidates"]))
+            add(row, prefix + row["shapes"], source, int(row["candidates"]), group_name, losses)
         if table_number is not None:
             for envelopes, config_id in paper_rows(runs, table_number):
-                add(by_id.loc[config_id], prefix + f"paper: {envelopes}", f"the paper's Table {table_number} row", None)
+                source = f"the paper's Table {table_number} row"
+                add(by_id.loc[config_id], prefix + f"paper: {envelopes}", source, None, group_name, losses)
     return rows
 
 
@@ -130,9 +130,8 @@ def plan_rows_from_configs(configs: pd.DataFrame, spec, table_number: str | None
     """The configurations to confirm, from a report's ``configs.csv`` (one row per configuration with the mean,
     std and n of the selection metric) where the sweep's runs are no longer at hand: the same selection as
     :func:`plan_rows`. Each configuration's task parameters (for the groups and the paper's protocol) come from
-    composing its overrides with Hydra; its overrides are the ``config`` column's."""
-    import ast
-
+    composing its overrides with Hydra; its overrides are the ``config`` column's. ``configs`` as
+    :func:`read_configs` reads it."""
     from analysis.load import ENVELOPE_PARAMETERS
     from analysis.report import split_by_task_parameters
     from analysis.tables import loss_names
@@ -143,7 +142,6 @@ def plan_rows_from_configs(configs: pd.DataFrame, spec, table_number: str | None
             f"a configs.csv for a confirmation plan needs the columns config_id, config, seeds and "
             f"{spec.select}_mean (a report's configs.csv); got {sorted(configs.columns)}"
         )
-    configs["seeds"] = configs["seeds"].map(lambda s: ast.literal_eval(s) if isinstance(s, str) else s)
     overrides = configs["config"].map(lambda c: [o for o in str(c).split() if not o.startswith("seed_batch=")])
     tasks = {key: _composed_task(list(key)) for key in {_non_envelope(o) for o in overrides}}
     configs["task_json"] = [json.dumps(tasks[_non_envelope(o)], sort_keys=True) for o in overrides]
@@ -163,6 +161,16 @@ def plan_rows_from_configs(configs: pd.DataFrame, spec, table_number: str | None
     configs["status"] = "completed"
     groups = [(label, group, group) for label, group in split_by_task_parameters(configs)]
     return _selected_rows(groups, spec, table_number, lambda config: list(config["_overrides"]))
+
+
+def read_configs(path: Path) -> pd.DataFrame:
+    """A report's ``configs.csv``, each configuration's ``seeds`` as a list again."""
+    import ast
+
+    configs = pd.read_csv(path)
+    if "seeds" in configs.columns:
+        configs["seeds"] = configs["seeds"].map(lambda s: ast.literal_eval(s) if isinstance(s, str) else s)
+    return configs
 
 
 def _non_envelope(overrides: list[str]) -> tuple[str, ...]:

@@ -32,6 +32,11 @@ class TableSpec:
         return self.report[0] == self.select
 
 
+def selection_column(metric: str) -> str:
+    """The jobs' column a metric names: ``val_loss`` is the last value, ``final_val_loss``; ``best_`` as given."""
+    return metric if metric.startswith(("final_", "best_")) else f"final_{metric}"
+
+
 def default_spec(jobs: pd.DataFrame, metric: str | None = None, mode: str | None = None) -> TableSpec:
     """Selection metric from the argument or the jobs' objective; report its test twin when present."""
     done = jobs[jobs["status"] == "completed"]
@@ -45,7 +50,7 @@ def default_spec(jobs: pd.DataFrame, metric: str | None = None, mode: str | None
         )
     if mode not in ("min", "max"):
         raise ValueError(f"--mode must be one of ['min', 'max'], got {mode!r}")
-    select = metric if metric.startswith(("final_", "best_")) else f"final_{metric}"
+    select = selection_column(metric)
     if select not in jobs.columns:
         available = sorted(c for c in jobs.columns if c.startswith(("final_", "best_")))
         raise ValueError(f"--metric {metric!r} is not in the results; available: {available}")
