@@ -197,6 +197,10 @@ class Member:
     hydra: DictConfig | None = None
     envelopes: dict[str, Envelope] | None = None  # validated already (by the sweep's check); None: validate it
 
+    def validated(self) -> dict[str, Envelope]:
+        """The job's envelopes: those the sweep's check validated, or the job's config validated now."""
+        return self.envelopes if self.envelopes is not None else validate(self.cfg)
+
 
 def run_job(
     cfg: DictConfig,
@@ -352,7 +356,7 @@ def prepare_member(
         if member.hydra is not None:
             (job_dir / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": member.hydra})))
     batched = cfg.seed_batch > 1
-    envelopes = member.envelopes if member.envelopes is not None else validate(cfg)
+    envelopes = member.validated()
     cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
     if batched:
         (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

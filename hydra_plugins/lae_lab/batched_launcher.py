@@ -231,13 +231,13 @@ class BatchedLauncher(Launcher):
         will be skipped as a duplicate and does not count, so each group
         trains about ``max_batch`` models.
         """
-        from runner.config import config_id, effective_config, validate
+        from runner.config import config_id, effective_config
 
         chunks, current, size = [], [], 0
         for position in positions:
             member = jobs[position][2]
             cfg = member.cfg
-            effective = effective_config(cfg, member.envelopes if member.envelopes is not None else validate(cfg))
+            effective = effective_config(cfg, member.validated())
             ids = {
                 config_id({**effective, "seed": seed}, with_seed=True)
                 for seed in range(cfg.seed, cfg.seed + cfg.seed_batch)
