@@ -64,12 +64,20 @@ class ActorCritic:
         actor_layers, critic_layers = linears(actors), linears(critics)
         hidden = len(actor_layers[0]) - 1
         self.agents = len(actors)
+        # On the CPU, MKL's batched product of one row per network is five times slower with an input
+        # width that is not a multiple of 8 (242 networks of 6 -> 64: 0.16 ms; of 8 -> 64: 0.03 ms). The
+        # first layer's weights are therefore kept with zero rows appended and every input with zero
+        # columns: those rows' gradients are exactly zero, so they stay zero under Adam and SGD, and the
+        # rollout and the update read the one tensor that the optimiser changes.
+        inputs = actor_layers[0][0].in_features
+        self.padding = (-inputs) % 8 if device.type == "cpu" else 0
 
-        def stack(tensors):
-            return torch.stack(tensors).contiguous().to(device).requires_grad_()
+        def stack(tensors, rows=0):
+            return nn.functional.pad(torch.stack(tensors), (0, 0, 0, rows)).contiguous().to(device).requires_grad_()
 
         self.weights = [
-            stack([net[i].weight.detach().T for net in actor_layers + critic_layers]) for i in range(hidden)
+            stack([net[i].weight.detach().T for net in actor_layers + critic_layers], self.padding if i == 0 else 0)
+            for i in range(hidden)
         ]
         self.biases = [
             stack([net[i].bias.detach()[None] for net in actor_layers + critic_layers]) for i in range(hidden)
@@ -83,20 +91,6 @@ class ActorCritic:
             head_bias[k, :rows, 0] = net[-1].bias.detach()
         self.head_weight = head_weight.to(device).requires_grad_()
         self.head_bias = head_bias.to(device).requires_grad_()
-        # On the CPU, MKL's batched product of one row per network is five times slower with an input
-        # width that is not a multiple of 8 (242 networks of 6 -> 64: 0.16 ms; of 8 -> 64: 0.03 ms), so
-        # the rollout (one observation per environment) uses the first layer's weights with zero rows
-        # appended, remade whenever the optimiser has changed them.
-        inputs = self.weights[0].shape[1]
-        self.padding = (-inputs) % 8 if device.type == "cpu" else 0
-        self._padded: tuple[int, torch.Tensor] | None = None
-
-    def _padded_first_weight(self) -> torch.Tensor:
-        weight = self.weights[0]
-        if self._padded is None or self._padded[0] != weight._version:
-            padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, self.padding))
-            self._padded = (weight._version, padded)
-        return self._padded[1]
 
     def parameters(self) -> list[torch.Tensor]:
         pairs = [*zip(self.weights, self.biases), (self.head_weight, self.head_bias)]
@@ -104,12 +98,10 @@ class ActorCritic:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations (K, B, obs) to logits (K, B, actions) and values (K, B)."""
+        if self.padding:
+            x = nn.functional.pad(x, (0, self.padding))
         h = x.repeat(2, 1, 1)  # each agent's observations to its actor (first K) and its critic (last K)
-        weights = self.weights
-        if self.padding and x.shape[1] == 1 and not torch.is_grad_enabled():
-            h = torch.nn.functional.pad(h, (0, self.padding))
-            weights = [self._padded_first_weight(), *weights[1:]]
-        for weight, bias in zip(weights, self.biases):
+        for weight, bias in zip(self.weights, self.biases):
             h = tanh_layer(h, weight, bias)
         out = torch.baddbmm(self.head_bias, self.head_weight, h.transpose(1, 2))  # (2K, actions, B)
         return out[: self.agents].transpose(1, 2), out[self.agents :, 0]

@@ -1,13 +1,16 @@
 """PPO: GAE, truncation, episode statistics without NaN, envelopes and options change training."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from runner.config import ConfigError, validate
 from runner.job import run_job
+from tasks.common import make_optimizer
 from tasks.ppo import bootstrap_time_limits, gae
 from tasks.ppo_networks import ActorCritic, agent_networks, tanh_layer
 
@@ -58,23 +61,40 @@ def test_the_cpu_tanh_layer_is_tanh_within_its_stated_error_with_autograds_gradi
 @pytest.mark.parametrize("observation, actions, hidden", [(6, 3, (64, 64)), (8, 4, (16,)), (4, 2, (8, 8, 8))])
 def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stays_zero(observation, actions, hidden):
     # Every agent's logits and value are its own actor's and critic's (nn.Sequential with torch's tanh), for a
-    # batch of samples and for the rollout's one observation (whose first layer is padded to 8 inputs); the
-    # zero rows below each critic's value row stay zero through Adam and SGD steps.
+    # batch of samples and for the rollout's one observation, before and after optimiser steps with every
+    # optimiser the task makes (fused Adam, which leaves tensors' version counters alone, and SGD) and with
+    # foreach Adam; the zero rows of the padded first layer and below each critic's value row stay zero.
+    def check_against_own_networks(net, actors, critics, atol=1e-6):
+        for rows in (100, 1):
+            x = torch.randn(5, rows, observation)
+            with torch.no_grad():
+                logits, values = net(x)
+                for k in range(5):
+                    torch.testing.assert_close(logits[k], actors[k](x[k]), rtol=1e-5, atol=atol)
+                    torch.testing.assert_close(values[k], critics[k](x[k]).squeeze(-1), rtol=1e-5, atol=atol)
+            with torch.inference_mode():  # the rollout's path
+                assert torch.equal(net(x)[0], logits) and torch.equal(net(x)[1], values)
+
+    def own_networks(net):  # each agent's actor and critic made again from the stacked tensors
+        actors, critics = agent_networks(list(range(5)), observation, list(hidden), actions)
+        with torch.no_grad():
+            for k, module in enumerate(actors + critics):
+                linears = [m for m in module if isinstance(m, nn.Linear)]
+                for layer, weight, bias in zip(linears, net.weights, net.biases):
+                    layer.weight.copy_(weight[k, :observation].T if layer is linears[0] else weight[k].T)
+                    layer.bias.copy_(bias[k, 0])
+                linears[-1].weight.copy_(net.head_weight[k, : linears[-1].out_features])
+                linears[-1].bias.copy_(net.head_bias[k, : linears[-1].out_features, 0])
+        return actors, critics
+
     actors, critics = agent_networks(list(range(5)), observation, list(hidden), actions)
     net = ActorCritic(actors, critics, torch.device("cpu"))
-    for rows in (100, 1):
-        x = torch.randn(5, rows, observation)
-        with torch.no_grad():
-            logits, values = net(x)
-            for k in range(5):
-                torch.testing.assert_close(logits[k], actors[k](x[k]), rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(values[k], critics[k](x[k]).squeeze(-1), rtol=1e-5, atol=1e-6)
-        with torch.inference_mode():  # the rollout's path: padded first layer where the width needs it
-            assert torch.equal(net(x)[0], logits) and torch.equal(net(x)[1], values)
-    assert net.padding == (-observation) % 8
+    check_against_own_networks(net, actors, critics)
+    assert net.padding == (-observation) % 8 and net.weights[0].shape[1] == observation + net.padding
     for optimizer in (
-        torch.optim.Adam(net.parameters(), lr=0.1),
-        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+        make_optimizer(net.parameters(), SimpleNamespace(optimizer="adam", lr=0.1)),
+        make_optimizer(net.parameters(), SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.9)),
+        torch.optim.Adam(net.parameters(), lr=0.1, foreach=True),
     ):
         for _ in range(3):
             logits, values = net(torch.randn(5, 20, observation))
@@ -83,11 +103,8 @@ def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stay
             optimizer.step()
         assert torch.all(net.head_weight[5:, 1:] == 0) and torch.all(net.head_bias[5:, 1:] == 0)
         assert net.head_weight[5:, 0].abs().sum() > 0
-    x = torch.randn(5, 1, observation)
-    with torch.inference_mode():  # the padded copy follows the optimiser's changes
-        padded = net(x)
-    with torch.no_grad():
-        assert torch.equal(padded[0], net(x)[0])
+        assert torch.all(net.weights[0][:, observation:] == 0)
+        check_against_own_networks(net, *own_networks(net), atol=1e-5)  # trained weights: larger outputs
 
 
 def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):
