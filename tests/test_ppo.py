@@ -64,14 +64,14 @@ def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stay
     # batch of samples and for the rollout's one observation, before and after optimiser steps with every
     # optimiser the task makes (fused Adam, which leaves tensors' version counters alone, and SGD) and with
     # foreach Adam; the zero rows of the padded first layer and below each critic's value row stay zero.
-    def check_against_own_networks(net, actors, critics, atol=1e-6):
+    def check_against_own_networks(net, actors, critics, rtol=1e-5, atol=1e-6):
         for rows in (100, 1):
             x = torch.randn(5, rows, observation)
             with torch.no_grad():
                 logits, values = net(x)
                 for k in range(5):
-                    torch.testing.assert_close(logits[k], actors[k](x[k]), rtol=1e-5, atol=atol)
-                    torch.testing.assert_close(values[k], critics[k](x[k]).squeeze(-1), rtol=1e-5, atol=atol)
+                    torch.testing.assert_close(logits[k], actors[k](x[k]), rtol=rtol, atol=atol)
+                    torch.testing.assert_close(values[k], critics[k](x[k]).squeeze(-1), rtol=rtol, atol=atol)
             with torch.inference_mode():  # the rollout's path
                 assert torch.equal(net(x)[0], logits) and torch.equal(net(x)[1], values)
 
@@ -92,9 +92,9 @@ def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stay
     check_against_own_networks(net, actors, critics)
     assert net.padding == (-observation) % 8 and net.weights[0].shape[1] == observation + net.padding
     for optimizer in (
-        make_optimizer(net.parameters(), SimpleNamespace(optimizer="adam", lr=0.1)),
-        make_optimizer(net.parameters(), SimpleNamespace(optimizer="sgd", lr=0.1, momentum=0.9)),
-        torch.optim.Adam(net.parameters(), lr=0.1, foreach=True),
+        make_optimizer(net.parameters(), SimpleNamespace(optimizer="adam", lr=0.01)),
+        make_optimizer(net.parameters(), SimpleNamespace(optimizer="sgd", lr=0.01, momentum=0.9)),
+        torch.optim.Adam(net.parameters(), lr=0.01, foreach=True),
     ):
         for _ in range(3):
             logits, values = net(torch.randn(5, 20, observation))
@@ -104,7 +104,7 @@ def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stay
         assert torch.all(net.head_weight[5:, 1:] == 0) and torch.all(net.head_bias[5:, 1:] == 0)
         assert net.head_weight[5:, 0].abs().sum() > 0
         assert torch.all(net.weights[0][:, observation:] == 0)
-        check_against_own_networks(net, *own_networks(net), atol=1e-5)  # trained weights: larger outputs
+        check_against_own_networks(net, *own_networks(net), rtol=1e-4, atol=1e-5)  # trained: larger outputs
 
 
 def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):
