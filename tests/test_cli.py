@@ -448,7 +448,21 @@ def test_ctrl_c_mid_sweep_says_so_in_one_line_releases_claims_and_exits_130(tmp_
         f"hydra.sweep.dir={sweep}",
         *(["hydra/launcher=batched"] if launcher == "batched" else []),
     ]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def as_in_a_terminal():  # SIGINT handled by default and not blocked, whatever this process inherited
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    # a process started in the background (nohup, `cmd &` without job control) ignores SIGINT, and its
+    # children inherit that: in the full suite run that way the sweep ignored the signal and finished
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_in_a_terminal,
+    )
     deadline = time.time() + 120
     while not list(sweep.glob("*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)  # training has started
