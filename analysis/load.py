@@ -195,8 +195,17 @@ def read_at_step(jobs: pd.DataFrame, step: int) -> pd.DataFrame:
     is its 200k-step runs at 50k steps). Metrics a run computes only at its
     end (``return_ma100_final_phase``) are left out; a completed run that
     logged no row at or before ``step`` gets status ``no_row_at_step``.
+    Each row records the step in ``read_at_step``, so that a report's
+    ``jobs.csv`` read at that step stands for runs whose metrics are gone;
+    such rows cannot be read at another step.
     """
     jobs = jobs.copy()
+    if "read_at_step" in jobs.columns and jobs["read_at_step"].notna().all():
+        read = sorted(set(jobs["read_at_step"].astype(int)))
+        if read != [step]:
+            raise ValueError(f"these runs were read at {read} environment steps (a report's jobs.csv), not at {step}")
+        jobs.attrs["at_step"] = step
+        return jobs
     finals = [c for c in jobs.columns if c.startswith("final_")]
     jobs[finals] = float("nan")
     for index, job in jobs.iterrows():
@@ -213,5 +222,6 @@ def read_at_step(jobs: pd.DataFrame, step: int) -> pd.DataFrame:
             continue
         for key, value in chosen.items():
             jobs.loc[index, f"final_{key}"] = value
+    jobs["read_at_step"] = step
     jobs.attrs["at_step"] = step
     return jobs

@@ -322,6 +322,7 @@ def _confirmation_report(jobs: pd.DataFrame, plan: dict, out_dir: Path, lines: l
     """A confirmation sweep's report: each planned row, selection stage beside confirmed, and the verdicts."""
     if plan.get("at_step") is not None and "at_step" not in jobs.attrs:
         jobs = read_at_step(jobs, int(plan["at_step"]))
+        jobs.to_csv(out_dir / "jobs.csv", index=False)  # as read: the committed file recomputes the table
     table = confirmation_table(jobs, plan)
     markdown = confirmation_markdown(table, plan)
     (out_dir / "confirmation.md").write_text(markdown)

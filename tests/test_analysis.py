@@ -231,6 +231,23 @@ def test_reading_runs_at_a_step(sweep):
     assert (read_at_step(load_jobs(sweep), 0)["status"] == "no_row_at_step").sum() == 13
 
 
+def test_a_jobs_csv_read_at_a_step_stands_for_runs_whose_metrics_are_gone(sweep, tmp_path):
+    import shutil
+
+    from analysis.load import read_at_step
+
+    jobs = read_at_step(load_jobs(sweep), 2)
+    jobs.to_csv(tmp_path / "jobs.csv", index=False)
+    shutil.rmtree(sweep)
+    again = read_at_step(load_jobs(tmp_path / "jobs.csv"), 2)
+    assert again.attrs["at_step"] == 2 and (again["read_at_step"] == 2).all()
+    done = again[again["status"] == "completed"]
+    identity = done[done["config_id"] == "identity-None"].sort_values("seed")
+    assert identity["final_val_loss"].round(6).tolist() == [1.15, 1.17, 1.13, 1.16]  # as read at step 2
+    with pytest.raises(ValueError, match=r"read at \[2\] environment steps .* not at 3"):
+        read_at_step(load_jobs(tmp_path / "jobs.csv"), 3)
+
+
 def test_rl_tables_give_the_interquartile_mean_with_a_bootstrap_interval():
     import numpy as np
 
