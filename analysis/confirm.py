@@ -253,6 +253,21 @@ def read_plan(sweep_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def shared_plan(sweep_dirs: list[Path]) -> dict | None:
+    """The one confirmation plan beside every one of ``sweep_dirs`` (a confirmation run in parts, say by
+    seed, each part's jobs.csv with a copy of the plan), or None where any has none; parts with different
+    plans are an error."""
+    plans = [read_plan(d) for d in sweep_dirs]
+    if not plans or any(plan is None for plan in plans):
+        return None
+    if any(plan != plans[0] for plan in plans[1:]):
+        raise ValueError(
+            f"{', '.join(str(d) for d in sweep_dirs)}: their confirmation plans ({PLAN_FILE}) differ; "
+            "a confirmation's parts must share one plan"
+        )
+    return plans[0]
+
+
 def confirmation_table(jobs: pd.DataFrame, plan: dict, alpha: float = 0.05) -> pd.DataFrame:
     """Per planned row: the selection-stage figure, the confirmed one (fresh seeds), and a verdict from the
     confirmed runs alone (the difference from identity, paired by seed, Holm over the rows)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
-from analysis.confirm import confirmation_table, read_plan
+from analysis.confirm import confirmation_table, shared_plan
 from analysis.confirm import to_markdown as confirmation_markdown
 from analysis.html import write_html
 from analysis.load import load_jobs, load_metrics, read_at_step
@@ -415,7 +415,7 @@ def write_report(
         print(f"No table: the objective is in no completed run's final metrics ({error})")
         return _write(out_dir, lines)
     done = jobs[jobs["status"] == "completed"]
-    plan = read_plan(sweep_dirs[0]) if len(sweep_dirs) == 1 else None
+    plan = shared_plan(sweep_dirs)
     if plan is not None:  # a confirmation sweep: its planned rows, not a new selection on its own numbers
         return _confirmation_report(jobs, plan, out_dir, lines)
     groups = split_by_task_parameters(done)

@@ -551,6 +551,19 @@ def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path
     # the committed files alone (the report's jobs.csv, the plan beside it) give the same confirmation
     again = write_report([confirm / "jobs.csv"], tmp_path / "again")
     assert (tmp_path / "again" / "confirmation.md").read_text() == text and again.exists()
+    # a confirmation run in two parts (by seed), each part's jobs.csv with a copy of the plan: the same verdicts
+    import pandas as pd
+
+    rows = pd.read_csv(confirm / "jobs.csv")
+    for part, seeds in (("a", range(1000, 1005)), ("b", range(1005, 1010))):
+        (tmp_path / part).mkdir()
+        rows[rows["seed"].isin(seeds)].to_csv(tmp_path / part / "jobs.csv", index=False)
+        (tmp_path / part / PLAN_FILE).write_text((sweep / "confirm" / PLAN_FILE).read_text())
+    write_report([tmp_path / "a" / "jobs.csv", tmp_path / "b" / "jobs.csv"], tmp_path / "parts")
+    assert (tmp_path / "parts" / "confirmation.md").read_text() == text
+    (tmp_path / "b" / PLAN_FILE).write_text(json.dumps({**plan, "seeds": [1]}))
+    with pytest.raises(ValueError, match="confirmation plans .* differ"):
+        write_report([tmp_path / "a" / "jobs.csv", tmp_path / "b" / "jobs.csv"], tmp_path / "mixed")
 
 
 @pytest.mark.parametrize("named", [True, False])  # plans written before rows named their group: the label's prefix
