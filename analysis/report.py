@@ -320,9 +320,6 @@ class Reading:
 
 def _confirmation_report(jobs: pd.DataFrame, plan: dict, out_dir: Path, lines: list[str]) -> Path:
     """A confirmation sweep's report: each planned row, selection stage beside confirmed, and the verdicts."""
-    if plan.get("at_step") is not None and "at_step" not in jobs.attrs:
-        jobs = read_at_step(jobs, int(plan["at_step"]))
-        jobs.to_csv(out_dir / "jobs.csv", index=False)  # as read: the committed file recomputes the table
     table = confirmation_table(jobs, plan)
     markdown = confirmation_markdown(table, plan)
     (out_dir / "confirmation.md").write_text(markdown)
@@ -360,6 +357,15 @@ def write_report(
     anything is written, so an existing report is never replaced by an
     empty one.
     """
+    plan = shared_plan(sweep_dirs)
+    planned_step = None if plan is None else plan.get("at_step")
+    if planned_step is not None:  # a confirmation reads its runs where its plan says
+        if at_step is not None and at_step != planned_step:
+            raise ValueError(
+                f"--at-step {at_step}: this confirmation's plan reads its runs at {planned_step:,} steps "
+                f"({', '.join(str(d) for d in sweep_dirs)}); leave --at-step out or give {planned_step}"
+            )
+        at_step = int(planned_step)
     reading = Reading.of(sweep_dirs, metric, mode, at_step, fixed, table_number, jobs)
     metric, mode, at_step, fixed, jobs, total = (
         reading.metric,
@@ -415,7 +421,6 @@ def write_report(
         print(f"No table: the objective is in no completed run's final metrics ({error})")
         return _write(out_dir, lines)
     done = jobs[jobs["status"] == "completed"]
-    plan = shared_plan(sweep_dirs)
     if plan is not None:  # a confirmation sweep: its planned rows, not a new selection on its own numbers
         return _confirmation_report(jobs, plan, out_dir, lines)
     groups = split_by_task_parameters(done)

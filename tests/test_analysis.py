@@ -564,6 +564,23 @@ def test_a_pure_noise_grids_apparent_winner_vanishes_under_confirmation(tmp_path
     (tmp_path / "b" / PLAN_FILE).write_text(json.dumps({**plan, "seeds": [1]}))
     with pytest.raises(ValueError, match="confirmation plans .* differ"):
         write_report([tmp_path / "a" / "jobs.csv", tmp_path / "b" / "jobs.csv"], tmp_path / "mixed")
+    # a plan that reads its runs at a step: the report reads them there, and its jobs.csv is written as read
+    stepped = tmp_path / "stepped"
+    shutil.copytree(confirm, stepped, ignore=shutil.ignore_patterns("*.csv", "*.md", "*.html"))
+    (stepped / PLAN_FILE).write_text(json.dumps({**plan, "at_step": 2}))
+    with pytest.raises(ValueError, match=r"--at-step 3: this confirmation's plan reads its runs at 2 steps"):
+        write_report([stepped], tmp_path / "wrong_step", at_step=3)
+    assert not (tmp_path / "wrong_step").exists()  # refused before anything is written
+    report = write_report([stepped], tmp_path / "read_at_2")
+    written = pd.read_csv(tmp_path / "read_at_2" / "jobs.csv")
+    assert (written["read_at_step"] == 2).all() and (written["final_epoch"] == 2).all()
+    assert "Read at 2 environment steps" in report.read_text()
+    at_two = (tmp_path / "read_at_2" / "confirmation.md").read_text()
+    assert at_two != text  # the runs' values at step 2 (0.1 above their final ones), not their final values
+    shutil.rmtree(stepped)  # the committed jobs.csv and plan alone give the same confirmation
+    (tmp_path / "read_at_2" / PLAN_FILE).write_text(json.dumps({**plan, "at_step": 2}))
+    write_report([tmp_path / "read_at_2" / "jobs.csv"], tmp_path / "again_at_2")
+    assert (tmp_path / "again_at_2" / "confirmation.md").read_text() == at_two
 
 
 @pytest.mark.parametrize("named", [True, False])  # plans written before rows named their group: the label's prefix
