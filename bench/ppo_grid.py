@@ -34,6 +34,10 @@ round, their medians and the ratio.
 
     python bench/ppo_grid.py --env acrobot --updates 4 --single 0 --workers 2 \\
         --peer /tmp/peer-venv/bin/python --peer-dir <dir of the peer scripts> --rounds 3
+
+``--compile`` runs the batched slice with ``compile=true``;
+``--compare-compile`` runs it eager and compiled in turn for ``--rounds``
+rounds and prints both rates and the ratio.
 """
 
 from __future__ import annotations
@@ -112,7 +116,13 @@ def main() -> None:
     parser.add_argument("--peer-dir", type=Path, metavar="DIR", help="the directory of the other program's scripts")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds against --peer")
     parser.add_argument("--peer-calls", type=int, default=20, help="timed calls of the peer per round")
+    parser.add_argument("--compile", action="store_true", help="the batched slice with compile=true")
+    parser.add_argument(
+        "--compare-compile", action="store_true", help="interleaved rounds: the batched slice eager, then compiled"
+    )
     args = parser.parse_args()
+    if args.compare_compile:
+        return against_eager(args)
     if args.peer is not None:
         if args.peer_dir is None:
             parser.error("--peer needs --peer-dir, the directory holding jax_ppo_acrobot.py and jax_workers.py")
@@ -120,6 +130,7 @@ def main() -> None:
     for env in args.env if not args.smoke else ["acrobot"]:
         runs, steps, _, _ = GRIDS[env]
         common, batched_args, updates, rollout = slice_overrides(env, args.updates, args.smoke, args.workers)
+        batched_args += ["compile=true"] if args.compile else []
         with tempfile.TemporaryDirectory() as tmp:
             wall, rates, batched = sweep(batched_args, Path(tmp) / "batched")
             group = len(rates)
@@ -166,6 +177,7 @@ def against_peer(args: argparse.Namespace) -> None:
     """Interleaved rounds: the peer, then this project's slice, each round; medians and the ratio."""
     ours, theirs = [], []
     _, overrides, updates, rollout = slice_overrides("acrobot", args.updates, args.smoke, args.workers)
+    overrides += ["compile=true"] if args.compile else []
     for number in range(1, args.rounds + 1):
         theirs.append(peer_rate(args.peer, args.peer_dir, args.workers, args.peer_calls))
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,6 +189,38 @@ def against_peer(args: argparse.Namespace) -> None:
         f"Acrobot, {args.workers} process(es), {updates} updates of {rollout} steps per run; medians of "
         f"{args.rounds} rounds: peer {peer:,.0f} env steps/s, LAE Lab {lae:,.0f}; LAE Lab / peer = {lae / peer:.2f}x"
     )
+
+
+def against_eager(args: argparse.Namespace) -> None:
+    """Interleaved rounds of each --env's batched slice: eager, then compile=true; medians and the ratio.
+
+    Each rate is the median over updates, so the compiled slice's first
+    update (which pays the compilation) does not count; the compile time is
+    printed apart (``compile_s`` in the runs' result.json).
+    """
+    for env in args.env if not args.smoke else ["acrobot"]:
+        _, overrides, updates, rollout = slice_overrides(env, args.updates, args.smoke, args.workers)
+        rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for number in range(1, args.rounds + 1):
+            for name, extra in (("eager", []), ("compiled", ["compile=true"])):
+                with tempfile.TemporaryDirectory() as tmp:
+                    wall, _, rate = sweep(overrides + extra, Path(tmp) / "batched")
+                    compile_s = sorted(
+                        {
+                            json.loads(path.read_text()).get("compile_s")
+                            for path in (Path(tmp) / "batched").glob("*/result.json")
+                        }
+                        - {None}
+                    )
+                rates[name].append(rate)
+                spent = f", compile {', '.join(f'{c:.0f}' for c in compile_s)} s" if compile_s else ""
+                print(f"{env} round {number}: {name} {rate:,.0f} env steps/s (command {wall:.0f} s{spent})", flush=True)
+        eager, compiled = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
+        print(
+            f"{env}, {args.workers} process(es), {updates} updates of {rollout} steps per run; medians of "
+            f"{args.rounds} rounds: eager {eager:,.0f} env steps/s, compiled {compiled:,.0f}; "
+            f"compiled / eager = {compiled / eager:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -126,6 +126,15 @@ class EnvelopeBank(nn.Module):
             )
         return self._positions[key]
 
+    def prepare(self, n: int, like: Tensor) -> None:
+        """Work out ahead the quantile positions for batches of ``n`` losses of ``like``'s dtype and device.
+
+        A compiled step that calls the bank then finds them already cached,
+        instead of being compiled once before they are cached and again after.
+        """
+        if self.adaptive:
+            self._interpolation(n, like)
+
     def _values(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """(G,) threshold and span for this batch: static values, or (smoothed) batch quantiles."""
         static_t = self.static_threshold.to(flat.dtype)

@@ -52,6 +52,8 @@ class RunContext:
     controller: ControllerSettings | None = None  # the loss controller's settings (None: off)
     run_envelopes: list[dict[str, Envelope]] | None = None  # one dict per run when runs differ in envelopes
     warnings: list[str] = field(default_factory=list)  # what the run should know (in result.json)
+    compile: bool = False  # compile the training step (a task with COMPILE = True)
+    compile_s: float | None = None  # set by such a task: its first compiled step's seconds, compilation included
 
     def envelope(self, loss: str) -> Envelope | EnvelopeBank:
         """The envelope of ``loss`` for this job's runs: the run's own for one run, else a bank of one per run."""
@@ -454,6 +456,7 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
         # baseline (the base loss alone) trains exactly what no controller trains: it is that run
         controller_settings(cfg) if controller_on(cfg.controller.mode) else None,
         run_envelopes=None if same else per_run,
+        compile=cfg.compile,
     )
     extras = module.run(cfg, context)
     extras = [extras] if isinstance(extras, dict) else extras
@@ -470,6 +473,7 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
         value = final.get(objective_key)
         result = run.result
         result.status, result.device, result.threads = "completed", str(device), torch.get_num_threads()
+        result.compile_s = context.compile_s
         # bit-identical results need the same threads and the same group (docs/running.md, "Seeds and devices")
         result.group_size = len(runs)
         result.final, result.best = final, recorder.best

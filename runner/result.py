@@ -2,7 +2,7 @@
 
 A run's file holds its identity (overrides, task, seed, config and run ids,
 the effective config) and its outcome: ``completed`` (final and best rows,
-the objective, device, threads, group size, wall time), ``failed`` (the
+the objective, device, threads, group size, wall time, compile time), ``failed`` (the
 error, its traceback, the rows logged before it), ``duplicate`` (the run
 directory that trains the same run id). A job of several seeds also writes
 one for itself: ``batch`` (its seeds, those it trained, their directories),
@@ -37,6 +37,9 @@ class Result:
     traceback: str | None = None
     device: str | None = None
     threads: int | None = None
+    compile_s: float | None = None
+    """``compile=true``: seconds of the group's first compiled step, compilation included (paid once per group,
+    not divided among its runs)."""
     group_size: int | None = None
     final: dict[str, Any] | None = None
     best: dict[str, Any] | None = None

@@ -27,11 +27,13 @@ gradient tracking.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,12 +45,15 @@ from tasks.ppo_envs import Environments
 from tasks.ppo_networks import ActorCritic, agent_networks
 from tasks.seed_batch import seed_outcomes
 
+log = logging.getLogger(__name__)
+
 OBJECTIVE = ("charts/return_ma100", "max")
 # what a run records (file names; * any ending), for checking report.metric before training
 METRICS = ("step", "env_steps", "charts_*", "losses_*", "return_ma100_final_phase", "train_*", "envelope_*")
 ENVIRONMENTS = ("LunarLander-v3", "Acrobot-v1", "CartPole-v1")
 BACKENDS = ("gymnasium", "envpool")
 SEED_BATCH = True
+COMPILE = True  # compile=true: the update's minibatch step through torch.compile
 
 
 @dataclass
@@ -176,6 +181,65 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[t
     return advantages, advantages + values
 
 
+class Rollout(NamedTuple):
+    """One update's samples, per agent: (K, T * N, ...)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    old_logits: torch.Tensor
+    old_logprob: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class Penalty(NamedTuple):
+    """The policy loss's variant and the constants of the total: ``kl`` (the KL-penalty variant) or PPO-clip."""
+
+    kl: bool
+    clip: float
+    value_coef: float
+
+
+def minibatch_losses(
+    net: ActorCritic,
+    policy_bank: EnvelopeBank,
+    value_bank: EnvelopeBank,
+    rollout: Rollout,
+    idx: torch.Tensor,
+    kl_coef: torch.Tensor,
+    penalty: Penalty,
+    reduction: str,
+) -> tuple[torch.Tensor, ...]:
+    """One minibatch ``idx`` (K, B) of every agent: the total loss to differentiate, then per sample the raw and
+    shaped policy and value losses, the probability ratio and its log.
+
+    The envelopes' adaptive state moves by one step. ``torch.compile`` can
+    take this function whole (``compile=true``): forward, losses, envelopes
+    and, through autograd, the backward pass become one fused program.
+    """
+    mb_obs = rollout.obs.gather(1, idx[..., None].expand(-1, -1, rollout.obs.shape[-1]))
+    mb_actions = rollout.actions.gather(1, idx)
+    new_logits, new_values = net(mb_obs)
+    new_logprobs_all = F.log_softmax(new_logits, -1)
+    new_logprob = new_logprobs_all.gather(2, mb_actions[..., None]).squeeze(2)
+    log_ratio = new_logprob - rollout.old_logprob.gather(1, idx)
+    ratio = log_ratio.exp()
+    adv = rollout.advantages.gather(1, idx)
+    if not penalty.kl:
+        policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - penalty.clip, 1 + penalty.clip) * adv)
+    else:
+        old_logits = rollout.old_logits.gather(1, idx[..., None].expand(-1, -1, rollout.old_logits.shape[-1]))
+        old_logprobs_all = F.log_softmax(old_logits, -1)
+        exact_kl = (old_logprobs_all.exp() * (old_logprobs_all - new_logprobs_all)).sum(-1)
+        policy_loss = -ratio * adv + kl_coef[:, None] * exact_kl
+    value_loss = (new_values - rollout.returns.gather(1, idx)).square()
+    shaped_policy, shaped_value = policy_bank(policy_loss), value_bank(value_loss)
+    reduce = torch.sum if reduction == "sum" else torch.mean
+    # each agent's loss; their sum's gradient for an agent's parameters is that agent's own
+    loss = (reduce(shaped_policy, dim=1) + penalty.value_coef * reduce(shaped_value, dim=1)).sum()
+    return loss, policy_loss, value_loss, shaped_policy, shaped_value, ratio, log_ratio
+
+
 def finite(agent: int, metrics: dict[str, float], where: str) -> str | None:
     """An agent's run has failed where a recorded value is not finite (returns have no divergence factor)."""
     return divergence(metrics, where)
@@ -215,7 +279,14 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     failed: dict[int, str] = {}
     kl_coef = torch.full((K,), float(task_cfg.kl_coef), device=device)
     bootstrap = task_cfg.truncation == "bootstrap"
-    reduce = torch.sum if task_cfg.reduction == "sum" else torch.mean
+    penalty = Penalty(task_cfg.kl_penalty != "none", float(task_cfg.clip), float(task_cfg.value_coef))
+    losses = minibatch_losses
+    if context.compile:  # one fused program for the update's forward, losses, envelopes and backward
+        losses = torch.compile(minibatch_losses, dynamic=False)
+        like = torch.empty(0, device=device)
+        for size in {task_cfg.minibatch_size, (T * N) % task_cfg.minibatch_size} - {0}:  # no recompilation
+            policy_bank.prepare(size, like)
+            value_bank.prepare(size, like)
     global_step, updates = 0, max(1, task_cfg.total_steps // (T * N))
     batch = T * N
     agent_of_env = np.repeat(np.arange(K), N)
@@ -276,6 +347,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             b_adv = (b_adv - b_adv.mean(1, keepdim=True)) / (b_adv.std(1, keepdim=True) + 1e-8)
 
         # PPO update with the two envelopes, every agent at once.
+        rollout = Rollout(b_obs, b_actions, b_old_logits, b_old_logprob, b_adv, b_returns)
         stats = {name: MeanStd(device, K) for name in ("policy_raw", "policy_shaped", "value_raw", "value_shaped")}
         meters = {"policy": EnvelopeMeter(policy_bank, device), "value": EnvelopeMeter(value_bank, device)}
         kl_sum = torch.zeros(K, device=device)
@@ -285,28 +357,16 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
             order = torch.stack([torch.randperm(batch, generator=g) for g in generators]).to(device)
             for begin in range(0, batch, task_cfg.minibatch_size):
                 idx = order[:, begin : begin + task_cfg.minibatch_size]
-                mb_obs = b_obs.gather(1, idx[..., None].expand(-1, -1, obs_dim))
-                mb_actions = b_actions.gather(1, idx)
-                new_logits, new_values = net(mb_obs)
-                new_logprobs_all = F.log_softmax(new_logits, -1)
-                new_logprob = new_logprobs_all.gather(2, mb_actions[..., None]).squeeze(2)
-                log_ratio = new_logprob - b_old_logprob.gather(1, idx)
-                ratio = log_ratio.exp()
-                adv = b_adv.gather(1, idx)
-                if task_cfg.kl_penalty == "none":
-                    policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - task_cfg.clip, 1 + task_cfg.clip) * adv)
-                else:
-                    old_logprobs_all = F.log_softmax(
-                        b_old_logits.gather(1, idx[..., None].expand(-1, -1, n_actions)), -1
-                    )
-                    exact_kl = (old_logprobs_all.exp() * (old_logprobs_all - new_logprobs_all)).sum(-1)
-                    policy_loss = -ratio * adv + kl_coef[:, None] * exact_kl
-                value_loss = (new_values - b_returns.gather(1, idx)).square()
-                shaped_policy, shaped_value = policy_bank(policy_loss), value_bank(value_loss)
-                # each agent's loss; their sum's gradient for an agent's parameters is that agent's own
-                loss = (reduce(shaped_policy, dim=1) + task_cfg.value_coef * reduce(shaped_value, dim=1)).sum()
+                first = context.compile and context.compile_s is None
+                compiling = time.perf_counter() if first else 0.0
+                loss, policy_loss, value_loss, shaped_policy, shaped_value, ratio, log_ratio = losses(
+                    net, policy_bank, value_bank, rollout, idx, kl_coef, penalty, task_cfg.reduction
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if first:  # compiled on its first call (forward and backward): reported apart from training
+                    context.compile_s = time.perf_counter() - compiling
+                    log.info("compiled the update step of %d agents in %.1f s", K, context.compile_s)
                 optimizer.step()
                 for name, values in (
                     ("policy_raw", policy_loss),

@@ -375,3 +375,92 @@ def test_the_envpool_backend_trains_four_runs_from_the_command_line(tmp_path):
     proc = run_cli(*ACROBOT_ENVPOOL_SWEEP, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 runs: 4 completed" in proc.stdout
+
+
+def test_compile_is_refused_for_a_task_without_a_compiled_step_and_without_a_cpp_compiler(compose, monkeypatch):
+    with pytest.raises(ConfigError) as info:
+        validate(compose("task=digits", "compile=true"))
+    assert str(info.value) == (
+        "compile: task 'classification' has no compiled step; compile=true is supported by the tasks ['ppo'], "
+        "got compile=true"
+    )
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"compile: torch.compile on the CPU builds C\+\+ kernels, and none of"):
+        validate(compose("task=cartpole", "compile=true", "device=cpu"))
+    validate(compose("task=cartpole", "compile=false", "device=cpu"))  # the eager step needs no compiler
+
+
+@pytest.mark.slow  # two compilations, about 20 s each
+@pytest.mark.parametrize("kl", [False, True])
+def test_the_compiled_minibatch_step_is_the_eager_one_up_to_rounding(kl):
+    # The same five minibatch steps (fused Adam) of 6 agents with static and adaptive envelopes, eager and
+    # through torch.compile: the same losses, envelope state and parameters up to float32 rounding
+    from envelopes import Envelope, EnvelopeBank
+    from tasks.ppo import Penalty, Rollout, minibatch_losses
+
+    envelopes = [
+        Envelope("identity"),
+        Envelope("step", quantile=0.3, step_size=0.1),
+        Envelope("linear", quantile=0.5, width=0.2, step_size=0.1),
+        Envelope("sigmoid", quantile=0.9, width=0.1, step_size=0.1),
+        Envelope("sigmoid", threshold=0.1, inverse_slope=0.5),
+        Envelope("linear", quantile=0.7, width=0.3, step_size=1.0),
+    ]
+    K, B, batch = len(envelopes), 50, 200
+    g = torch.Generator().manual_seed(0)
+    rollout = Rollout(
+        torch.randn(K, batch, 6, generator=g),
+        torch.randint(0, 3, (K, batch), generator=g),
+        torch.randn(K, batch, 3, generator=g),
+        -torch.rand(K, batch, generator=g) - 0.5,
+        torch.randn(K, batch, generator=g),
+        torch.randn(K, batch, generator=g),
+    )
+    kl_coef = torch.full((K,), 0.01)
+    penalty = Penalty(kl, 0.2, 0.5)
+
+    def learner():
+        net = ActorCritic(*agent_networks(list(range(K)), 6, [64, 64], 3), torch.device("cpu"))
+        banks = EnvelopeBank(envelopes), EnvelopeBank(envelopes[::-1])
+        return net, banks, make_optimizer(net.parameters(), SimpleNamespace(optimizer="adam", lr=3e-4))
+
+    compiled = torch.compile(minibatch_losses, dynamic=False)
+    outputs = {}
+    for name, losses in (("eager", minibatch_losses), ("compiled", compiled)):
+        net, (policy_bank, value_bank), optimizer = learner()
+        steps = []
+        for step in range(5):
+            idx = torch.randperm(batch, generator=torch.Generator().manual_seed(step))[:B].expand(K, B)
+            out = losses(net, policy_bank, value_bank, rollout, idx, kl_coef, penalty, "sum")
+            optimizer.zero_grad(set_to_none=True)
+            out[0].backward()
+            optimizer.step()
+            steps.append([t.detach().clone() for t in out] + [policy_bank.threshold.clone(), value_bank.weight.clone()])
+        outputs[name] = steps, net.parameters(), (policy_bank.estimate, value_bank.estimate, value_bank.trace)
+    (eager_steps, eager_params, eager_state), (compiled_steps, compiled_params, compiled_state) = outputs.values()
+    for eager, compiled_ in zip(eager_steps, compiled_steps):
+        for a, b in zip(eager, compiled_):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager_params, compiled_params):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager_state, compiled_state):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert eager_state[0].abs().sum() > 0  # the adaptive envelopes moved their estimates
+
+
+@pytest.mark.slow  # one compilation
+def test_a_compiled_run_logs_the_eager_runs_first_update_and_is_compiled_once(compose, tmp_path, monkeypatch):
+    args = ("task=cartpole", *SMALL, "task.total_steps=200", "envelope@envelopes.policy=sigmoid", "device=cpu")
+    run_job(compose(*args), tmp_path / "eager", None, [], reraise=True)
+    torch._dynamo.reset()  # forget other tests' compilations of the step
+    # a second compilation (the adaptive envelopes' quantile positions cached after the first) is an error
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    run_job(compose(*args, "compile=true"), tmp_path / "compiled", None, [], reraise=True)
+    eager, compiled = rows_of(tmp_path / "eager"), rows_of(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 2
+    # the first update trains on the same rollout (the initial networks act): the same losses up to rounding
+    for key in ("train_policy_raw_loss_mean", "train_value_shaped_loss_mean", "envelope_policy_threshold"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-6), key
+    assert json.loads((tmp_path / "compiled" / "result.json").read_text())["compile_s"] > 0  # its compile time
+    assert "compile_s" not in json.loads((tmp_path / "eager" / "result.json").read_text())
