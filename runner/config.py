@@ -336,7 +336,8 @@ def _unused_task_keys(task: dict[str, Any]) -> set[str]:
     Each is a setting added after runs existed, at the value those runs
     trained with, so they keep their ids: Adam (which also ignores the
     momentum), no rare classes (which leaves the fraction kept unused), raw
-    pixels, training-split statistics and per-seed random splits.
+    pixels, training-split statistics, per-seed random splits and PPO's
+    orthogonal initialisation.
     """
     unused = set()
     if task.get("optimizer") == "adam":
@@ -350,6 +351,8 @@ def _unused_task_keys(task: dict[str, Any]) -> set[str]:
         unused.add("standardise")
     if task.get("split") == "random":
         unused |= {"split", "val_start"}
+    if task.get("init") == "orthogonal":  # PPO's networks as they were always initialised
+        unused.add("init")
     return unused
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from envelopes import EnvelopeBank
 from tasks.common import EnvelopeMeter, MeanStd, check, check_optimizer, divergence, log_seeds, make_optimizer
 from tasks.ppo_envs import Environments
-from tasks.ppo_networks import ActorCritic, agent_networks
+from tasks.ppo_networks import INITS, ActorCritic, agent_networks
 from tasks.seed_batch import seed_outcomes
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class PPOConfig:
     moving_average: int = 100
     max_episode_steps: int | None = None  # override the environment's time limit
     backend: str = "gymnasium"  # gymnasium | envpool (C++ batched environments)
+    # the networks' initial weights: orthogonal (CleanRL's) | torch (nn.Linear's own, as the paper's code)
+    init: str = "orthogonal"
 
 
 Config = PPOConfig
@@ -114,6 +116,7 @@ def validate(task_cfg) -> None:
         task_cfg.truncation,
     )
     check(task_cfg.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}", task_cfg.backend)
+    check(task_cfg.init in INITS, "init", f"must be one of {list(INITS)}", task_cfg.init)
     if task_cfg.backend == "envpool":
         import importlib.util
 
@@ -261,7 +264,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
     envs = Environments(task_cfg.backend, task_cfg.env_id, seeds, N, task_cfg.max_episode_steps)
     obs_dim, n_actions = envs.observation_size, envs.actions
-    net = ActorCritic(*agent_networks(seeds, obs_dim, task_cfg.hidden, n_actions), device)
+    net = ActorCritic(*agent_networks(seeds, obs_dim, task_cfg.hidden, n_actions, task_cfg.init), device)
     optimizer = make_optimizer(net.parameters(), task_cfg)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 

@@ -1,7 +1,7 @@
 """PPO's networks: each agent's actor and critic, and K agents' networks stacked as tensors.
 
 ``agent_networks`` builds each agent's MLPs as a run alone builds them (seeded,
-actor then critic, orthogonal initialisation as CleanRL's); ``ActorCritic``
+actor then critic, initialised as ``INITS`` says); ``ActorCritic``
 stacks K agents' actors and critics so that each layer of all 2K networks is
 one batched product, with ``tanh_layer``'s CPU tanh between layers.
 """
@@ -12,26 +12,31 @@ import numpy as np
 import torch
 from torch import nn
 
+# initialisations (task.init): CleanRL's orthogonal weights (gain sqrt(2), the output layer's out_gain) with zero
+# biases; or nn.Linear's own (uniform, scaled by fan-in), as the paper's code builds its networks
+INITS = ("orthogonal", "torch")
 
-def mlp(sizes: list[int], out_gain: float) -> nn.Sequential:
+
+def mlp(sizes: list[int], out_gain: float, init: str = "orthogonal") -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = nn.Linear(a, b)
-        nn.init.orthogonal_(linear.weight, out_gain if i == len(sizes) - 2 else np.sqrt(2))
-        nn.init.zeros_(linear.bias)
+        if init == "orthogonal":
+            nn.init.orthogonal_(linear.weight, out_gain if i == len(sizes) - 2 else np.sqrt(2))
+            nn.init.zeros_(linear.bias)
         layers += [linear, nn.Tanh()]
     return nn.Sequential(*layers[:-1])
 
 
 def agent_networks(
-    seeds: list[int], observation: int, hidden: list[int], actions: int
+    seeds: list[int], observation: int, hidden: list[int], actions: int, init: str = "orthogonal"
 ) -> tuple[list[nn.Sequential], list[nn.Sequential]]:
     """Each agent's actor and critic as a run alone builds them: seeded, then its actor, then its critic."""
     actors, critics = [], []
     for seed in seeds:
         torch.manual_seed(seed)
-        actors.append(mlp([observation, *hidden, actions], 0.01))
-        critics.append(mlp([observation, *hidden, 1], 1.0))
+        actors.append(mlp([observation, *hidden, actions], 0.01, init))
+        critics.append(mlp([observation, *hidden, 1], 1.0, init))
     return actors, critics
 
 

@@ -464,3 +464,31 @@ def test_a_compiled_run_logs_the_eager_runs_first_update_and_is_compiled_once(co
         assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-6), key
     assert json.loads((tmp_path / "compiled" / "result.json").read_text())["compile_s"] > 0  # its compile time
     assert "compile_s" not in json.loads((tmp_path / "eager" / "result.json").read_text())
+
+
+def test_init_torch_builds_each_agent_as_the_papers_code_does_and_has_its_own_run_id(compose):
+    # task.init=torch: under the agent's seed, an actor then a critic of plain nn.Linear layers (their own
+    # initialisation); the default stays CleanRL's orthogonal one, with the run id runs always had
+    from runner.config import config_id, effective_config
+
+    actors, critics = agent_networks([3, 7], 8, [64, 64], 4, "torch")
+    for k, seed in enumerate([3, 7]):
+        torch.manual_seed(seed)
+        actor = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+        critic = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+        for ours, theirs in zip(
+            [*actors[k].parameters(), *critics[k].parameters()], [*actor.parameters(), *critic.parameters()]
+        ):
+            assert torch.equal(ours, theirs)
+    orthogonal, _ = agent_networks([3], 8, [64, 64], 4)
+    assert not orthogonal[0][0].bias.any() and actors[0][0].bias.abs().min() > 0  # zero biases only there
+
+    def identity(*overrides):
+        cfg = compose("task=lunarlander", *overrides)
+        return effective_config(cfg, validate(cfg), data=False)
+
+    assert "init" not in identity()["task"] and identity("task.init=torch")["task"]["init"] == "torch"
+    assert config_id(identity("task.init=orthogonal")) == config_id(identity())
+    assert config_id(identity("task.init=torch")) != config_id(identity())
+    with pytest.raises(ConfigError, match=r"init.*must be one of \['orthogonal', 'torch'\].*xavier"):
+        validate(compose("task=lunarlander", "task.init=xavier"))
