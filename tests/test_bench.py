@@ -74,3 +74,20 @@ def test_ppo_grid_against_a_peer_runs_both_in_turn_on_the_same_work_and_prints_t
     ours = [float(line.split("LAE Lab ")[1].split(" ")[0].replace(",", "")) for line in rounds]
     ratio = float(proc.stdout.split("LAE Lab / peer = ")[1].split("x")[0])
     assert ratio == pytest.approx(sorted(ours)[0] / 1000 + (sorted(ours)[1] - sorted(ours)[0]) / 2000, abs=0.01)
+
+
+@pytest.mark.slow  # one compilation of the smoke slice's update, 20-60 s
+def test_ppo_grid_compares_compiled_with_eager_and_reports_the_compile_time():
+    pytest.importorskip("envpool")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--compare-compile", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eager, compiled = [line for line in proc.stdout.splitlines() if line.startswith("acrobot round 1: ")]
+    assert " eager " in eager and "compile" not in eager.split("eager", 1)[1]
+    assert " compiled " in compiled and float(compiled.rsplit(", compile ", 1)[1].split(" s")[0]) > 0
+    assert "compiled / eager = " in proc.stdout
