@@ -27,7 +27,12 @@ The rollout's share of a step is forward plus environment plus the loop's
 own bookkeeping; the update's is 4 minibatches per 100 steps at the paper's
 protocol (4 epochs of minibatches of 100 over rollouts of 100 or 500).
 
-    python bench/ppo_parts.py [--env Acrobot-v1] [--agents 121]
+``--compile`` adds the task's own minibatch step (``tasks.ppo.minibatch_losses``:
+forward, clipped policy loss, value loss, adaptive envelopes of the four
+shapes, backward and fused Adam), eager and through ``torch.compile``
+(compilation left out of the timing).
+
+    python bench/ppo_parts.py [--env Acrobot-v1] [--agents 121] [--compile]
     python bench/ppo_parts.py --smoke
 """
 
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--env", default="Acrobot-v1", choices=["Acrobot-v1", "LunarLander-v3", "CartPole-v1"])
     parser.add_argument("--agents", type=int, default=121)
     parser.add_argument("--smoke", action="store_true", help="4 agents, few repeats: checks the script runs")
+    parser.add_argument("--compile", action="store_true", help="also the task's minibatch step, eager and compiled")
     args = parser.parse_args()
     agents = 4 if args.smoke else args.agents
     steps, minibatches = (5, 2) if args.smoke else (300, 20)
@@ -130,6 +136,7 @@ def main() -> None:
     weights_read = statistics.median(after_env(read_weights) for _ in range(steps)) * 1e3
     products_only = median_ms(products, minibatches)
     envs.close()
+    steps_with_envelopes = task_steps(net, observation, actions, agents, minibatches) if args.compile else {}
 
     def per_step(ms, minibatch=False):  # us per agent-step; an update has 4 minibatches per 100 steps
         return ms * (4 / 100 if minibatch else 1) * 1e3 / agents
@@ -146,8 +153,49 @@ def main() -> None:
     print("floors:")
     row("weights read once, after an environment step", weights_read)
     row("the minibatch products alone", products_only, minibatch=True)
+    for name, ms in steps_with_envelopes.items():
+        row(f"task minibatch step with envelopes, {name}", ms, minibatch=True)
     floor = per_step(weights_read) + per_step(products_only, minibatch=True) + per_step(env)
     print(f"  {'sum of the floors and the EnvPool step':45s} {'':8s}    {floor:7.2f} us per agent-step")
+
+
+def task_steps(net, observation: int, actions: int, agents: int, repeats: int) -> dict[str, float]:
+    """Milliseconds of the task's minibatch step (100 samples per agent), eager and compiled."""
+    from envelopes import Envelope, EnvelopeBank
+    from tasks.ppo import Penalty, Rollout, minibatch_losses
+
+    shapes = [
+        Envelope("identity"),
+        Envelope("step", quantile=0.3, step_size=0.1),
+        Envelope("linear", quantile=0.3, width=0.1, step_size=0.1),
+        Envelope("sigmoid", quantile=0.1, width=0.3, step_size=0.1),
+    ]
+    banks = [EnvelopeBank([shapes[(k + shift) % 4] for k in range(agents)]) for shift in (0, 1)]
+    rollout = Rollout(
+        torch.randn(agents, 100, observation),
+        torch.randint(0, actions, (agents, 100)),
+        torch.randn(agents, 100, actions),
+        -torch.rand(agents, 100) - 0.5,
+        torch.randn(agents, 100),
+        torch.randn(agents, 100),
+    )
+    idx = torch.randperm(100).expand(agents, 100)
+    kl_coef, penalty = torch.full((agents,), 0.01), Penalty(False, 0.2, 0.5)
+    optimizer = make_optimizer(net.parameters(), argparse.Namespace(optimizer="adam", lr=3e-4))
+    for bank in banks:
+        bank.prepare(100, rollout.advantages)
+    out = {}
+    for name, losses in (("eager", minibatch_losses), ("compiled", torch.compile(minibatch_losses, dynamic=False))):
+
+        def step(losses=losses):
+            loss = losses(net, *banks, rollout, idx, kl_coef, penalty, "sum")[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        step()  # compiles (the compiled one), outside the timing
+        out[name] = median_ms(step, repeats)
+    return out
 
 
 if __name__ == "__main__":

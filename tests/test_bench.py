@@ -13,7 +13,7 @@ SCRIPTS = {
     "envelope_overhead.py": ([], "2. envelope work in isolation"),
     "joblib_sweep.py": ([], "speed-up:"),
     "ppo_grid.py": ([], "batched (1 worker process(es), EnvPool)"),
-    "ppo_parts.py": ([], "sum of the floors and the EnvPool step"),
+    "ppo_parts.py": (["--compile"], "task minibatch step with envelopes, compiled"),
     "ppo_sps.py": ([], "LunarLander-v3"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
     "threads.py": ([], "x threads=1"),
