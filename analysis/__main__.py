@@ -2,7 +2,7 @@
 
     python -m analysis outputs/sweeps/<date>/<time>_<experiment> [more sweeps...]
         [--metric val_loss] [--mode min] [--out DIR] [--no-figures] [--at-step N]
-        [--fix KEY=VALUE ...] [--paper-table N]
+        [--fix KEY=VALUE ...] [--paper-table N] [--confirm-seeds N [--pin KEY=VALUE ...]]
 
 ``--metric`` selects the configuration of each table row (default: the
 task's objective); where the task has a test split, the row reports the
@@ -77,7 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         "with --paper-table, the paper's rows too) to train again on N fresh seeds, so that the verdict does not "
         "rest on the numbers that chose it; prints the command that runs it (into <out>/confirm/)",
     )
+    parser.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --confirm-seeds: an override added to every confirmation job (and to composing a configs.csv's "
+        "tasks), to train what the selection trained where a preset changed since, e.g. task.init=orthogonal "
+        "for a PPO paper sweep before 2026-12-06 (repeatable; settings a sweep's runs record are pinned "
+        "without it)",
+    )
     args = parser.parse_args(argv)
+    if args.pin and args.confirm_seeds is None:
+        parser.error("--pin applies to a confirmation plan: give it with --confirm-seeds")
+    for pin in args.pin:
+        if "=" not in pin or not pin.split("=", 1)[0]:
+            parser.error(f"--pin takes KEY=VALUE (a Hydra override such as task.init=orthogonal), got {pin!r}")
     if args.at_step is not None and args.at_step <= 0:
         parser.error(f"--at-step must be a positive number of environment steps, got {args.at_step}")
     try:
@@ -110,7 +125,7 @@ def _confirmation_plan(args: argparse.Namespace, fixed: dict | None) -> None:
     if not per_config:
         reading = Reading.of(args.sweeps, args.metric, args.mode, args.at_step, fixed, args.paper_table)
         spec = default_spec(reading.jobs, reading.metric, reading.mode)
-        rows = plan_rows(reading.jobs, spec, args.paper_table)
+        rows = plan_rows(reading.jobs, spec, args.paper_table, args.pin)
         seeds, at_step, fixed = reading.jobs["seed"], reading.jobs.attrs.get("at_step"), reading.fixed
     else:
         if len(args.sweeps) > 1:
@@ -125,7 +140,7 @@ def _confirmation_plan(args: argparse.Namespace, fixed: dict | None) -> None:
         at_step = args.at_step if args.at_step is not None else (protocol.at_step if protocol else None)
         fixed = fixed if fixed is not None else (protocol.fixed if protocol else {})
         configs = hold_fixed(read_configs(source), fixed or {})
-        rows = plan_rows_from_configs(configs, spec, args.paper_table)
+        rows = plan_rows_from_configs(configs, spec, args.paper_table, args.pin)
         seeds = pd.Series([int(s) for listed in configs["seeds"] for s in listed])
     write_plan(rows, seeds, spec, args.confirm_seeds, out, args.sweeps, args.paper_table, at_step, fixed)
 

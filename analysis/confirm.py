@@ -30,6 +30,7 @@ import pandas as pd
 import yaml
 
 from analysis.stats import holm, paired_difference, welch_test
+from runner.config import AS_ALWAYS
 
 PLAN_FILE = "confirmation.json"
 JOBS_FILE = "jobs.yaml"
@@ -113,9 +114,10 @@ def _selected_rows(groups, spec, table_number, overrides_of) -> list[dict]:
     return rows
 
 
-def plan_rows(jobs: pd.DataFrame, spec, table_number: str | None = None) -> list[dict]:
+def plan_rows(jobs: pd.DataFrame, spec, table_number: str | None = None, pins: list[str] = ()) -> list[dict]:
     """The configurations to confirm, from a sweep's runs: each table row's selection (per group of task
-    parameters), identity included, then the paper's rows of ``table_number`` found in the sweep; each once."""
+    parameters), identity included, then the paper's rows of ``table_number`` found in the sweep; each once.
+    ``pins`` (overrides) are added to every row's overrides."""
     from analysis.report import split_by_task_parameters
     from analysis.stats import aggregate
 
@@ -123,15 +125,48 @@ def plan_rows(jobs: pd.DataFrame, spec, table_number: str | None = None) -> list
     metrics = list(dict.fromkeys([spec.select, *spec.report]))
     first_run = done.sort_values("seed").groupby("config_id").first()
     groups = [(label, aggregate(group, metrics), group) for label, group in split_by_task_parameters(done)]
-    return _selected_rows(groups, spec, table_number, lambda config: _overrides(first_run.loc[config["config_id"]]))
+
+    def overrides_of(config: pd.Series) -> list[str]:
+        run = first_run.loc[config["config_id"]]
+        return _pinned([*_overrides(run), *pins], json.loads(run["task_json"]) if "task_json" in run.index else {})
+
+    return _selected_rows(groups, spec, table_number, overrides_of)
 
 
-def plan_rows_from_configs(configs: pd.DataFrame, spec, table_number: str | None = None) -> list[dict]:
+def _pinned(overrides: list[str], recorded: dict) -> list[str]:
+    """``overrides`` with ``task.<key>=<value>`` added for each setting the runs had as always
+    (:data:`runner.config.AS_ALWAYS`) that the overrides compose to another value today: a preset changed since
+    the runs trained (the paper presets' ``task.init``, say), so that their confirmation trains what they did."""
+    from analysis.tables import task_value
+
+    listed = _non_envelope(overrides)
+    if listed not in _COMPOSED:
+        _COMPOSED[listed] = _composed_task(list(listed))
+    composed = _COMPOSED[listed]
+    pins = [
+        f"task.{key}={_override_value(task_value(recorded, key))}"
+        for key in AS_ALWAYS
+        if key in composed and composed[key] != task_value(recorded, key)
+    ]
+    return [*overrides, *pins]
+
+
+_COMPOSED: dict[tuple[str, ...], dict] = {}
+
+
+def _override_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value).replace(" ", "")
+
+
+def plan_rows_from_configs(
+    configs: pd.DataFrame, spec, table_number: str | None = None, pins: list[str] = ()
+) -> list[dict]:
     """The configurations to confirm, from a report's ``configs.csv`` (one row per configuration with the mean,
     std and n of the selection metric) where the sweep's runs are no longer at hand: the same selection as
     :func:`plan_rows`. Each configuration's task parameters (for the groups and the paper's protocol) come from
-    composing its overrides with Hydra; its overrides are the ``config`` column's. ``configs`` as
-    :func:`read_configs` reads it."""
+    composing its overrides with Hydra; its overrides are the ``config`` column's, and ``pins`` after them (a
+    configs.csv does not record the task: where a preset changed since its runs trained, pin what it set then).
+    ``configs`` as :func:`read_configs` reads it."""
     from analysis.load import ENVELOPE_PARAMETERS
     from analysis.report import split_by_task_parameters
     from analysis.tables import loss_names
@@ -142,7 +177,9 @@ def plan_rows_from_configs(configs: pd.DataFrame, spec, table_number: str | None
             f"a configs.csv for a confirmation plan needs the columns config_id, config, seeds and "
             f"{spec.select}_mean (a report's configs.csv); got {sorted(configs.columns)}"
         )
-    overrides = configs["config"].map(lambda c: [o for o in str(c).split() if not o.startswith("seed_batch=")])
+    overrides = configs["config"].map(
+        lambda c: [*(o for o in str(c).split() if not o.startswith("seed_batch=")), *pins]
+    )
     tasks = {key: _composed_task(list(key)) for key in {_non_envelope(o) for o in overrides}}
     configs["task_json"] = [json.dumps(tasks[_non_envelope(o)], sort_keys=True) for o in overrides]
     configs["envelopes_json"] = [

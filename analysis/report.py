@@ -24,6 +24,7 @@ from analysis.tables import (
     paper_table,
     to_latex,
     to_markdown,
+    task_value,
     varying_task_keys,
     vwpr_contributions,
 )
@@ -59,8 +60,8 @@ def _protocol_gap(params: pd.Series, required: dict, read_at: int | None, at_ste
         theirs = "the end of training" if read_at is None else f"{read_at:,} steps (--at-step {read_at})"
         return f"not the paper's protocol: read at {ours}, the table reads at {theirs}"
     for key, value in required.items():
-        if not params.map(lambda p, key=key, value=value: p.get(key) == value).any():
-            found = sorted({json.dumps(p.get(key)) for p in params})
+        if not params.map(lambda p, key=key, value=value: task_value(p, key) == value).any():
+            found = sorted({json.dumps(task_value(p, key)) for p in params})
             return f"not the paper's protocol: {key}={', '.join(found)}, the table has {key}={json.dumps(value)}"
     return None
 
@@ -108,7 +109,9 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
         column = f"final_{ref['metric']}"
         matches: list[str] = []
         if gap is None:
-            subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
+            subset = subset[
+                params.map(lambda p, required=required: all(task_value(p, k) == v for k, v in required.items()))
+            ]
             matches = [
                 cid
                 for cid, group in subset.groupby("config_id")
@@ -144,7 +147,7 @@ def paper_rows(done: pd.DataFrame, table: str, paper_file: Path = PAPER_RESULTS)
         subset = done[(done["task"] == ref["task"]) & (done["dataset"].astype(str) == str(ref["dataset"]))]
         required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
         params = subset["task_json"].map(json.loads)
-        subset = subset[params.map(lambda p, required=required: all(p.get(k) == v for k, v in required.items()))]
+        subset = subset[params.map(lambda p, required=required: all(task_value(p, k) == v for k, v in required.items()))]
         wanted = json.loads(ref["envelopes"])
         for cid, group in subset.groupby("config_id"):
             if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0])):
@@ -217,7 +220,7 @@ def split_by_task_parameters(done: pd.DataFrame) -> list[tuple[tuple, pd.DataFra
     varying = varying_task_keys(params)
     if not varying:
         return [((), done)]
-    labels = params.map(lambda p: tuple((k, p.get(k)) for k in varying))
+    labels = params.map(lambda p: tuple((k, task_value(p, k)) for k in varying))
 
     def natural(label):
         return [(k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in label]

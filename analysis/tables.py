@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.stats import aggregate, difference_interval, holm, iqm_interval, paired_difference, welch_test
 from envelopes.shapes import shape_order
+from runner.config import AS_ALWAYS
 
 
 @dataclass
@@ -99,10 +100,10 @@ def hold_fixed(jobs: pd.DataFrame, fixed: dict[str, object]) -> pd.DataFrame:
         if key.startswith("task."):
             name = key[len("task.") :]
             params = jobs["task_json"].map(lambda t: json.loads(t) if isinstance(t, str) else {})
-            if not params.map(lambda p, name=name: name in p).any():
+            if not params.map(lambda p, name=name: name in p).any() and name not in AS_ALWAYS:
                 known = sorted({f"task.{k}" for p in params for k in p})
                 raise ValueError(f"--fix {key}: no run has task.{name}; task keys in these runs: {known}")
-            keep &= params.map(lambda p, name=name, value=value: _equal(p.get(name), value))
+            keep &= params.map(lambda p, name=name, value=value: _equal(task_value(p, name), value))
             continue
         if key.startswith("envelopes."):
             loss, _, param = key[len("envelopes.") :].partition(".")
@@ -440,7 +441,7 @@ def _varying_settings(done: pd.DataFrame, exclude: str) -> dict[str, pd.Series]:
                 settings[factor] = levels
     params = done["task_json"].map(json.loads)
     for key in varying_task_keys(params):
-        settings[f"task.{key}"] = params.map(lambda p, key=key: p.get(key))
+        settings[f"task.{key}"] = params.map(lambda p, key=key: task_value(p, key))
     return settings
 
 
@@ -476,7 +477,7 @@ def factor_label(row, factors: list[str]) -> str:
         elif factor == "vwpr":
             parts.append(f"VWPR {'on' if bool(row.get('vwpr')) else 'off'}")
         else:
-            value = json.loads(row["task_json"]).get(factor.removeprefix("task."))
+            value = task_value(json.loads(row["task_json"]), factor.removeprefix("task."))
             parts.append(f"{factor}={json.dumps(value)}")
     return "; ".join(parts) or str(row["envelopes"])
 
@@ -484,7 +485,13 @@ def factor_label(row, factors: list[str]) -> str:
 def varying_task_keys(params: pd.Series) -> list[str]:
     """The task parameters (``params``: parsed task configs) that take more than one value, sorted."""
     keys = sorted({k for p in params for k in p})
-    return [k for k in keys if params.map(lambda p, k=k: json.dumps(p.get(k), sort_keys=True)).nunique() > 1]
+    return [k for k in keys if params.map(lambda p, k=k: json.dumps(task_value(p, k), sort_keys=True)).nunique() > 1]
+
+
+def task_value(task: dict, key: str):
+    """A run's task setting (``task``: its recorded task config). A recorded task without a setting of
+    :data:`runner.config.AS_ALWAYS` had it at the value runs always had (its id leaves it out there)."""
+    return task[key] if key in task else AS_ALWAYS.get(key, (None,))[0]
 
 
 def contributions_markdown(table: pd.DataFrame, digits: int = 4) -> str:

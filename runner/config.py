@@ -330,29 +330,30 @@ NOT_EFFECTIVE = {
 _TASK_NOT_EFFECTIVE = {"data_dir", "download"}
 
 
+# Task settings added after runs existed, each with the value those runs trained with ("as always") and the keys it
+# leaves unused at that value: Adam (which also ignores the momentum), no rare classes (which leaves the fraction
+# kept unused), raw pixels, training-split statistics, per-seed random splits and PPO's orthogonal initialisation.
+AS_ALWAYS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "optimizer": ("adam", ("momentum",)),
+    "rare_classes": ([], ("rare_fraction",)),
+    "pixel_normalisation": (None, ()),
+    "standardise": ("train", ()),
+    "split": ("random", ("val_start",)),
+    "init": ("orthogonal", ()),
+}
+
+
 def _unused_task_keys(task: dict[str, Any]) -> set[str]:
     """Task keys that change nothing as set: left out of the run's id.
 
-    Each is a setting added after runs existed, at the value those runs
-    trained with, so they keep their ids: Adam (which also ignores the
-    momentum), no rare classes (which leaves the fraction kept unused), raw
-    pixels, training-split statistics, per-seed random splits and PPO's
-    orthogonal initialisation.
+    Each setting of :data:`AS_ALWAYS` at the value runs always had, with
+    the keys it leaves unused, so those runs keep their ids. A run's
+    recorded task without such a key had it at that value.
     """
     unused = set()
-    if task.get("optimizer") == "adam":
-        unused |= {"optimizer", "momentum"}
-    if task.get("rare_classes") == []:
-        unused |= {"rare_classes", "rare_fraction"}
-    # the paper's data handling, as options (off: the handling runs always had)
-    if "pixel_normalisation" in task and task["pixel_normalisation"] is None:
-        unused.add("pixel_normalisation")
-    if task.get("standardise") == "train":
-        unused.add("standardise")
-    if task.get("split") == "random":
-        unused |= {"split", "val_start"}
-    if task.get("init") == "orthogonal":  # PPO's networks as they were always initialised
-        unused.add("init")
+    for key, (value, leaves_unused) in AS_ALWAYS.items():
+        if key in task and task[key] == value:
+            unused |= {key, *leaves_unused}
     return unused
 
 

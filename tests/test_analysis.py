@@ -203,16 +203,22 @@ def test_paper_comparison_pairs_only_runs_at_the_papers_protocol(tmp_path, sweep
         'x,1,classification,mnist,{},,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
         'x,2,classification,digits,"{""epochs"": 99}",,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
         'x,3,classification,digits,"{""epochs"": 3}",2,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
+        'x,4,classification,digits,"{""optimizer"": ""adam""}",,"{""classification"": {""shape"": ""step"", ""quantile"": 0.1}}",test_loss,0.5,0.1,10,\n'
+        'x,5,classification,digits,"{""optimizer"": ""sgd""}",,"{""classification"": {""shape"": ""identity""}}",test_loss,0.6,0.1,10,\n'
     )
     comparison = paper_comparison(load_jobs(sweep), paper)
-    assert len(comparison) == 4  # the mnist row is another experiment
+    assert len(comparison) == 6  # the mnist row is another experiment
     assert comparison["reproduced"].tolist() == [
         "0.8 ± 0.0082 (4)",
         "not in this sweep",
         "not the paper's protocol: epochs=3, the table has epochs=99",  # a run of another protocol is never paired
         "not the paper's protocol: read at the end of training, the table reads at 2 steps (--at-step 2)",
+        # a recorded task without a setting added since had it as runs always had it (Adam, say: the id leaves
+        # it out there), so it matches a table that requires that value and is named by it where one does not
+        "0.8 ± 0.0082 (4)",
+        'not the paper\'s protocol: optimizer="adam", the table has optimizer="sgd"',
     ]
-    assert comparison["configs matched"].tolist() == [1, 0, 0, 0]
+    assert comparison["configs matched"].tolist() == [1, 0, 0, 0, 1, 0]
     assert paper_comparison(load_jobs(sweep), paper, table="2")["table"].tolist() == ["2"]
 
 
@@ -665,6 +671,61 @@ def test_a_reports_jobs_csv_or_configs_csv_stands_for_a_sweep_whose_runs_are_gon
         cwd=ROOT,
     )
     assert proc.returncode == 2 and "give --metric and --mode, or --paper-table" in proc.stderr
+
+
+def test_a_confirmation_pins_the_setting_a_preset_changed_since_its_runs_trained(tmp_path):
+    # runs of a preset (experiment=acrobot_paper) from before it set task.init=torch: their recorded task has no
+    # init (orthogonal, as runs always had it), and their confirmation jobs must train that again
+    from analysis.confirm import PLAN_FILE
+
+    def sweep_of(name: str, recorded: dict) -> Path:
+        sweep = tmp_path / name
+        for num, (shape, quantile, seed) in enumerate(
+            (s, q, seed) for s, q in (("identity", None), ("step", 0.1)) for seed in range(3)
+        ):
+            job = make_job(sweep, num, shape, seed, 1.0 + 0.1 * seed - 0.2 * (shape == "step"), quantile=quantile)
+            listed = (job / ".hydra" / "overrides.yaml").read_text()
+            (job / ".hydra" / "overrides.yaml").write_text(listed + "- experiment=acrobot_paper\n")
+            result = json.loads((job / "result.json").read_text())
+            result["effective"]["task"].update(recorded)
+            (job / "result.json").write_text(json.dumps(result))
+        return sweep
+
+    def plan(*args: str) -> tuple[subprocess.CompletedProcess, list]:
+        out = tmp_path / f"plan{len(list(tmp_path.glob('plan*')))}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "analysis", *args, "--confirm-seeds", "2", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads((out / "confirm" / PLAN_FILE).read_text())["rows"]
+        jobs = yaml.safe_load((out / "confirm" / "jobs.yaml").read_text())
+        return proc, [row["overrides"] for row in rows], jobs
+
+    old = sweep_of("old", {})
+    _, pinned_by_runs, jobs = plan(str(old))
+    assert len(pinned_by_runs) == 2 and all(o.count("task.init=orthogonal") == 1 for o in pinned_by_runs)
+    assert all("task.init=orthogonal" in job for job in jobs)
+    # runs that recorded the preset's value need no pin
+    _, overrides, _ = plan(str(sweep_of("new", {"init": "torch"})))
+    assert not any(o.startswith("task.init") for row in overrides for o in row)
+    # a report's configs.csv does not record the task: --pin says what the preset set then
+    write_report([old], tmp_path / "report", make_figures=False)
+    configs = str(tmp_path / "report" / "configs.csv")
+    _, unpinned, _ = plan(configs, "--metric", "val_loss", "--mode", "min")
+    assert not any(o.startswith("task.init") for row in unpinned for o in row)
+    _, pinned, _ = plan(configs, "--metric", "val_loss", "--mode", "min", "--pin", "task.init=orthogonal")
+    assert [sorted(o) for o in pinned] == [sorted(o) for o in pinned_by_runs]
+    for bad, message in (
+        (["--pin", "task.init=orthogonal"], "--pin applies to a confirmation plan"),
+        (["--confirm-seeds", "2", "--pin", "task.init"], "--pin takes KEY=VALUE"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "analysis", str(old), *bad], capture_output=True, text=True, cwd=ROOT
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

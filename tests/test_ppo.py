@@ -492,3 +492,7 @@ def test_init_torch_builds_each_agent_as_the_papers_code_does_and_has_its_own_ru
     assert config_id(identity("task.init=torch")) != config_id(identity())
     with pytest.raises(ConfigError, match=r"init.*must be one of \['orthogonal', 'torch'\].*xavier"):
         validate(compose("task=lunarlander", "task.init=xavier"))
+    # the paper presets set the paper's initialisation; the task presets keep the default
+    for preset in ("lunarlander_paper", "acrobot_paper", "paper_table5", "paper_table6", "paper_table7"):
+        assert compose(f"experiment={preset}").task.init == "torch", preset
+    assert compose("task=acrobot").task.init == compose("experiment=acrobot_quick").task.init == "orthogonal"
