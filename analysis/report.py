@@ -22,9 +22,9 @@ from analysis.tables import (
     hold_fixed,
     loss_names,
     paper_table,
+    task_value,
     to_latex,
     to_markdown,
-    task_value,
     varying_task_keys,
     vwpr_contributions,
 )
@@ -147,7 +147,9 @@ def paper_rows(done: pd.DataFrame, table: str, paper_file: Path = PAPER_RESULTS)
         subset = done[(done["task"] == ref["task"]) & (done["dataset"].astype(str) == str(ref["dataset"]))]
         required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
         params = subset["task_json"].map(json.loads)
-        subset = subset[params.map(lambda p, required=required: all(task_value(p, k) == v for k, v in required.items()))]
+        subset = subset[
+            params.map(lambda p, required=required: all(task_value(p, k) == v for k, v in required.items()))
+        ]
         wanted = json.loads(ref["envelopes"])
         for cid, group in subset.groupby("config_id"):
             if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0])):
