@@ -295,6 +295,7 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     agent_of_env = np.repeat(np.arange(K), N)
 
     bar = recorders[0].progress(range(1, updates + 1), total=updates, unit="update")
+    training_start = time.perf_counter()
     for update in bar:
         start = time.perf_counter()
         finished: list[list[tuple[float, int]]] = [[] for _ in range(K)]
@@ -429,7 +430,10 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
         where = f"update {update} ({global_step} steps)"
         log_seeds(recorders, failed, rows, finite, global_step, where, step_name="step", unit="agent")
         if recent[0]:
-            bar.set_postfix(return_ma=f"{np.mean(recent[0]):.1f}", sps=f"{batch * K / rollout_seconds:.0f}")
+            # all agents' environment steps per second since training began, updates included (the
+            # rollout's own rate is the charts/rollout_SPS metric)
+            sps = update * batch * K / (time.perf_counter() - training_start)
+            bar.set_postfix(return_ma=f"{np.mean(recent[0]):.1f}", sps=f"{sps:.0f}")
     envs.close()
 
     extras = []

@@ -107,6 +107,36 @@ def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stay
         check_against_own_networks(net, *own_networks(net), rtol=1e-4, atol=1e-5)  # trained: larger outputs
 
 
+def test_progress_shows_the_steps_per_second_of_training_not_of_the_rollout_alone(
+    compose, tmp_path, caplog, monkeypatch
+):
+    import logging
+    import re
+    import sys
+    import time
+
+    from runner import recorder
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.setattr(recorder, "PROGRESS_LOG_INTERVAL_S", 0.0)  # a line every update
+    cfg = compose("task=cartpole", "task.total_steps=2000", "task.rollout_steps=100", "tensorboard=false")
+    begun = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="runner.recorder"):
+        run_job(cfg, tmp_path, None, [], reraise=True)
+    wall = time.perf_counter() - begun
+    shown = {}
+    for record in caplog.records:
+        found = re.search(r"(\d+)/20 updates.*, sps (\d+)", record.getMessage())
+        if found:
+            shown[int(found[1])] = int(found[2])
+    # the rollouts' own time so far (each update's charts/rollout_SPS is its rollout's rate)
+    rollout_time = np.cumsum([100 / row["charts_rollout_SPS"] for row in rows_of(tmp_path)])
+    assert len(shown) >= 10
+    for update, sps in shown.items():
+        assert sps >= update * 100 / wall * 0.99  # all the steps so far over at most the whole run's time
+        assert sps < update * 100 / rollout_time[update - 1]  # and over more than the rollouts' time
+
+
 def test_cartpole_learns_and_reports_final_phase(compose, tmp_path):
     cfg = compose("task=cartpole", "task.total_steps=15000", "tensorboard=false")
     run_job(cfg, tmp_path, None, [], reraise=True)
