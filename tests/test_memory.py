@@ -49,5 +49,7 @@ def test_freed_tensors_are_reused_without_page_faults():
     # once in ten runs here) that a steady state does not have
     with_it = min(faults(True)[1] for _ in range(3))
     without = min(faults(False)[1] for _ in range(3))
-    assert with_it < 100  # each 3 MB tensor is 750 pages: none faulted in again
-    assert without > 1000  # with glibc's defaults some of them are returned to the kernel and faulted in again
+    assert with_it < 100  # each 3 MB tensor is 757 pages: none faulted in again
+    # with glibc's defaults at least one of them is returned to the kernel and faulted in again in every run (the
+    # fewest seen: 757, one tensor once, on a loaded machine; usually thousands)
+    assert without > 700
