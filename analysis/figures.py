@@ -147,7 +147,11 @@ def learning_curves(
 def sensitivity_heatmaps(
     agg: pd.DataFrame, loss: str, metric: str, mode: str, out_dir: Path, suffix: str = ""
 ) -> list[Path]:
-    """``metric`` (mean over seeds) over threshold quantile x width, one panel per shape and step size."""
+    """``metric`` (mean over seeds) over threshold quantile x width, one panel per shape and step size.
+
+    Where other settings vary too (another loss's envelope, a task key), a cell holds several
+    configurations: it shows the mean of their means, and the title says over how many.
+    """
     shape_col, q_col, w_col, a_col = (f"env_{loss}_{k}" for k in ("shape", "quantile", "width", "step_size"))
     column = f"{metric}_mean"
     if q_col not in agg.columns or column not in agg.columns:
@@ -157,6 +161,9 @@ def sensitivity_heatmaps(
         return []
     adaptive[w_col] = adaptive[w_col] if w_col in adaptive.columns else np.nan
     adaptive[a_col] = adaptive[a_col].fillna(1.0) if a_col in adaptive.columns else 1.0
+    cell = [shape_col, a_col, q_col, w_col]
+    counts = adaptive.groupby(cell, dropna=False)[column].count()
+    adaptive = adaptive.groupby(cell, dropna=False, as_index=False)[column].mean()
     panels = sorted(
         {(s, a) for s, a in zip(adaptive[shape_col], adaptive[a_col])},
         key=lambda p: (threshold_shapes().index(p[0]), p[1]),
@@ -189,8 +196,15 @@ def sensitivity_heatmaps(
         ax.set_title(f"{shape}, step size {step_size:g}")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"{metric} (mean over seeds)")
-    fig.suptitle(f"Sensitivity of {metric} ({loss} envelope); white: not in the sweep")
+    several = int(counts.max()) > 1
+    label = f"{metric} (mean over seeds" + (", then over a cell's configurations)" if several else ")")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=label)
+    title = f"Sensitivity of {metric} ({loss} envelope); white: not in the sweep"
+    if several:
+        low, high = int(counts.min()), int(counts.max())
+        many = f"{low}" if low == high else f"{low}-{high}"
+        title += f"\neach cell: the mean of {many} configurations that differ in other settings"
+    fig.suptitle(title)
     return save(fig, out_dir, f"sensitivity_{loss}_{metric}{suffix}")
 
 

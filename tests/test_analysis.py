@@ -285,6 +285,33 @@ def test_report_writes_tables_figures_and_report(sweep):
     assert "(failed)" in text and "(unfinished)" in text
 
 
+def test_a_sensitivity_cell_of_several_configurations_shows_their_mean_and_says_so(tmp_path, monkeypatch):
+    # a grid over two losses' envelopes: each policy cell holds one configuration per value envelope
+    import pandas as pd
+
+    from analysis import figures
+
+    captured = []
+    monkeypatch.setattr(figures, "save", lambda fig, out_dir, name: captured.append(fig) or [])
+    agg = pd.DataFrame(
+        {
+            "env_policy_shape": ["step"] * 4,
+            "env_policy_quantile": [0.1, 0.1, 0.3, 0.3],
+            "env_policy_step_size": [0.1] * 4,
+            "env_policy_width": [math.nan] * 4,
+            "final_x_mean": [1.0, 3.0, 5.0, 6.0],
+        }
+    )
+    figures.sensitivity_heatmaps(agg, "policy", "final_x", "max", tmp_path)
+    (fig,) = captured
+    assert sorted(text.get_text() for text in fig.axes[0].texts) == ["2", "5.5"]  # not the last of each cell
+    assert "each cell: the mean of 2 configurations" in fig._suptitle.get_text()
+    captured.clear()
+    figures.sensitivity_heatmaps(agg.iloc[[0, 2]], "policy", "final_x", "max", tmp_path)
+    assert sorted(text.get_text() for text in captured[0].axes[0].texts) == ["1", "5"]
+    assert "each cell" not in captured[0]._suptitle.get_text()
+
+
 def test_command_line(sweep, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
