@@ -21,6 +21,7 @@ rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -139,19 +140,13 @@ def _pinned(overrides: list[str], recorded: dict) -> list[str]:
     the runs trained (the paper presets' ``task.init``, say), so that their confirmation trains what they did."""
     from analysis.tables import task_value
 
-    listed = _non_envelope(overrides)
-    if listed not in _COMPOSED:
-        _COMPOSED[listed] = _composed_task(list(listed))
-    composed = _COMPOSED[listed]
+    composed = _composed_task(_non_envelope(overrides))
     pins = [
         f"task.{key}={_override_value(task_value(recorded, key))}"
         for key in AS_ALWAYS
         if key in composed and composed[key] != task_value(recorded, key)
     ]
     return [*overrides, *pins]
-
-
-_COMPOSED: dict[tuple[str, ...], dict] = {}
 
 
 def _override_value(value) -> str:
@@ -180,7 +175,7 @@ def plan_rows_from_configs(
     overrides = configs["config"].map(
         lambda c: [*(o for o in str(c).split() if not o.startswith("seed_batch=")), *pins]
     )
-    tasks = {key: _composed_task(list(key)) for key in {_non_envelope(o) for o in overrides}}
+    tasks = {key: _composed_task(key) for key in {_non_envelope(o) for o in overrides}}
     configs["task_json"] = [json.dumps(tasks[_non_envelope(o)], sort_keys=True) for o in overrides]
     configs["envelopes_json"] = [
         json.dumps(
@@ -214,8 +209,10 @@ def _non_envelope(overrides: list[str]) -> tuple[str, ...]:
     return tuple(o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(("envelope", "hydra")))
 
 
-def _composed_task(overrides: list[str]) -> dict:
-    """The task config that Hydra composes from these overrides (the project's ``conf/``)."""
+@functools.cache
+def _composed_task(overrides: tuple[str, ...]) -> dict:
+    """The task config that Hydra composes from these overrides (the project's ``conf/``), once per process for
+    each set of overrides (callers do not change it)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -224,7 +221,7 @@ def _composed_task(overrides: list[str]) -> dict:
     register_configs()
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):
-        return OmegaConf.to_container(compose("config", overrides=overrides).task, resolve=True)
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)).task, resolve=True)
 
 
 def _given(value) -> bool:

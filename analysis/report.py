@@ -51,6 +51,11 @@ def _same_envelopes(paper: dict, effective: dict) -> bool:
     return True
 
 
+def _at_protocol(task: dict, required: dict) -> bool:
+    """Whether a run's recorded task has every setting a paper row requires."""
+    return all(task_value(task, key) == value for key, value in required.items())
+
+
 def _protocol_gap(params: pd.Series, required: dict, read_at: int | None, at_step: int | None) -> str | None:
     """Why no run (``params``: their task configs) is at the table's protocol (the first key no run matches), or None."""
     if read_at != at_step and not (
@@ -109,9 +114,7 @@ def paper_comparison(jobs: pd.DataFrame, paper_file: Path = PAPER_RESULTS, table
         column = f"final_{ref['metric']}"
         matches: list[str] = []
         if gap is None:
-            subset = subset[
-                params.map(lambda p, required=required: all(task_value(p, k) == v for k, v in required.items()))
-            ]
+            subset = subset[params.map(lambda p, required=required: _at_protocol(p, required))]
             matches = [
                 cid
                 for cid, group in subset.groupby("config_id")
@@ -147,9 +150,7 @@ def paper_rows(done: pd.DataFrame, table: str, paper_file: Path = PAPER_RESULTS)
         subset = done[(done["task"] == ref["task"]) & (done["dataset"].astype(str) == str(ref["dataset"]))]
         required = json.loads(ref["task_params"]) if isinstance(ref.get("task_params"), str) else {}
         params = subset["task_json"].map(json.loads)
-        subset = subset[
-            params.map(lambda p, required=required: all(task_value(p, k) == v for k, v in required.items()))
-        ]
+        subset = subset[params.map(lambda p, required=required: _at_protocol(p, required))]
         wanted = json.loads(ref["envelopes"])
         for cid, group in subset.groupby("config_id"):
             if _same_envelopes(wanted, json.loads(group["envelopes_json"].iloc[0])):
