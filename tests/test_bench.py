@@ -15,6 +15,7 @@ SCRIPTS = {
     "ppo_grid.py": ([], "batched (1 worker process(es), EnvPool)"),
     "ppo_parts.py": (["--compile"], "task minibatch step with envelopes, compiled"),
     "ppo_sps.py": ([], "LunarLander-v3"),
+    "rollout_overlap.py": ([], "4 agents, overlap:"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
     "threads.py": ([], "x threads=1"),
 }
@@ -32,7 +33,7 @@ def test_every_script_in_bench_is_covered():
 @pytest.mark.slow  # about 90 s for all of them: CI runs them with the slow tests
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_script_runs(script):
-    if script in ("ppo_grid.py", "ppo_parts.py"):
+    if script in ("ppo_grid.py", "ppo_parts.py", "rollout_overlap.py"):
         pytest.importorskip("envpool")
     elif script in NEEDS and not NEEDS[script].exists():
         pytest.skip(f"needs {NEEDS[script]}")

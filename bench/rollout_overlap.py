@@ -1,0 +1,142 @@
+"""Does overlapping EnvPool's stepping with the policy's forward pay? The rollout loop alone, three ways.
+
+K agents (the paper's 64-64 actor and critic per agent, stacked as
+``tasks.ppo_networks.ActorCritic``, one torch thread), one environment each,
+acting greedily for a number of steps:
+
+- ``sync``: one pool, ``step`` of all K, then the forward of all K (as
+  ``tasks.ppo`` does), EnvPool's own threads (its default: one per core);
+- ``sync1``: the same with one EnvPool thread;
+- ``overlap``: the agents in two halves, each with its own pool; a half's
+  actions are sent (``send``) and its forward for the next step runs while
+  the other half's environments step, then ``recv``.
+
+Each mode prints environment steps per second. ``--processes 2`` runs two
+copies of the script at once and prints each one's rate (a grid's two
+workers on two cores).
+
+    python bench/rollout_overlap.py [--env LunarLander-v3] [--agents 121] [--steps 1000] [--rounds 3]
+    python bench/rollout_overlap.py --processes 2 --modes sync,overlap
+    python bench/rollout_overlap.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks.ppo_networks import ActorCritic, agent_networks
+
+MODES = ("sync", "sync1", "overlap")
+
+
+def pool(env: str, seeds: list[int], threads: int | None):
+    import envpool
+
+    extra = {} if threads is None else {"num_threads": threads}
+    return envpool.make_gymnasium(env, num_envs=len(seeds), env_seed=seeds, **extra)
+
+
+def policy(env: str, seeds: list[int]):
+    spec = pool(env, seeds[:1], 1)
+    observation, actions = int(np.prod(spec.observation_space.shape)), int(spec.action_space.n)
+    spec.close()
+    net = ActorCritic(*agent_networks(seeds, observation, [64, 64], actions), torch.device("cpu"))
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        logits, _ = net(torch.as_tensor(obs, dtype=torch.float32).reshape(len(seeds), 1, observation))
+        return logits.argmax(-1).reshape(-1).numpy()
+
+    return act
+
+
+def sync(env: str, agents: int, steps: int, threads: int | None) -> float:
+    seeds = list(range(agents))
+    envs, act = pool(env, seeds, threads), policy(env, seeds)
+    obs, _ = envs.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        obs = envs.step(act(obs))[0]
+    rate = agents * steps / (time.perf_counter() - start)
+    envs.close()
+    return rate
+
+
+def overlap(env: str, agents: int, steps: int) -> float:
+    halves = [list(range(agents // 2)), list(range(agents // 2, agents))]
+    pools = [pool(env, seeds, None) for seeds in halves]
+    acts = [policy(env, seeds) for seeds in halves]
+    ids = [np.arange(len(seeds), dtype=np.int32) for seeds in halves]
+    first = [p.reset()[0] for p in pools]
+    start = time.perf_counter()
+    for h in range(2):
+        pools[h].send(acts[h](first[h]), ids[h])
+    for _ in range(steps - 1):
+        for h in range(2):  # this half's forward runs while the other half's environments step
+            obs = pools[h].recv()[0]
+            pools[h].send(acts[h](obs), ids[h])
+    for h in range(2):
+        pools[h].recv()
+    rate = agents * steps / (time.perf_counter() - start)
+    for p in pools:
+        p.close()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="LunarLander-v3", choices=["LunarLander-v3", "Acrobot-v1", "CartPole-v1"])
+    parser.add_argument("--agents", type=int, default=121)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--processes", type=int, default=1, help="copies of this script run at once")
+    parser.add_argument("--smoke", action="store_true", help="4 agents, 20 steps, one round: checks the script runs")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(unknown)}; allowed: {', '.join(MODES)}")
+    agents, steps, rounds = (4, 20, 1) if args.smoke else (args.agents, args.steps, args.rounds)
+    torch.set_num_threads(1)
+
+    if args.processes > 1:  # each mode: the copies at once, each one round of that mode
+        own = [sys.executable, __file__, "--env", args.env, "--agents", str(agents), "--steps", str(steps)]
+        for r in range(rounds):
+            for mode in modes:
+                copies = [
+                    subprocess.Popen([*own, "--rounds", "1", "--modes", mode], stdout=subprocess.PIPE, text=True)
+                    for _ in range(args.processes)
+                ]
+                outputs = [c.communicate()[0] for c in copies]
+                if any(c.returncode for c in copies):
+                    sys.exit(f"a copy failed (exit statuses {[c.returncode for c in copies]})")
+                rates = [float(out.split()[-3]) for out in outputs]
+                print(
+                    f"round {r + 1}, {args.processes} processes at once, {mode}: "
+                    f"{' + '.join(f'{x:,.0f}' for x in rates)} = {sum(rates):,.0f} env steps/s",
+                    flush=True,
+                )
+        return
+
+    with torch.inference_mode():
+        for r in range(rounds):
+            for mode in modes:
+                rate = (
+                    overlap(args.env, agents, steps)
+                    if mode == "overlap"
+                    else sync(args.env, agents, steps, 1 if mode == "sync1" else None)
+                )
+                print(f"round {r + 1}, {args.env}, {agents} agents, {mode}: {rate:.0f} env steps/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
