@@ -23,6 +23,7 @@ workers on two cores).
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -45,14 +46,13 @@ def pool(env: str, seeds: list[int], threads: int | None):
     return envpool.make_gymnasium(env, num_envs=len(seeds), env_seed=seeds, **extra)
 
 
-def policy(env: str, seeds: list[int]):
-    spec = pool(env, seeds[:1], 1)
-    observation, actions = int(np.prod(spec.observation_space.shape)), int(spec.action_space.n)
-    spec.close()
+def policy(envs, seeds: list[int]):
+    """The greedy actions of ``seeds``' actors (as ``tasks.ppo``'s rollout acts) for the pool ``envs``."""
+    observation, actions = int(np.prod(envs.observation_space.shape)), int(envs.action_space.n)
     net = ActorCritic(*agent_networks(seeds, observation, [64, 64], actions), torch.device("cpu"))
 
     def act(obs: np.ndarray) -> np.ndarray:
-        logits, _ = net(torch.as_tensor(obs, dtype=torch.float32).reshape(len(seeds), 1, observation))
+        logits = net.actor(torch.as_tensor(obs, dtype=torch.float32).reshape(len(seeds), 1, observation))
         return logits.argmax(-1).reshape(-1).numpy()
 
     return act
@@ -60,7 +60,8 @@ def policy(env: str, seeds: list[int]):
 
 def sync(env: str, agents: int, steps: int, threads: int | None) -> float:
     seeds = list(range(agents))
-    envs, act = pool(env, seeds, threads), policy(env, seeds)
+    envs = pool(env, seeds, threads)
+    act = policy(envs, seeds)
     obs, _ = envs.reset()
     start = time.perf_counter()
     for _ in range(steps):
@@ -73,7 +74,7 @@ def sync(env: str, agents: int, steps: int, threads: int | None) -> float:
 def overlap(env: str, agents: int, steps: int) -> float:
     halves = [list(range(agents // 2)), list(range(agents // 2, agents))]
     pools = [pool(env, seeds, None) for seeds in halves]
-    acts = [policy(env, seeds) for seeds in halves]
+    acts = [policy(p, seeds) for p, seeds in zip(pools, halves)]
     ids = [np.arange(len(seeds), dtype=np.int32) for seeds in halves]
     first = [p.reset()[0] for p in pools]
     start = time.perf_counter()
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--processes", type=int, default=1, help="copies of this script run at once")
     parser.add_argument("--smoke", action="store_true", help="4 agents, 20 steps, one round: checks the script runs")
+    parser.add_argument("--json", action="store_true", help="one JSON line per mode and round (for --processes)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     unknown = sorted(set(modes) - set(MODES))
@@ -109,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     if args.processes > 1:  # each mode: the copies at once, each one round of that mode
-        own = [sys.executable, __file__, "--env", args.env, "--agents", str(agents), "--steps", str(steps)]
+        own = [sys.executable, __file__, "--env", args.env, "--agents", str(agents), "--steps", str(steps), "--json"]
         for r in range(rounds):
             for mode in modes:
                 copies = [
@@ -119,7 +121,7 @@ def main() -> None:
                 outputs = [c.communicate()[0] for c in copies]
                 if any(c.returncode for c in copies):
                     sys.exit(f"a copy failed (exit statuses {[c.returncode for c in copies]})")
-                rates = [float(out.split()[-3]) for out in outputs]
+                rates = [json.loads(out)["steps_per_s"] for out in outputs]
                 print(
                     f"round {r + 1}, {args.processes} processes at once, {mode}: "
                     f"{' + '.join(f'{x:,.0f}' for x in rates)} = {sum(rates):,.0f} env steps/s",
@@ -135,7 +137,14 @@ def main() -> None:
                     if mode == "overlap"
                     else sync(args.env, agents, steps, 1 if mode == "sync1" else None)
                 )
-                print(f"round {r + 1}, {args.env}, {agents} agents, {mode}: {rate:.0f} env steps/s", flush=True)
+                if args.json:
+                    print(
+                        json.dumps(
+                            {"round": r + 1, "env": args.env, "agents": agents, "mode": mode, "steps_per_s": rate}
+                        )
+                    )
+                else:
+                    print(f"round {r + 1}, {args.env}, {agents} agents, {mode}: {rate:.0f} env steps/s", flush=True)
 
 
 if __name__ == "__main__":

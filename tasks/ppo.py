@@ -184,6 +184,43 @@ def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[t
     return advantages, advantages + values
 
 
+def critic_values(
+    net: ActorCritic,
+    observations: torch.Tensor,
+    following: torch.Tensor,
+    rewards: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+    finals: np.ndarray,
+    gamma: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A rollout's values, its bootstrap value and its rewards with time limits bootstrapped, after the rollout.
+
+    The rollout acts with the actors alone; its weights do not change until
+    the update, so the critics' values of every observation it acted on,
+    ``observations`` (K, T * N, obs), and of the one it stopped at,
+    ``following`` (K, N, obs), are one product afterwards, as are the
+    values of the final observations ``finals`` (T, K * N, obs) where a time
+    limit alone ended an episode (:func:`bootstrap_time_limits`, with the
+    host's (T, K * N) ``rewards``, ``terminated`` and ``truncated``;
+    ``gamma=None`` bootstraps nothing: ``truncation=terminate``). Returns
+    the values (K, T * N), the bootstrap values (K, N) and the rewards.
+    """
+    K, batch, obs_dim = observations.shape
+    T = rewards.shape[0]
+    with torch.no_grad():
+        values = net.critic(torch.cat([observations, following], 1))
+        if gamma is not None:
+
+            def final_values():
+                by_agent = torch.as_tensor(finals, device=values.device).reshape(T, K, -1, obs_dim).transpose(0, 1)
+                value = net.critic(by_agent.reshape(K, batch, obs_dim)).reshape(K, T, -1)
+                return value.transpose(0, 1).reshape(T, -1).cpu().numpy()
+
+            rewards = bootstrap_time_limits(rewards, terminated, truncated, final_values, gamma)
+    return values[:, :batch], values[:, batch:], rewards
+
+
 class Rollout(NamedTuple):
     """One update's samples, per agent: (K, T * N, ...)."""
 
@@ -271,10 +308,11 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     obs_buf = torch.zeros(T, K, N, obs_dim, device=device)
     actions_buf = torch.zeros(T, K, N, dtype=torch.long, device=device)
     logits_buf = torch.zeros(T, K, N, n_actions, device=device)
-    # rewards and endings come from the host: kept there during the rollout, moved once after it
+    # rewards, endings and final observations come from the host: kept there during the rollout, moved once after it
     rewards_host = np.zeros((T, K * N), dtype=np.float32)
-    dones_host = np.zeros((T, K * N), dtype=np.float32)
-    values_buf = torch.zeros(T, K, N, device=device)
+    terminated_host = np.zeros((T, K * N), dtype=bool)
+    truncated_host = np.zeros((T, K * N), dtype=bool)
+    final_host = np.zeros((T, K * N, obs_dim), dtype=np.float32)
 
     obs = torch.as_tensor(envs.reset(), device=device).reshape(K, N, obs_dim)
     recent = [deque(maxlen=task_cfg.moving_average) for _ in range(K)]
@@ -299,54 +337,54 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     for update in bar:
         start = time.perf_counter()
         finished: list[list[tuple[float, int]]] = [[] for _ in range(K)]
-        # Rollout: no autograd; actions are Gumbel-max samples, each agent's noise from its own stream.
+        # Rollout: no autograd; actions are Gumbel-max samples, each agent's noise from its own stream. Each step
+        # runs the actors alone; the critics' values follow in one product over the whole rollout.
         with torch.inference_mode():
             gumbel = torch.stack(
                 [-torch.log(-torch.log(torch.rand(T, N, n_actions, generator=g).clamp_min(1e-20))) for g in generators],
                 dim=1,
             ).to(device)
             for t in range(T):
-                logits, value = net(obs)
+                logits = net.actor(obs)
                 action = (logits + gumbel[t]).argmax(-1)
-                next_obs, raw_reward, terminated, truncated, final, episodes = envs.step(
-                    action.reshape(-1).cpu().numpy()
+                next_obs, reward, terminated, truncated, final, episodes = envs.step(action.reshape(-1).cpu().numpy())
+                obs_buf[t], actions_buf[t], logits_buf[t] = obs, action, logits
+                rewards_host[t], terminated_host[t], truncated_host[t], final_host[t] = (
+                    reward,
+                    terminated,
+                    truncated,
+                    final,
                 )
-                reward = raw_reward
-                if bootstrap:  # a time limit alone is not an ending: add the discounted value of where it stopped
-
-                    def final_values(final=final):
-                        return (
-                            net(torch.as_tensor(final, device=device).reshape(K, N, obs_dim))[1]
-                            .reshape(-1)
-                            .cpu()
-                            .numpy()
-                        )
-
-                    reward = bootstrap_time_limits(raw_reward, terminated, truncated, final_values, task_cfg.gamma)
-                done = terminated | truncated
-                obs_buf[t], actions_buf[t], logits_buf[t], values_buf[t] = obs, action, logits, value
-                rewards_host[t] = reward
-                dones_host[t] = done
                 if episodes is not None:  # the episode's own rewards, without the bootstrap term
                     ended, returns, lengths = episodes
                     for i in np.flatnonzero(ended):
                         finished[agent_of_env[i]].append((float(returns[i]), int(lengths[i])))
                 obs = torch.as_tensor(next_obs, device=device).reshape(K, N, obs_dim)
             global_step += batch
-            next_value = net(obs)[1]
-        rollout_seconds = time.perf_counter() - start
 
-        rewards_buf = torch.as_tensor(rewards_host, device=device).reshape(T, K, N)
-        dones_buf = torch.as_tensor(dones_host, device=device).reshape(T, K, N)
-        advantages, returns = gae(rewards_buf, values_buf, dones_buf, next_value, task_cfg.gamma, task_cfg.gae_lambda)
         # per agent: (K, T * N, ...)
         b_obs = obs_buf.transpose(0, 1).reshape(K, batch, obs_dim)
+        b_values, next_value, rewards_host[:] = critic_values(
+            net,
+            b_obs,
+            obs,
+            rewards_host,
+            terminated_host,
+            truncated_host,
+            final_host,
+            task_cfg.gamma if bootstrap else None,
+        )
+        rollout_seconds = time.perf_counter() - start
+        values_buf = b_values.reshape(K, T, N).transpose(0, 1)
+        dones_host = terminated_host | truncated_host
+        rewards_buf = torch.as_tensor(rewards_host, device=device).reshape(T, K, N)
+        dones_buf = torch.as_tensor(dones_host, device=device, dtype=torch.float32).reshape(T, K, N)
+        advantages, returns = gae(rewards_buf, values_buf, dones_buf, next_value, task_cfg.gamma, task_cfg.gae_lambda)
         b_actions = actions_buf.transpose(0, 1).reshape(K, batch)
         b_old_logits = logits_buf.transpose(0, 1).reshape(K, batch, n_actions)
         b_old_logprob = F.log_softmax(b_old_logits, -1).gather(2, b_actions[..., None]).squeeze(2)
         b_adv = advantages.transpose(0, 1).reshape(K, batch)
         b_returns = returns.transpose(0, 1).reshape(K, batch)
-        b_values = values_buf.transpose(0, 1).reshape(K, batch)
         if task_cfg.normalise_advantages:
             b_adv = (b_adv - b_adv.mean(1, keepdim=True)) / (b_adv.std(1, keepdim=True) + 1e-8)
 

@@ -57,6 +57,12 @@ class ActorCritic:
     samples, 3 actions: 1.7 ms against 0.5 ms, the weight gradient 1.4 ms
     against 0.25).
 
+    The rollout runs the actors alone (:meth:`actor`, the first K networks
+    of each stack, as views): a rollout step then reads half the weights,
+    and the critics' values of the whole rollout are one product after it
+    (:meth:`critic`, ``tasks.ppo.critic_values``), 100-500 rows per agent
+    instead of one per step.
+
     Agent k's layers are built as a single run of its seed builds them
     (``torch.manual_seed(seed)``, then the actor, then the critic) and
     stacked, so each agent sees only its own parameters and inputs.
@@ -103,13 +109,39 @@ class ActorCritic:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations (K, B, obs) to logits (K, B, actions) and values (K, B)."""
-        if self.padding:
-            x = nn.functional.pad(x, (0, self.padding))
-        h = x.repeat(2, 1, 1)  # each agent's observations to its actor (first K) and its critic (last K)
-        for weight, bias in zip(self.weights, self.biases):
-            h = tanh_layer(h, weight, bias)
+        h = self._hidden(self._pad(x).repeat(2, 1, 1))  # each agent's actor (first K) and critic (last K)
         out = torch.baddbmm(self.head_bias, self.head_weight, h.transpose(1, 2))  # (2K, actions, B)
         return out[: self.agents].transpose(1, 2), out[self.agents :, 0]
+
+    def actor(self, x: torch.Tensor) -> torch.Tensor:
+        """Observations (K, B, obs) to logits (K, B, actions): the actors alone, as the rollout acts.
+
+        The same products as ``__call__``'s actor half, on the first K
+        networks of each stack (views, no copy), so that a rollout step reads
+        only the actors' weights; the critics' values of a whole rollout are
+        one product afterwards (:meth:`critic`).
+        """
+        h = self._hidden(self._pad(x), slice(None, self.agents))
+        head_weight, head_bias = self.head_weight[: self.agents], self.head_bias[: self.agents]
+        return torch.baddbmm(head_bias, head_weight, h.transpose(1, 2)).transpose(1, 2)
+
+    def critic(self, x: torch.Tensor) -> torch.Tensor:
+        """Observations (K, B, obs) to values (K, B): the critics alone (the last K networks of each stack)."""
+        h = self._hidden(self._pad(x), slice(self.agents, None))
+        head_weight, head_bias = self.head_weight[self.agents :, :1], self.head_bias[self.agents :, :1]
+        return torch.baddbmm(head_bias, head_weight, h.transpose(1, 2))[:, 0]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x, (0, self.padding)) if self.padding else x
+
+    def _hidden(self, h: torch.Tensor, networks: slice | None = None) -> torch.Tensor:
+        """The hidden layers of every network, or of ``networks`` (a slice of the stacks); no view of the whole
+        stacks, whose gradient would pass through a slice's backward."""
+        for weight, bias in zip(self.weights, self.biases):
+            if networks is not None:
+                weight, bias = weight[networks], bias[networks]
+            h = tanh_layer(h, weight, bias)
+        return h
 
 
 def tanh_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ SCRIPTS = {
     "ppo_grid.py": ([], "batched (1 worker process(es), EnvPool)"),
     "ppo_parts.py": (["--compile"], "task minibatch step with envelopes, compiled"),
     "ppo_sps.py": ([], "LunarLander-v3"),
-    "rollout_overlap.py": ([], "4 agents, overlap:"),
+    "rollout_overlap.py": (["--processes", "2", "--modes", "sync,overlap"], "2 processes at once, overlap:"),
     "seed_batch.py": (["--task", "regression", "--data-root", str(SHARED_DATA)], "speed-up:"),
     "threads.py": ([], "x threads=1"),
 }

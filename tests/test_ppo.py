@@ -11,7 +11,7 @@ from torch import nn
 from runner.config import ConfigError, validate
 from runner.job import run_job
 from tasks.common import make_optimizer
-from tasks.ppo import bootstrap_time_limits, gae
+from tasks.ppo import bootstrap_time_limits, critic_values, gae
 from tasks.ppo_networks import ActorCritic, agent_networks, tanh_layer
 
 pytest.importorskip("gymnasium")
@@ -72,8 +72,10 @@ def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stay
                 for k in range(5):
                     torch.testing.assert_close(logits[k], actors[k](x[k]), rtol=rtol, atol=atol)
                     torch.testing.assert_close(values[k], critics[k](x[k]).squeeze(-1), rtol=rtol, atol=atol)
-            with torch.inference_mode():  # the rollout's path
+            with torch.inference_mode():  # the rollout's path: both networks, and the actors or critics alone
                 assert torch.equal(net(x)[0], logits) and torch.equal(net(x)[1], values)
+                torch.testing.assert_close(net.actor(x), logits, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(net.critic(x), values, rtol=1e-5, atol=1e-6)
 
     def own_networks(net):  # each agent's actor and critic made again from the stacked tensors
         actors, critics = agent_networks(list(range(5)), observation, list(hidden), actions)
@@ -105,6 +107,38 @@ def test_the_actor_critic_stack_is_each_agents_own_networks_and_its_padding_stay
         assert net.head_weight[5:, 0].abs().sum() > 0
         assert torch.all(net.weights[0][:, observation:] == 0)
         check_against_own_networks(net, *own_networks(net), rtol=1e-4, atol=1e-5)  # trained: larger outputs
+
+
+@pytest.mark.parametrize("envs", [1, 3])
+def test_a_rollouts_values_after_it_are_those_of_each_step_with_time_limits_bootstrapped(envs):
+    # critic_values computes after the rollout what each step would have: every observation's value, the
+    # bootstrap value of the one after the last, and gamma V(final observation) added where a time limit alone
+    # ended an episode; agent k's environments are columns k * envs ... of the host's (T, K * envs) arrays.
+    K, T, observation, gamma = 4, 7, 6, 0.9
+    net = ActorCritic(*agent_networks(list(range(K)), observation, [16, 16], 3), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    steps = torch.randn(T, K, envs, observation, generator=g)  # as the rollout stores them: (T, K, N, obs)
+    following = torch.randn(K, envs, observation, generator=g)
+    finals = torch.randn(T, K * envs, observation, generator=g).numpy()
+    rewards = torch.randn(T, K * envs, generator=g).numpy()
+    terminated = (torch.rand(T, K * envs, generator=g) < 0.3).numpy()
+    truncated = (torch.rand(T, K * envs, generator=g) < 0.4).numpy()
+    assert (truncated & ~terminated).any() and (truncated & terminated).any()
+    observations = steps.transpose(0, 1).reshape(K, T * envs, observation)
+
+    values, next_value, fed = critic_values(net, observations, following, rewards, terminated, truncated, finals, gamma)
+    with torch.no_grad():
+        for t in range(T):  # each step as the rollout would compute it then
+            step_values = net(steps[t])[1]
+            torch.testing.assert_close(values.reshape(K, T, envs)[:, t], step_values, rtol=1e-5, atol=1e-6)
+            final_value = net(torch.as_tensor(finals[t]).reshape(K, envs, observation))[1].reshape(-1).numpy()
+            expected = bootstrap_time_limits(rewards[t], terminated[t], truncated[t], lambda v=final_value: v, gamma)
+            np.testing.assert_allclose(fed[t], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(next_value, net(following)[1], rtol=1e-5, atol=1e-6)
+    cut = truncated & ~terminated
+    assert np.array_equal(fed[~cut], rewards[~cut]) and not np.allclose(fed[cut], rewards[cut])
+    _, _, untouched = critic_values(net, observations, following, rewards, terminated, truncated, finals, None)
+    assert np.array_equal(untouched, rewards)  # truncation=terminate: nothing bootstrapped
 
 
 def test_progress_shows_the_steps_per_second_of_training_not_of_the_rollout_alone(
