@@ -35,7 +35,9 @@ round, their medians and the ratio.
     python bench/ppo_grid.py --env acrobot --updates 4 --single 0 --workers 2 \\
         --peer /tmp/peer-venv/bin/python --peer-dir <dir of the peer scripts> --rounds 3
 
-``--compile`` runs the batched slice with ``compile=true``;
+``--override KEY=VALUE`` (repeatable) adds an override to the batched
+slice (``--override task.env_threads=1``). ``--compile`` runs the batched
+slice with ``compile=true``;
 ``--compare-compile`` runs it eager and compiled in turn for ``--rounds``
 rounds and prints both rates and the ratio.
 """
@@ -118,6 +120,13 @@ def main() -> None:
     parser.add_argument("--peer-calls", type=int, default=20, help="timed calls of the peer per round")
     parser.add_argument("--compile", action="store_true", help="the batched slice with compile=true")
     parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further override of the batched slice (repeatable), e.g. task.env_threads=1",
+    )
+    parser.add_argument(
         "--compare-compile", action="store_true", help="interleaved rounds: the batched slice eager, then compiled"
     )
     args = parser.parse_args()
@@ -130,7 +139,7 @@ def main() -> None:
     for env in args.env if not args.smoke else ["acrobot"]:
         runs, steps, _, _ = GRIDS[env]
         common, batched_args, updates, rollout = slice_overrides(env, args.updates, args.smoke, args.workers)
-        batched_args += ["compile=true"] if args.compile else []
+        batched_args += (["compile=true"] if args.compile else []) + args.override
         with tempfile.TemporaryDirectory() as tmp:
             wall, rates, batched = sweep(batched_args, Path(tmp) / "batched")
             group = len(rates)
@@ -177,7 +186,7 @@ def against_peer(args: argparse.Namespace) -> None:
     """Interleaved rounds: the peer, then this project's slice, each round; medians and the ratio."""
     ours, theirs = [], []
     _, overrides, updates, rollout = slice_overrides("acrobot", args.updates, args.smoke, args.workers)
-    overrides += ["compile=true"] if args.compile else []
+    overrides += (["compile=true"] if args.compile else []) + args.override
     for number in range(1, args.rounds + 1):
         theirs.append(peer_rate(args.peer, args.peer_dir, args.workers, args.peer_calls))
         with tempfile.TemporaryDirectory() as tmp:
@@ -200,6 +209,7 @@ def against_eager(args: argparse.Namespace) -> None:
     """
     for env in args.env if not args.smoke else ["acrobot"]:
         _, overrides, updates, rollout = slice_overrides(env, args.updates, args.smoke, args.workers)
+        overrides += args.override
         rates: dict[str, list[float]] = {"eager": [], "compiled": []}
         for number in range(1, args.rounds + 1):
             for name, extra in (("eager", []), ("compiled", ["compile=true"])):

@@ -13,7 +13,9 @@ acting greedily for a number of steps:
 
 Each mode prints environment steps per second. ``--processes 2`` runs two
 copies of the script at once and prints each one's rate (a grid's two
-workers on two cores).
+workers on two cores); the copies set up first and start timing at the
+same moment (``--start-at``, 15 s after they are launched), so that their
+timed loops overlap.
 
     python bench/rollout_overlap.py [--env LunarLander-v3] [--agents 121] [--steps 1000] [--rounds 3]
     python bench/rollout_overlap.py --processes 2 --modes sync,overlap
@@ -58,11 +60,21 @@ def policy(envs, seeds: list[int]):
     return act
 
 
-def sync(env: str, agents: int, steps: int, threads: int | None) -> float:
+def wait_until(start_at: float | None) -> None:
+    """Sleep until the wall-clock time ``start_at`` (the copies of ``--processes`` start timing together);
+    a copy that gets there late says so on stderr."""
+    if start_at is not None:
+        if time.time() > start_at:
+            print(f"started timing {time.time() - start_at:.1f} s late", file=sys.stderr)
+        time.sleep(max(0.0, start_at - time.time()))
+
+
+def sync(env: str, agents: int, steps: int, threads: int | None, start_at: float | None = None) -> float:
     seeds = list(range(agents))
     envs = pool(env, seeds, threads)
     act = policy(envs, seeds)
     obs, _ = envs.reset()
+    wait_until(start_at)
     start = time.perf_counter()
     for _ in range(steps):
         obs = envs.step(act(obs))[0]
@@ -71,12 +83,13 @@ def sync(env: str, agents: int, steps: int, threads: int | None) -> float:
     return rate
 
 
-def overlap(env: str, agents: int, steps: int) -> float:
+def overlap(env: str, agents: int, steps: int, start_at: float | None = None) -> float:
     halves = [list(range(agents // 2)), list(range(agents // 2, agents))]
     pools = [pool(env, seeds, None) for seeds in halves]
     acts = [policy(p, seeds) for p, seeds in zip(pools, halves)]
     ids = [np.arange(len(seeds), dtype=np.int32) for seeds in halves]
     first = [p.reset()[0] for p in pools]
+    wait_until(start_at)
     start = time.perf_counter()
     for h in range(2):
         pools[h].send(acts[h](first[h]), ids[h])
@@ -102,6 +115,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="copies of this script run at once")
     parser.add_argument("--smoke", action="store_true", help="4 agents, 20 steps, one round: checks the script runs")
     parser.add_argument("--json", action="store_true", help="one JSON line per mode and round (for --processes)")
+    parser.add_argument("--start-at", type=float, help="wall-clock time (epoch seconds) to start timing at")
     args = parser.parse_args()
     modes = args.modes.split(",")
     unknown = sorted(set(modes) - set(MODES))
@@ -114,8 +128,14 @@ def main() -> None:
         own = [sys.executable, __file__, "--env", args.env, "--agents", str(agents), "--steps", str(steps), "--json"]
         for r in range(rounds):
             for mode in modes:
+                # the copies set up (imports, pools, networks), then start timing together
+                start_at = f"{time.time() + (5 if args.smoke else 15):.3f}"
                 copies = [
-                    subprocess.Popen([*own, "--rounds", "1", "--modes", mode], stdout=subprocess.PIPE, text=True)
+                    subprocess.Popen(
+                        [*own, "--rounds", "1", "--modes", mode, "--start-at", start_at],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
                     for _ in range(args.processes)
                 ]
                 outputs = [c.communicate()[0] for c in copies]
@@ -133,9 +153,9 @@ def main() -> None:
         for r in range(rounds):
             for mode in modes:
                 rate = (
-                    overlap(args.env, agents, steps)
+                    overlap(args.env, agents, steps, args.start_at)
                     if mode == "overlap"
-                    else sync(args.env, agents, steps, 1 if mode == "sync1" else None)
+                    else sync(args.env, agents, steps, 1 if mode == "sync1" else None, args.start_at)
                 )
                 if args.json:
                     print(
