@@ -92,3 +92,17 @@ def test_ppo_grid_compares_compiled_with_eager_and_reports_the_compile_time():
     assert " eager " in eager and "compile" not in eager.split("eager", 1)[1]
     assert " compiled " in compiled and float(compiled.rsplit(", compile ", 1)[1].split(" s")[0]) > 0
     assert "compiled / eager = " in proc.stdout
+
+
+def test_ppo_grid_passes_its_overrides_to_the_slice():
+    # an override the slice must refuse: the sweep's own check names it, so it reached the command
+    pytest.importorskip("envpool")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--override", "task.update_epochs=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "task.update_epochs must be a positive integer, got 0" in proc.stderr + proc.stdout
