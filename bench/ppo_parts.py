@@ -3,11 +3,13 @@
 For K agents (the paper's 64-64 actor and critic per agent, stacked as
 ``tasks.ppo_networks.ActorCritic``) on one torch thread:
 
-- rollout forward, hot: the policy and value of one observation per agent,
-  repeated, so the weights stay in the caches;
+- rollout forward, hot: the actors' logits for one observation per agent
+  (``ActorCritic.actor``, as the rollout acts; the critics' values follow
+  after the rollout in one product), repeated, so the weights stay in the
+  caches;
 - rollout forward, after an environment step: the same, each time right
   after EnvPool has stepped the K environments, as in a rollout, where the
-  weights (about 37 KB an agent) are read from memory again;
+  actors' weights (about 18 KB an agent) are read from memory again;
 - EnvPool step of the K environments (random actions);
 - update minibatch: forward and backward of both networks on 100 samples
   per agent, then the optimiser step (fused Adam).
@@ -15,9 +17,9 @@ For K agents (the paper's 64-64 actor and critic per agent, stacked as
 And two floors, the least the same arithmetic on these tensors costs (one
 environment per agent, float32):
 
-- weights read once, after an environment step: a sum over every stacked
-  weight and bias, the memory traffic a rollout forward cannot avoid (each
-  step acts on new observations with every agent's weights);
+- weights read once, after an environment step: a sum over every actor's
+  stacked weights and biases, the memory traffic a rollout forward cannot
+  avoid (each step acts on new observations with every agent's actor);
 - the minibatch's batched products alone (forward, input and weight
   gradients of each layer), at MKL's rate, without the elementwise work,
   the losses or the optimiser.
@@ -90,7 +92,7 @@ def main() -> None:
 
     def forward():
         with torch.inference_mode():
-            net(one)
+            net.actor(one)
 
     def env_step():
         envs.step(rng.integers(0, actions, size=agents))
@@ -107,9 +109,9 @@ def main() -> None:
         (logits.square().sum() + values.square().sum()).backward()
         optimizer.step()
 
-    parameters = [p.detach() for p in net.parameters()]
+    parameters = [p.detach()[:agents] for p in net.parameters()]  # the actors' (the first K of each stack)
 
-    def read_weights():  # one pass over every weight
+    def read_weights():  # one pass over every actor's weights
         for p in parameters:
             p.sum()
 
