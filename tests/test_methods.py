@@ -112,8 +112,10 @@ def test_vwpr_training_loss_goes_down(rule, per_element, normalise):
     assert [p.shape for p in vwpr.phi_params()] == ([p.shape for p in model.parameters()] if per_element else [()] * 4)
 
 
-def test_the_wrapper_has_the_documented_interface_and_defaults():
+def test_the_wrapper_has_the_documented_interface_and_defaults(tmp_path, monkeypatch):
     import inspect
+
+    monkeypatch.chdir(tmp_path)  # the figure goes to ./figures, which is not the checkout's
 
     _, _, model = make_problem()
     vwpr = EnhancedVWPRWrapper(model)
@@ -129,6 +131,7 @@ def test_the_wrapper_has_the_documented_interface_and_defaults():
     torch.testing.assert_close(vwpr(x), model(x))
     figure = vwpr.visualize_phi_distribution(epoch=1)
     assert figure.axes[0].get_xlabel() == "value weight phi"
+    assert (tmp_path / "figures" / "phi_distribution_epoch_1.png").is_file()
 
 
 def test_vwpr_scales_each_gradient_by_its_weight():
