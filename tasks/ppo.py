@@ -349,12 +349,9 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 action = (logits + gumbel[t]).argmax(-1)
                 next_obs, reward, terminated, truncated, final, episodes = envs.step(action.reshape(-1).cpu().numpy())
                 obs_buf[t], actions_buf[t], logits_buf[t] = obs, action, logits
-                rewards_host[t], terminated_host[t], truncated_host[t], final_host[t] = (
-                    reward,
-                    terminated,
-                    truncated,
-                    final,
-                )
+                rewards_host[t], terminated_host[t], truncated_host[t] = reward, terminated, truncated
+                if bootstrap:  # where a time limit cuts an episode, its final observation's value is added after
+                    final_host[t] = final
                 if episodes is not None:  # the episode's own rewards, without the bootstrap term
                     ended, returns, lengths = episodes
                     for i in np.flatnonzero(ended):
