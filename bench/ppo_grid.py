@@ -36,7 +36,7 @@ round, their medians and the ratio.
         --peer /tmp/peer-venv/bin/python --peer-dir <dir of the peer scripts> --rounds 3
 
 ``--override KEY=VALUE`` (repeatable) adds an override to the batched
-slice (``--override task.env_threads=1``). ``--compile`` runs the batched
+slice (``--override task.update_epochs=2``). ``--compile`` runs the batched
 slice with ``compile=true``;
 ``--compare-compile`` runs it eager and compiled in turn for ``--rounds``
 rounds and prints both rates and the ratio.
@@ -124,7 +124,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a further override of the batched slice (repeatable), e.g. task.env_threads=1",
+        help="a further override of the batched slice (repeatable), e.g. task.update_epochs=2",
     )
     parser.add_argument(
         "--compare-compile", action="store_true", help="interleaved rounds: the batched slice eager, then compiled"
