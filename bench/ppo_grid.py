@@ -159,13 +159,19 @@ def main() -> None:
         grid_steps = runs * steps
         print(f"{env}: {group} runs x {updates} updates of {rollout} steps; paper grid {runs} runs x {steps:,} steps")
         print(
-            f"  batched ({args.workers} worker process(es), EnvPool): {batched:,.0f} env steps/s (command {wall:.0f} s); "
+            f"  batched ({args.workers} worker process(es), {backend_of(batched_args)}): {batched:,.0f} env steps/s (command {wall:.0f} s); "
             f"whole grid {grid_steps / batched / 3600:.2f} h"
         )
         print(
             f"  one agent per job (gymnasium):  {single:,.0f} env steps/s per job; "
             f"whole grid {grid_steps / single / 3600:.2f} h one job at a time"
         )
+
+
+def backend_of(overrides: list[str]) -> str:
+    """The environments' back end the slice's overrides end on (the last task.backend given wins)."""
+    backends = [o.split("=", 1)[1] for o in overrides if o.startswith("task.backend=")]
+    return {"envpool": "EnvPool", "torch": "torch Acrobot"}.get(backends[-1], backends[-1]) if backends else "gymnasium"
 
 
 def slice_overrides(env: str, updates_of_500: int, smoke: bool, workers: int) -> tuple[list[str], list[str], int, int]:

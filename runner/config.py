@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,13 +296,13 @@ def check_compile(cfg: DictConfig) -> None:
             f"compile: task {cfg.task.name!r} has no compiled step; compile=true is supported by the tasks "
             f"{compiling}, got compile=true"
         )
-    import shutil
-
     import torch
 
+    from tasks.common import cpp_compilers
+
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
-    if on_cpu and not any(shutil.which(c) for c in compilers):
+    compilers, found = cpp_compilers()
+    if on_cpu and found is None:
         raise ConfigError(
             f"compile: torch.compile on the CPU builds C++ kernels, and none of the compilers {compilers} is "
             "on PATH; install one (apt-get install g++) or use compile=false, got compile=true"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -328,3 +330,9 @@ class ControlledLoss:
 
     def save(self) -> None:
         self.controller.save(self.job_dir / "controller.pt")
+
+
+def cpp_compilers() -> tuple[list[str], str | None]:
+    """The C++ compilers torch.compile's CPU kernels can use (``$CXX`` first), and the first on PATH (None if none)."""
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    return compilers, next((c for c in compilers if shutil.which(c)), None)

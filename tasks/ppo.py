@@ -40,8 +40,17 @@ import torch
 import torch.nn.functional as F
 
 from envelopes import EnvelopeBank
-from tasks.common import EnvelopeMeter, MeanStd, check, check_optimizer, divergence, log_seeds, make_optimizer
-from tasks.ppo_envs import Environments
+from tasks.common import (
+    EnvelopeMeter,
+    MeanStd,
+    check,
+    check_optimizer,
+    cpp_compilers,
+    divergence,
+    log_seeds,
+    make_optimizer,
+)
+from tasks.ppo_envs import TORCH_ENVIRONMENTS, Environments
 from tasks.ppo_networks import INITS, ActorCritic, agent_networks
 from tasks.seed_batch import seed_outcomes
 
@@ -51,7 +60,7 @@ OBJECTIVE = ("charts/return_ma100", "max")
 # what a run records (file names; * any ending), for checking report.metric before training
 METRICS = ("step", "env_steps", "charts_*", "losses_*", "return_ma100_final_phase", "train_*", "envelope_*")
 ENVIRONMENTS = ("LunarLander-v3", "Acrobot-v1", "CartPole-v1")
-BACKENDS = ("gymnasium", "envpool")
+BACKENDS = ("gymnasium", "envpool", "torch")
 SEED_BATCH = True
 COMPILE = True  # compile=true: the update's minibatch step through torch.compile
 
@@ -81,7 +90,7 @@ class PPOConfig:
     kl_target: float = 0.01
     moving_average: int = 100
     max_episode_steps: int | None = None  # override the environment's time limit
-    backend: str = "gymnasium"  # gymnasium | envpool (C++ batched environments)
+    backend: str = "gymnasium"  # gymnasium | envpool (C++ batched environments) | torch (Acrobot-v1, compiled)
     # the networks' initial weights: orthogonal (CleanRL's) | torch (nn.Linear's own, as the paper's code)
     init: str = "orthogonal"
 
@@ -117,6 +126,21 @@ def validate(task_cfg) -> None:
     )
     check(task_cfg.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}", task_cfg.backend)
     check(task_cfg.init in INITS, "init", f"must be one of {list(INITS)}", task_cfg.init)
+    if task_cfg.backend == "torch":
+        check(
+            task_cfg.env_id in TORCH_ENVIRONMENTS,
+            "backend",
+            f"torch steps only {list(TORCH_ENVIRONMENTS)}, not {task_cfg.env_id}; allowed for it: ['gymnasium', 'envpool']",
+            task_cfg.backend,
+        )
+        compilers, found = cpp_compilers()
+        check(
+            found is not None,
+            "backend",
+            f"torch compiles its environment step (torch.compile), and none of the C++ compilers {compilers} is "
+            "on PATH; install one (apt-get install g++) or use one of ['gymnasium', 'envpool']",
+            task_cfg.backend,
+        )
     if task_cfg.backend == "envpool":
         import importlib.util
 

@@ -560,3 +560,105 @@ def test_init_torch_builds_each_agent_as_the_papers_code_does_and_has_its_own_ru
     for preset in ("lunarlander_paper", "acrobot_paper", "paper_table5", "paper_table6", "paper_table7"):
         assert compose(f"experiment={preset}").task.init == "torch", preset
     assert compose("task=acrobot").task.init == compose("experiment=acrobot_quick").task.init == "orthogonal"
+
+
+def test_the_torch_acrobot_step_is_gymnasiums_from_any_state():
+    # States over the whole range, so that angles wrap and velocities reach their bounds; eager arithmetic
+    import gymnasium as gym
+
+    from tasks.ppo_envs import acrobot_step
+
+    rng = np.random.default_rng(0)
+    count = 512
+    state = np.column_stack(
+        [rng.uniform(-np.pi, np.pi, (count, 2)), rng.uniform(-4, 4, count) * np.pi, rng.uniform(-9, 9, count) * np.pi]
+    )
+    action = rng.integers(0, 3, count)
+    out = acrobot_step(
+        torch.tensor(state),
+        torch.tensor(action),
+        torch.zeros(count, dtype=torch.int64),
+        torch.zeros(count),
+        torch.zeros(count, 4, dtype=torch.float64),
+        500,
+    )
+    stepped, reward, terminated, final = out[0], out[4], out[5], out[7]
+    env = gym.make("Acrobot-v1").unwrapped
+    env.reset(seed=0)
+    wrapped = bounded = 0
+    for i in range(count):
+        env.state = state[i].copy()
+        obs, r, term, trunc, _ = env.step(int(action[i]))
+        assert (float(reward[i]), bool(terminated[i])) == (r, term), i
+        np.testing.assert_allclose(final[i].numpy(), obs, rtol=0, atol=1e-6)
+        if not term:  # a terminated environment's state is already the next episode's
+            np.testing.assert_allclose(stepped[i].numpy(), env.state, rtol=1e-12, atol=1e-12)
+        wrapped += abs(state[i, 0] + 0.2 * state[i, 2]) > np.pi
+        bounded += abs(env.state[3]) == 9 * np.pi
+    assert wrapped > 50 and bounded > 5 and 0 < terminated.sum() < count
+
+
+def test_the_torch_acrobot_backend_follows_gymnasium_resets_and_limits_and_keeps_each_environments_stream():
+    import gymnasium as gym
+
+    from tasks.ppo_envs import Environments
+
+    # compiled: along a trajectory from the same state, gymnasium's observations, rewards and endings
+    envs = Environments("torch", "Acrobot-v1", [3, 4], 1, None)
+    first = envs.reset()
+    assert first.shape == (2, 6) and first.dtype == np.float32
+    start = envs.envs.state.numpy().copy()
+    assert np.all(np.abs(start) <= 0.1) and np.array_equal(start, start.astype(np.float32))  # as gymnasium's reset
+    env = gym.make("Acrobot-v1").unwrapped
+    env.reset(seed=0)
+    env.state = start[0].copy()
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        action = rng.integers(0, 3, 2)
+        obs, reward, terminated, truncated, final, _ = envs.step(action)
+        expected, r, term, _, _ = env.step(int(action[0]))
+        np.testing.assert_allclose(final[0], expected, rtol=0, atol=1e-5)
+        assert (reward[0], terminated[0], truncated[0]) == (r, term, False)
+        if term:
+            break
+        env.state = envs.envs.state[0].numpy().copy()  # rounding in the compiled program stays at one step's
+
+    # a limit of 5 steps: truncated, the episode's return and length reported, the next initial state drawn
+    envs = Environments("torch", "Acrobot-v1", [3, 4], 1, 5)
+    envs.reset()
+    outs = [envs.step(np.array([2, 0])) for _ in range(5)]
+    assert all(out[5] is None for out in outs[:4])
+    obs, reward, terminated, truncated, final, (ended, returns, lengths) = outs[4]
+    assert truncated.all() and not terminated.any() and ended.all()
+    assert list(returns) == [-5.0, -5.0] and list(lengths) == [5, 5]
+    assert not np.array_equal(obs, final)
+    generator = torch.Generator().manual_seed(3)
+    draws = [(-0.1 + 0.2 * torch.rand(4, generator=generator, dtype=torch.float64)).float() for _ in range(2)]
+    np.testing.assert_array_equal(envs.envs.state[0].float().numpy(), draws[1].numpy())  # the second draw of seed 3
+
+    # environment 1 (seed 4) steps as it would alone
+    alone = Environments("torch", "Acrobot-v1", [4], 1, 5)
+    single = [alone.reset()[0]] + [alone.step(np.array([0]))[0][0] for _ in range(7)]
+    envs = Environments("torch", "Acrobot-v1", [3, 4], 1, 5)
+    paired = [envs.reset()[1]] + [envs.step(np.array([2, 0]))[0][1] for _ in range(7)]
+    np.testing.assert_array_equal(np.stack(single), np.stack(paired))
+
+
+def test_the_torch_backend_is_refused_for_other_environments_and_without_a_cpp_compiler(compose, monkeypatch):
+    with pytest.raises(ConfigError, match=r"task.backend torch steps only \['Acrobot-v1'\], not CartPole-v1"):
+        validate(compose("task=cartpole", "task.backend=torch"))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"task.backend torch compiles its environment step .* none of the C\+\+"):
+        validate(compose("task=acrobot", "task.backend=torch"))
+
+
+def test_torch_acrobot_agents_train_batched_as_they_would_alone(compose, tmp_path):
+    args = ("task=acrobot", *SMALL, "task.total_steps=1000", "task.max_episode_steps=60", "task.backend=torch")
+    run_job(compose(*args, "seed_batch=2"), tmp_path / "batch", None, [], reraise=True)
+    for seed in range(2):
+        run_job(compose(*args, f"seed={seed}"), tmp_path / f"single_{seed}", None, [], reraise=True)
+        batched, single = rows_of(tmp_path / "batch" / f"seed_{seed}"), rows_of(tmp_path / f"single_{seed}")
+        assert len(batched) == len(single) == 10
+        assert [r["charts_episodic_return"] for r in batched] == [r["charts_episodic_return"] for r in single]
+        assert all(r["charts_episodic_length"] <= 60 for r in batched)
