@@ -106,3 +106,17 @@ def test_ppo_grid_passes_its_overrides_to_the_slice():
     )
     assert proc.returncode != 0
     assert "task.update_epochs must be a positive integer, got 0" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow  # one smoke slice, its environment step compiled
+def test_ppo_grid_names_the_back_end_an_override_chose():
+    pytest.importorskip("envpool")  # the slice alone runs on gymnasium, the batched one on the chosen back end
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--override", "task.backend=torch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batched (1 worker process(es), torch Acrobot): " in proc.stdout, proc.stdout
