@@ -66,15 +66,17 @@ def test_every_experiment_preset_validates_and_sweeps(experiment):
 
 
 @pytest.mark.parametrize("experiment", [e for e in options("experiment") if not e.startswith("optuna")])
-def test_a_job_composed_once_per_seedless_job_equals_hydras_composition(experiment):
-    """compose_job (the sweep check's and the batching launcher's) composes what jobs share but their seed once;
-    each job's config must be exactly what Hydra composes for that job (its hydra node but the fields Hydra
-    derives from the override list, which no job reads)."""
+def test_a_job_composed_from_its_group_choices_equals_hydras_composition(experiment):
+    """compose_job (the sweep check's and the batching launcher's) composes each set of group choices once and
+    sets a job's other overrides on a copy with Hydra's own code; each job's config, hydra node included, must be
+    exactly what Hydra composes for that job: two seeds of one job, and jobs spread over the sweep. The task's
+    config (task_config, without the hydra node) must be that composition with its hydra node deleted."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
 
-    from runner.callbacks import compose_job, expand_sweep, forget_compositions, split_seed
+    from runner import callbacks
+    from runner.callbacks import compose_job, expand_sweep, forget_compositions, split_seed, task_config
     from runner.config import register_configs
 
     register_configs()
@@ -83,14 +85,47 @@ def test_a_job_composed_once_per_seedless_job_equals_hydras_composition(experime
         jobs = expand_sweep(cfg)
         first = split_seed(jobs[0])[0]
         same = [job for job in jobs if split_seed(job)[0] == first][:2]  # two seeds of one seedless job, if any
+        spread = jobs[:: max(1, len(jobs) // 6)][:6]
         forget_compositions(cfg)
-        for job in same:
+        for job in same + spread:
             ours = compose_job(cfg, job)
             hydras = GlobalHydra.instance().config_loader().load_sweep_config(cfg, list(job))
-            for c in (ours, hydras):
-                with open_dict(c):
-                    c.hydra.job.override_dirname = ""
             assert OmegaConf.to_container(ours) == OmegaConf.to_container(hydras), (experiment, job)
+            assert OmegaConf.is_struct(ours) and not OmegaConf.is_readonly(ours.hydra)
+            for node in ("", "hydra", "hydra.job", "task"):  # types, flags and cached resolver values; parents
+                assert OmegaConf.select(ours, node)._metadata == OmegaConf.select(hydras, node)._metadata, node
+                assert OmegaConf.select(ours, node)._get_root() is ours
+            with open_dict(hydras):
+                del hydras["hydra"]
+            task = task_config(cfg, job)
+            assert OmegaConf.to_container(task) == OmegaConf.to_container(hydras), (experiment, job)
+            assert OmegaConf.is_struct(task) and OmegaConf.get_type(task) is OmegaConf.get_type(hydras)
+        composed = [key for key in callbacks._by_choices if key[0] == str(cfg.hydra.sweep.dir)]
+        forget_compositions(cfg)
+    assert 1 <= len(composed) <= len(same + spread)
+
+
+def test_a_job_override_the_shortcut_does_not_take_is_composed_by_hydra_whole(compose):
+    """A job that adds a key, sets a hydra key (composed by Hydra whole) or chooses another task is composed as
+    Hydra composes it; a value Hydra refuses gives Hydra's own error."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    from runner.callbacks import compose_job, forget_compositions
+    from runner.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = _sweep_config("mnist_quick")
+        loader = GlobalHydra.instance().config_loader()
+        for job in (["+extra=3", "seed=1"], ["hydra.job.name=other", "seed=2"], ["task=mnist_test_split", "+extra=1"]):
+            forget_compositions(cfg)
+            ours = compose_job(cfg, job)
+            assert OmegaConf.to_container(ours) == OmegaConf.to_container(loader.load_sweep_config(cfg, job))
+        with pytest.raises(ConfigCompositionException, match="seed=abc"):
+            compose_job(cfg, ["seed=abc"])
         forget_compositions(cfg)
 
 
@@ -371,3 +406,22 @@ def test_every_metric_a_run_records_is_a_report_metric_the_config_accepts(compos
     final = json.loads((tmp_path / "result.json").read_text())["final"]
     for name in final:  # each passes the check made before training
         validate(compose(f"task={task}", f"data_root={SHARED_DATA}", f"report.metric=best_{name}"))
+
+
+def test_the_garbage_collector_runs_again_after_a_sweep_is_composed_even_on_an_error():
+    import gc
+
+    from runner.callbacks import paused_gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("composition failed")
+    assert gc.isenabled()
+    gc.disable()  # a caller's own choice is kept
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -98,7 +98,10 @@ class BatchedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        jobs = self._compose(job_overrides, initial_job_idx, sweep_dir)
+        from runner.callbacks import paused_gc
+
+        with paused_gc():  # thousands of configs, all kept
+            jobs = self._compose(job_overrides, initial_job_idx, sweep_dir)
         batches = self._group(jobs)
         returns = self._dispatch(batches, jobs, sweep_dir)
         out = []
@@ -117,7 +120,7 @@ class BatchedLauncher(Launcher):
 
     def _compose(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path) -> list:
         """Each job as ``(index, its config with the hydra node, its Member)``."""
-        from runner.callbacks import checked_envelopes, compose_job
+        from runner.callbacks import checked_envelopes, compose_job, task_config
         from runner.job import Member
 
         jobs = []
@@ -131,7 +134,7 @@ class BatchedLauncher(Launcher):
             HydraConfig.instance().set_config(cfg)
             job_dir = sweep_dir / str(cfg.hydra.sweep.subdir)
             member = Member(
-                self._job_config(cfg),
+                task_config(self.config, overrides, self.hydra_context.config_loader),
                 job_dir,
                 list(overrides),
                 write_hydra_files=True,
@@ -253,14 +256,6 @@ class BatchedLauncher(Launcher):
         if current:
             chunks.append(current)
         return chunks
-
-    @staticmethod
-    def _job_config(cfg: DictConfig) -> DictConfig:
-        """The job's config as the task sees it (the ``hydra`` node removed, as Hydra's run_job does)."""
-        job_cfg = cfg.copy()
-        with open_dict(job_cfg):
-            del job_cfg["hydra"]
-        return job_cfg
 
 
 class WorkerPool:
