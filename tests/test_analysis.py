@@ -129,6 +129,38 @@ def test_load_metrics_holds_only_the_runs_and_metrics_asked_for_and_still_reads_
     assert len(metrics.attrs["unreadable"]) == 1
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # a metric first logged after some rows (an episode's return), then in every row
+        [
+            '{"step": 100, "loss": 0.5}',
+            '{"step": 200, "loss": 0.25, "charts_return": -500.0}',
+            '{"step": 300, "loss": 0.1, "charts_return": -90.5}',
+        ],
+        # a value whose type changes between lines, and an empty line
+        ['{"epoch": 1, "val": 1}', '{"epoch": 2, "val": 0.5}', ""],
+        # rows that log different metrics
+        ['{"epoch": 1, "a": 1.0}', '{"epoch": 2, "b": 2.0}'],
+    ],
+)
+def test_a_metrics_file_reads_as_its_lines_read_one_by_one(tmp_path, lines):
+    import json
+
+    import pandas as pd
+
+    from analysis.load import read_metrics_file
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    expected = pd.DataFrame.from_records([json.loads(line) for line in lines if line])
+    read = read_metrics_file(path)
+    pd.testing.assert_frame_equal(read, expected)
+    for columns in ({"epoch", "step", "a"}, {"step", "charts_return", "b"}):
+        records = [{k: v for k, v in json.loads(line).items() if k in columns} for line in lines if line]
+        pd.testing.assert_frame_equal(read_metrics_file(path, columns), pd.DataFrame(records))  # a row per line
+
+
 def test_missing_sweep_dir_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_jobs(tmp_path / "nope")
