@@ -180,7 +180,8 @@ def read_metrics_file(path: Path, columns: set[str] | None = None) -> pd.DataFra
                 records.append(record if columns is None else {k: v for k, v in record.items() if k in columns})
         return pd.DataFrame(records)
     if columns is not None:  # the asked-for columns in the file, in the file's order; none that it lacks
-        order = json.loads(path.read_text().split("\n", 1)[0] or "{}")
+        with path.open() as handle:  # the first line alone, not the whole file a second time
+            order = json.loads(handle.readline() or "{}")
         present = [name for name in table.column_names if table[name].null_count < len(table)]
         present.sort(key=lambda name: list(order).index(name) if name in order else len(order))
         table = table.select(present)
