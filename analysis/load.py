@@ -202,7 +202,7 @@ def load_metrics(
     ``attrs["unreadable"]`` lists those messages for the report.
     """
     kept_dirs = None if keep is None else set(map(str, keep))
-    wanted = None if columns is None else {"step", "epoch", *columns}
+    wanted = None if columns is None else {*POSITIONS, *columns}
     frames = []
     unreadable = []
     for job in jobs.itertuples(index=False):
@@ -242,6 +242,7 @@ def read_at_step(jobs: pd.DataFrame, step: int) -> pd.DataFrame:
         return jobs
     finals = [c for c in jobs.columns if c.startswith("final_")]
     jobs[finals] = float("nan")
+    last_rows = {}  # per job: its last row at or before the step, set below one column at a time
     for index, job in jobs.iterrows():
         if job["status"] != "completed":
             continue
@@ -255,9 +256,11 @@ def read_at_step(jobs: pd.DataFrame, step: int) -> pd.DataFrame:
         if before.empty:
             jobs.loc[index, "status"] = "no_row_at_step"
             continue
-        for key, value in before.iloc[-1].items():
-            if pd.notna(value):  # a key that row did not log (runs log no non-finite value)
-                jobs.loc[index, f"final_{key}"] = value
+        last_rows[index] = before.iloc[-1].add_prefix("final_")  # NaN: a key that row did not log
+    if last_rows:
+        last = pd.DataFrame.from_dict(last_rows, orient="index").dropna(axis=1, how="all")
+        for column in last:
+            jobs.loc[last.index, column] = last[column]
     jobs["read_at_step"] = step
     jobs.attrs["at_step"] = step
     return jobs
