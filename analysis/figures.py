@@ -95,6 +95,8 @@ def _x_axis(ax, x: str) -> None:
     ax.set_xlabel(x)
     if x == "epoch":  # whole epochs: no ticks at 1.2, 1.4, ...
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    else:  # environment steps as 100k, 1.5M: six-digit labels run into each other in a panel of a row
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
 
 
 def learning_curves(

@@ -523,6 +523,22 @@ def test_learning_curves_show_differences_from_identity_with_spelled_out_legends
     assert not any(" q=" in label for label in labels)
 
 
+def test_step_axes_read_in_thousands_and_epoch_axes_in_whole_epochs():
+    import matplotlib.pyplot as plt
+
+    from analysis import figures
+
+    fig, (steps, epochs) = plt.subplots(1, 2)
+    figures._x_axis(steps, "step")
+    figures._x_axis(epochs, "epoch")
+    label = steps.xaxis.get_major_formatter()
+    assert [label(x) for x in (0, 50_000, 500_000, 1_500_000)] == ["0", "50k", "500k", "1.5M"]
+    epochs.set_xlim(0, 2)
+    assert all(float(tick).is_integer() for tick in epochs.get_xticks())
+    assert steps.get_xlabel() == "step" and epochs.get_xlabel() == "epoch"
+    plt.close(fig)
+
+
 def test_the_report_says_why_test_differs_from_validation():
     import pandas as pd
 
