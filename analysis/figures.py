@@ -173,7 +173,9 @@ def sensitivity_heatmaps(
     vmin, vmax = adaptive[column].min(), adaptive[column].max()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.8, 2.3 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.6 * cols + 0.8, 2.3 * rows + 0.7), squeeze=False, layout="constrained"
+    )
     cmap = "viridis_r" if mode == "min" else "viridis"
     image = None
     for ax, (shape, step_size) in zip(axes.flat, panels):
@@ -200,7 +202,8 @@ def sensitivity_heatmaps(
         ax.axis("off")
     several = int(counts.max()) > 1
     label = f"{metric} (mean over seeds" + (", then over a cell's configurations)" if several else ")")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=label)
+    # below the panels: a label along a single row's height would stretch the figure
+    fig.colorbar(image, ax=axes.ravel().tolist(), location="bottom", shrink=0.6, aspect=40, label=label)
     title = f"Sensitivity of {metric} ({loss} envelope); white: not in the sweep"
     if several:
         low, high = int(counts.min()), int(counts.max())

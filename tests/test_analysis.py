@@ -338,6 +338,8 @@ def test_a_sensitivity_cell_of_several_configurations_shows_their_mean_and_says_
     (fig,) = captured
     assert sorted(text.get_text() for text in fig.axes[0].texts) == ["2", "5.5"]  # not the last of each cell
     assert "each cell: the mean of 2 configurations" in fig._suptitle.get_text()
+    # the colour bar lies below the panels, its label along it
+    assert fig.axes[-1].get_xlabel() == "final_x (mean over seeds, then over a cell's configurations)"
     captured.clear()
     figures.sensitivity_heatmaps(agg.iloc[[0, 2]], "policy", "final_x", "max", tmp_path)
     assert sorted(text.get_text() for text in captured[0].axes[0].texts) == ["1", "5"]
