@@ -34,7 +34,10 @@ forward, clipped policy loss, value loss, adaptive envelopes of the four
 shapes, backward and fused Adam), eager and through ``torch.compile``
 (compilation left out of the timing).
 
-    python bench/ppo_parts.py [--env Acrobot-v1] [--agents 121] [--compile]
+``--kernels fused`` runs the networks on ``tasks.fused_mlp``'s C++ kernels
+(``kernels=fused``) instead of torch's products.
+
+    python bench/ppo_parts.py [--env Acrobot-v1] [--agents 121] [--compile] [--kernels fused]
     python bench/ppo_parts.py --smoke
 """
 
@@ -74,7 +77,10 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=121)
     parser.add_argument("--smoke", action="store_true", help="4 agents, few repeats: checks the script runs")
     parser.add_argument("--compile", action="store_true", help="also the task's minibatch step, eager and compiled")
+    parser.add_argument("--kernels", default="torch", choices=["torch", "fused"], help="the networks' kernels")
     args = parser.parse_args()
+    if args.compile and args.kernels == "fused":
+        parser.error("--compile compiles torch's kernels, which --kernels fused replaces: use one of them")
     agents = 4 if args.smoke else args.agents
     steps, minibatches = (5, 2) if args.smoke else (300, 20)
     torch.set_num_threads(1)
@@ -84,7 +90,8 @@ def main() -> None:
     envs = Environments("envpool", args.env, list(range(agents)), 1, None)
     envs.reset()
     observation, actions = envs.observation_size, envs.actions
-    net = ActorCritic(*agent_networks(list(range(agents)), observation, [64, 64], actions), torch.device("cpu"))
+    networks = agent_networks(list(range(agents)), observation, [64, 64], actions)
+    net = ActorCritic(*networks, torch.device("cpu"), fused=args.kernels == "fused")
     optimizer = make_optimizer(net.parameters(), argparse.Namespace(optimizer="adam", lr=3e-4))
     rng = np.random.default_rng(0)
     one = torch.randn(agents, 1, observation)
@@ -138,7 +145,10 @@ def main() -> None:
     weights_read = statistics.median(after_env(read_weights) for _ in range(steps)) * 1e3
     products_only = median_ms(products, minibatches)
     envs.close()
-    steps_with_envelopes = task_steps(net, observation, actions, agents, minibatches) if args.compile else {}
+    with_envelopes = args.compile or args.kernels == "fused"
+    steps_with_envelopes = (
+        task_steps(net, observation, actions, agents, minibatches, args.compile) if with_envelopes else {}
+    )
 
     def per_step(ms, minibatch=False):  # us per agent-step; an update has 4 minibatches per 100 steps
         return ms * (4 / 100 if minibatch else 1) * 1e3 / agents
@@ -147,7 +157,7 @@ def main() -> None:
         note = " at 4 minibatches per 100 steps" if minibatch else ""
         print(f"  {name:45s} {ms:8.3f} ms  {per_step(ms, minibatch):7.2f} us per agent-step{note}")
 
-    print(f"{args.env}, {agents} agents, 1 torch thread")
+    print(f"{args.env}, {agents} agents, 1 torch thread, {args.kernels} kernels")
     row("rollout forward, hot", hot)
     row("rollout forward, after an environment step", cold)
     row("EnvPool step", env)
@@ -161,8 +171,8 @@ def main() -> None:
     print(f"  {'sum of the floors and the EnvPool step':45s} {'':8s}    {floor:7.2f} us per agent-step")
 
 
-def task_steps(net, observation: int, actions: int, agents: int, repeats: int) -> dict[str, float]:
-    """Milliseconds of the task's minibatch step (100 samples per agent), eager and compiled."""
+def task_steps(net, observation: int, actions: int, agents: int, repeats: int, compiled: bool) -> dict[str, float]:
+    """Milliseconds of the task's minibatch step (100 samples per agent), eager and, where asked, compiled."""
     from envelopes import Envelope, EnvelopeBank
     from tasks.ppo import Penalty, Rollout, minibatch_losses
 
@@ -187,7 +197,10 @@ def task_steps(net, observation: int, actions: int, agents: int, repeats: int) -
     for bank in banks:
         bank.prepare(100, rollout.advantages)
     out = {}
-    for name, losses in (("eager", minibatch_losses), ("compiled", torch.compile(minibatch_losses, dynamic=False))):
+    steps = [("eager", minibatch_losses)]
+    if compiled:
+        steps.append(("compiled", torch.compile(minibatch_losses, dynamic=False)))
+    for name, losses in steps:
 
         def step(losses=losses):
             loss = losses(net, *banks, rollout, idx, kl_coef, penalty, "sum")[0]

@@ -105,6 +105,11 @@ class Config:
     # group pays the compilation (tens of seconds), the same arithmetic then runs fused; results agree with
     # the eager step up to floating-point rounding, as across thread counts
     compile: bool = False
+    # the CPU kernels of a task's networks (tasks with FUSED = True: ppo): fused (each network's forward and
+    # backward pass in one C++ kernel, tasks/fused_mlp.py; built with the C++ compiler on first use, tens of
+    # seconds once, then cached) | torch (torch's batched products and elementwise kernels) | auto (fused where it
+    # applies: on the CPU, with a C++ compiler, compile=false; torch elsewhere); results agree up to rounding
+    kernels: str = "auto"
     data_root: str = "data"  # where data sets live; each task's data_dir defaults to a folder below it
     tensorboard: bool = True
     progress: bool | None = None  # progress bar; null: only when stderr is a terminal
@@ -246,6 +251,7 @@ def validate(cfg: DictConfig) -> dict[str, Envelope]:
             )
     if cfg.compile:
         check_compile(cfg)
+    check_kernels(cfg)
     if cfg.device == "cuda":
         import torch
 
@@ -309,6 +315,64 @@ def check_compile(cfg: DictConfig) -> None:
         )
 
 
+KERNELS = ("auto", "fused", "torch")
+
+
+def check_kernels(cfg: DictConfig) -> None:
+    """kernels: one of :data:`KERNELS`; fused only where it can run (a task with fused kernels, on the CPU, with a
+    C++ compiler and ninja, not under compile=true, networks the kernels take)."""
+    if cfg.kernels not in KERNELS:
+        raise ConfigError(f"kernels: must be one of {list(KERNELS)}, got {cfg.kernels!r}")
+    if cfg.kernels != "fused":
+        return
+    module = task_module(cfg.task.name)
+    if not getattr(module, "FUSED", False):
+        fused = [name for name in TASKS if getattr(task_module(name), "FUSED", False)]
+        raise ConfigError(
+            f"kernels: task {cfg.task.name!r} has no fused kernels; kernels=fused is supported by the tasks {fused}; "
+            "allowed for it: ['auto', 'torch'], got 'fused'"
+        )
+    import torch
+
+    from tasks import fused_mlp
+
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        raise ConfigError(
+            f"kernels: the fused kernels run on the CPU, and this run's device is CUDA (device={cfg.device}); "
+            "use kernels=auto or torch, or device=cpu, got 'fused'"
+        )
+    if cfg.compile:
+        raise ConfigError(
+            "kernels: compile=true compiles torch's own kernels, which the fused ones replace; use kernels=auto "
+            "or torch with compile=true, or compile=false, got 'fused'"
+        )
+    missing = fused_mlp.missing_tools()
+    if missing is not None:
+        raise ConfigError(
+            f"kernels: the fused kernels are built on this machine, and {missing}; or use kernels=auto or torch, "
+            "got 'fused'"
+        )
+    reason = module.kernels_unsupported(cfg.task)
+    if reason is not None:
+        raise ConfigError(
+            f"kernels: the fused kernels cannot run this task's networks: {reason}; use kernels=auto or torch"
+        )
+
+
+def resolve_kernels(cfg: DictConfig, device) -> str:
+    """What ``kernels`` means for this run on ``device``: fused or torch (auto: fused wherever it can run; a run
+    logs which)."""
+    module = task_module(cfg.task.name)
+    if cfg.kernels == "torch" or not getattr(module, "FUSED", False):
+        return "torch"
+    if cfg.kernels == "fused":
+        return "fused"
+    from tasks import fused_mlp
+
+    fits = device.type == "cpu" and not cfg.compile and module.kernels_unsupported(cfg.task) is None
+    return "fused" if fits and fused_mlp.missing_tools() is None else "torch"
+
+
 # Keys that change how a run is watched, not what it computes.
 NOT_EFFECTIVE = {
     "seed_batch",
@@ -316,6 +380,7 @@ NOT_EFFECTIVE = {
     "device",
     "threads",
     "compile",
+    "kernels",
     "data_root",
     "tensorboard",
     "progress",

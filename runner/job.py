@@ -26,7 +26,14 @@ from envelopes import Envelope, EnvelopeBank
 from methods.loss_controller import ControllerSettings
 from runner.cache import ResultsCache
 from runner.claims import claim, claim_key, release
-from runner.config import config_id, controller_on, controller_settings, effective_config, validate
+from runner.config import (
+    config_id,
+    controller_on,
+    controller_settings,
+    effective_config,
+    resolve_kernels,
+    validate,
+)
 from runner.recorder import Recorder, file_key, run_label
 from runner.result import Result, previous_result
 from tasks import task_module
@@ -54,6 +61,7 @@ class RunContext:
     warnings: list[str] = field(default_factory=list)  # what the run should know (in result.json)
     compile: bool = False  # compile the training step (a task with COMPILE = True)
     compile_s: float | None = None  # set by such a task: its first compiled step's seconds, compilation included
+    kernels: str = "torch"  # the networks' kernels for a task with FUSED = True: fused | torch (runner.config)
 
     def envelope(self, loss: str) -> Envelope | EnvelopeBank:
         """The envelope of ``loss`` for this job's runs: the run's own for one run, else a bank of one per run."""
@@ -457,6 +465,7 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
         controller_settings(cfg) if controller_on(cfg.controller.mode) else None,
         run_envelopes=None if same else per_run,
         compile=cfg.compile,
+        kernels=resolve_kernels(cfg, device),
     )
     extras = module.run(cfg, context)
     extras = [extras] if isinstance(extras, dict) else extras
@@ -474,6 +483,7 @@ def train(runs: list[SeedRun], recorders: list[Recorder], default_threads: int |
         result = run.result
         result.status, result.device, result.threads = "completed", str(device), torch.get_num_threads()
         result.compile_s = context.compile_s
+        result.kernels = context.kernels if getattr(module, "FUSED", False) else None
         # bit-identical results need the same threads and the same group (docs/running.md, "Seeds and devices")
         result.group_size = len(runs)
         result.final, result.best = final, recorder.best

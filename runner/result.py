@@ -41,6 +41,8 @@ class Result:
     """``compile=true``: seconds of the group's first compiled step, compilation included (paid once per group,
     not divided among its runs)."""
     group_size: int | None = None
+    kernels: str | None = None
+    """A task with fused kernels (``FUSED = True``): the networks' kernels its runs used, fused or torch."""
     final: dict[str, Any] | None = None
     best: dict[str, Any] | None = None
     objective: dict[str, Any] | None = None

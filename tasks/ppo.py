@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from envelopes import EnvelopeBank
+from tasks import fused_mlp
 from tasks.common import (
     EnvelopeMeter,
     MeanStd,
@@ -63,6 +64,7 @@ ENVIRONMENTS = ("LunarLander-v3", "Acrobot-v1", "CartPole-v1")
 BACKENDS = ("gymnasium", "envpool", "torch")
 SEED_BATCH = True
 COMPILE = True  # compile=true: the update's minibatch step through torch.compile
+FUSED = True  # kernels=fused: the networks' forward and backward passes in tasks/fused_mlp.py's C++ kernels
 
 
 @dataclass
@@ -96,6 +98,11 @@ class PPOConfig:
 
 
 Config = PPOConfig
+
+
+def kernels_unsupported(task_cfg) -> str | None:
+    """Why the fused kernels cannot run this task's networks (None: they can)."""
+    return fused_mlp.unsupported(list(task_cfg.hidden))
 
 
 def loss_names(task_cfg) -> tuple[str, ...]:
@@ -325,7 +332,11 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
 
     envs = Environments(task_cfg.backend, task_cfg.env_id, seeds, N, task_cfg.max_episode_steps)
     obs_dim, n_actions = envs.observation_size, envs.actions
-    net = ActorCritic(*agent_networks(seeds, obs_dim, task_cfg.hidden, n_actions, task_cfg.init), device)
+    fused = context.kernels == "fused"
+    if fused:  # built (or read from torch's cache) before training, so the first update's time is training's
+        fused_mlp.extension()
+    log.info("%d agents' networks on %s kernels (kernels=%s)", K, context.kernels, cfg.kernels)
+    net = ActorCritic(*agent_networks(seeds, obs_dim, task_cfg.hidden, n_actions, task_cfg.init), device, fused)
     optimizer = make_optimizer(net.parameters(), task_cfg)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
 

@@ -3,7 +3,9 @@
 ``agent_networks`` builds each agent's MLPs as a run alone builds them (seeded,
 actor then critic, initialised as ``INITS`` says); ``ActorCritic``
 stacks K agents' actors and critics so that each layer of all 2K networks is
-one batched product, with ``tanh_layer``'s CPU tanh between layers.
+one batched product, with ``tanh_layer``'s CPU tanh between layers, or, with
+``fused=True``, runs each network's layers in one C++ kernel
+(``tasks.fused_mlp``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from tasks import fused_mlp
 
 # initialisations (task.init): CleanRL's orthogonal weights (gain sqrt(2), the output layer's out_gain) with zero
 # biases; or nn.Linear's own (uniform, scaled by fan-in), as the paper's code builds its networks
@@ -66,9 +70,18 @@ class ActorCritic:
     Agent k's layers are built as a single run of its seed builds them
     (``torch.manual_seed(seed)``, then the actor, then the critic) and
     stacked, so each agent sees only its own parameters and inputs.
+
+    With ``fused=True`` (CPU only) every forward and backward pass goes
+    through ``tasks.fused_mlp``'s kernels instead of torch's products.
     """
 
-    def __init__(self, actors: list[nn.Sequential], critics: list[nn.Sequential], device: torch.device):
+    def __init__(
+        self, actors: list[nn.Sequential], critics: list[nn.Sequential], device: torch.device, fused: bool = False
+    ):
+        if fused and device.type != "cpu":
+            raise ValueError(f"the fused kernels run on the CPU, not on {device}")
+        self.fused = fused
+
         def linears(modules):
             return [[m for m in module if isinstance(m, nn.Linear)] for module in modules]
 
@@ -109,6 +122,11 @@ class ActorCritic:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations (K, B, obs) to logits (K, B, actions) and values (K, B)."""
+        if self.fused:
+            out = fused_mlp.forward(
+                self._pad(x).contiguous(), self.weights, self.biases, self.head_weight, self.head_bias
+            )
+            return out[: self.agents].transpose(1, 2), out[self.agents :, 0]
         h = self._hidden(self._pad(x).repeat(2, 1, 1))  # each agent's actor (first K) and critic (last K)
         out = torch.baddbmm(self.head_bias, self.head_weight, h.transpose(1, 2))  # (2K, actions, B)
         return out[: self.agents].transpose(1, 2), out[self.agents :, 0]
@@ -121,15 +139,23 @@ class ActorCritic:
         only the actors' weights; the critics' values of a whole rollout are
         one product afterwards (:meth:`critic`).
         """
-        h = self._hidden(self._pad(x), slice(None, self.agents))
         head_weight, head_bias = self.head_weight[: self.agents], self.head_bias[: self.agents]
+        if self.fused:
+            return self._fused(x, slice(None, self.agents), head_weight, head_bias).transpose(1, 2)
+        h = self._hidden(self._pad(x), slice(None, self.agents))
         return torch.baddbmm(head_bias, head_weight, h.transpose(1, 2)).transpose(1, 2)
 
     def critic(self, x: torch.Tensor) -> torch.Tensor:
         """Observations (K, B, obs) to values (K, B): the critics alone (the last K networks of each stack)."""
-        h = self._hidden(self._pad(x), slice(self.agents, None))
         head_weight, head_bias = self.head_weight[self.agents :, :1], self.head_bias[self.agents :, :1]
+        if self.fused:
+            return self._fused(x, slice(self.agents, None), head_weight, head_bias)[:, 0]
+        h = self._hidden(self._pad(x), slice(self.agents, None))
         return torch.baddbmm(head_bias, head_weight, h.transpose(1, 2))[:, 0]
+
+    def _fused(self, x: torch.Tensor, networks: slice, head_weight: torch.Tensor, head_bias: torch.Tensor):
+        weights, biases = [w[networks] for w in self.weights], [b[networks] for b in self.biases]
+        return fused_mlp.forward(self._pad(x).contiguous(), weights, biases, head_weight, head_bias)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.pad(x, (0, self.padding)) if self.padding else x
