@@ -263,15 +263,16 @@ class TorchAcrobot:
             TorchAcrobot._compiled = torch.compile(acrobot_step, dynamic=True)
         # one step on a copy, so that a batch size not yet compiled (one environment is compiled apart) is
         # compiled here, before training's clock starts; microseconds where it is
+        # Under inference mode, as the rollout steps: there its first step's state is an ordinary tensor and every
+        # later one the previous step's output (an inference tensor), and torch.compile makes a graph for each
         start = time.perf_counter()
-        TorchAcrobot._compiled(
-            self.state.clone(),
-            torch.zeros(self.num_envs, dtype=torch.int64),
-            self.elapsed.clone(),
-            self.episode_return.clone(),
-            self.fresh.clone(),
-            self.limit,
+        state, elapsed, episode_return, fresh = (
+            t.clone() for t in (self.state, self.elapsed, self.episode_return, self.fresh)
         )
+        with torch.inference_mode():
+            actions = torch.zeros(self.num_envs, dtype=torch.int64)
+            out = TorchAcrobot._compiled(state, actions, elapsed, episode_return, fresh, self.limit)
+            TorchAcrobot._compiled(out[0], actions, out[1], out[2], fresh, self.limit)
         if time.perf_counter() - start > 1.0:
             log.info("compiled the torch Acrobot step in %.1f s", time.perf_counter() - start)
         for i in range(self.num_envs):
