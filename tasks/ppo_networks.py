@@ -92,9 +92,10 @@ class ActorCritic:
         # width that is not a multiple of 8 (242 networks of 6 -> 64: 0.16 ms; of 8 -> 64: 0.03 ms). The
         # first layer's weights are therefore kept with zero rows appended and every input with zero
         # columns: those rows' gradients are exactly zero, so they stay zero under Adam and SGD, and the
-        # rollout and the update read the one tensor that the optimiser changes.
+        # rollout and the update read the one tensor that the optimiser changes. The fused kernels take any
+        # width as it is.
         inputs = actor_layers[0][0].in_features
-        self.padding = (-inputs) % 8 if device.type == "cpu" else 0
+        self.padding = (-inputs) % 8 if device.type == "cpu" and not fused else 0
 
         def stack(tensors, rows=0):
             return nn.functional.pad(torch.stack(tensors), (0, 0, 0, rows)).contiguous().to(device).requires_grad_()
@@ -123,9 +124,7 @@ class ActorCritic:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Observations (K, B, obs) to logits (K, B, actions) and values (K, B)."""
         if self.fused:
-            out = fused_mlp.forward(
-                self._pad(x).contiguous(), self.weights, self.biases, self.head_weight, self.head_bias
-            )
+            out = fused_mlp.forward(x.contiguous(), self.weights, self.biases, self.head_weight, self.head_bias)
             return out[: self.agents].transpose(1, 2), out[self.agents :, 0]
         h = self._hidden(self._pad(x).repeat(2, 1, 1))  # each agent's actor (first K) and critic (last K)
         out = torch.baddbmm(self.head_bias, self.head_weight, h.transpose(1, 2))  # (2K, actions, B)
@@ -155,7 +154,7 @@ class ActorCritic:
 
     def _fused(self, x: torch.Tensor, networks: slice, head_weight: torch.Tensor, head_bias: torch.Tensor):
         weights, biases = [w[networks] for w in self.weights], [b[networks] for b in self.biases]
-        return fused_mlp.forward(self._pad(x).contiguous(), weights, biases, head_weight, head_bias)
+        return fused_mlp.forward(x.contiguous(), weights, biases, head_weight, head_bias)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.pad(x, (0, self.padding)) if self.padding else x
