@@ -120,3 +120,18 @@ def test_ppo_grid_names_the_back_end_an_override_chose():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batched (1 worker process(es), torch Acrobot): " in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow  # a smoke run of about 10 s
+def test_ppo_parts_times_the_fused_kernels_and_the_task_step_on_them():
+    pytest.importorskip("envpool")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ppo_parts.py"), "--smoke", "--kernels", "fused"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 torch thread, fused kernels" in proc.stdout
+    assert "task minibatch step with envelopes, eager" in proc.stdout and "compiled" not in proc.stdout
