@@ -256,6 +256,62 @@ def test_a_killed_worker_loses_its_own_group_only_and_resume_redoes_just_it(tmp_
     )
 
 
+def test_workers_end_when_their_launcher_is_killed(tmp_path):
+    import os
+    import signal
+    import time
+
+    # one long group in a worker process; the launcher is killed outright (no clean-up): the worker must not
+    # train on as an orphan
+    args = (
+        sys.executable,
+        str(ROOT / "run_ablation.py"),
+        "-m",
+        "task=digits",
+        "envelope@envelopes.classification=identity,step",
+        "task.epochs=1,100000",  # the second group trains for minutes
+        "task.train_size=100",
+        "task.batch_size=100",
+        "tensorboard=false",
+        "hydra/launcher=batched",
+        "hydra.launcher.workers=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fast = [tmp_path / "sweep" / str(job) / "result.json" for job in (0, 2)]
+    deadline = time.time() + 120
+    while not all(path.exists() for path in fast) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = [pid for pid in children(proc.pid) if "spawn_main" in command_line(pid)]
+    assert workers and proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    try:
+        while any(children_state(pid) not in (None, "Z") for pid in workers):
+            assert time.time() < deadline, "a worker outlived its killed launcher"
+            time.sleep(0.1)
+    finally:
+        for pid in workers:
+            if children_state(pid) not in (None, "Z"):
+                os.kill(pid, signal.SIGKILL)
+
+
+def command_line(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def children_state(pid: int) -> str | None:
+    """A process's state letter (Z: exited, not yet reaped), or None once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 def test_workers_with_a_single_group_say_it_trains_in_this_process(tmp_path):
     proc = sweep(
         tmp_path,

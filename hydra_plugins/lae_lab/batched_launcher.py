@@ -265,7 +265,8 @@ class WorkerPool:
     A group's process that dies (a kill, the kernel's out-of-memory killer)
     loses its own group's runs only, as a submitit job that dies does: they
     stay unfinished, the other groups go on, and resuming the sweep redoes
-    them. Each process trains with one torch thread unless a run's
+    them. A launcher that is killed takes its workers with it
+    (:func:`_exit_with_launcher`). Each process trains with one torch thread unless a run's
     ``threads`` says otherwise.
     """
 
@@ -312,6 +313,7 @@ class WorkerPool:
 def _train_group(send, members: list, sweep_dir: Path) -> None:
     """A worker process's work: train one group, send its objectives back."""
     _worker_logging()
+    _exit_with_launcher()
     from runner.job import run_members
 
     try:
@@ -319,6 +321,31 @@ def _train_group(send, members: list, sweep_dir: Path) -> None:
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the launching one says so
         raise SystemExit(130) from None
     send.close()
+
+
+def _exit_with_launcher() -> None:
+    """End this worker as soon as the launching process is gone.
+
+    A launcher killed outright (SIGKILL, or SIGTERM, which skips Python's
+    clean-up) does not take its spawned workers with it: they would train on
+    beside a relaunched sweep, on its cores and in its run directories. A
+    thread waits on the launcher's end (the sentinel ``multiprocessing``
+    keeps for it) and exits the process; its unfinished runs stay
+    unfinished, as a killed worker's do, and resuming the sweep redoes them.
+    """
+    import multiprocessing
+    import os
+    import threading
+
+    launcher = multiprocessing.parent_process()
+    if launcher is None:
+        return
+
+    def watch() -> None:
+        launcher.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _worker_logging() -> None:
