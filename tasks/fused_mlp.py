@@ -15,7 +15,8 @@ stack's actors and critics share the K agents' observations without a copy.
 The source is compiled on first use with the machine's C++ compiler
 (``torch.utils.cpp_extension``, ``-O3 -march=native``: tens of seconds once;
 torch caches the build in ``~/.cache/torch_extensions``, or
-``$TORCH_EXTENSIONS_DIR``, keyed by the source and this CPU's flags).
+``$TORCH_EXTENSIONS_DIR``, keyed by the source, this CPU's flags and the
+checkout: :func:`build_name`).
 
 Each network's arithmetic is its own and in a fixed order, so a network's
 outputs and gradients do not depend on how many others share the stack: an
@@ -78,6 +79,17 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def build_name(source: Path) -> str:
+    """The build's name in torch's cache: a digest of the source, this CPU's flags and the source's path.
+
+    Torch rebuilds a named extension whenever its source path changes, so
+    two checkouts sharing one name would rebuild it in turn (20-70 s each);
+    with the path in the name each keeps its own build.
+    """
+    key = source.read_bytes() + _cpu_flags().encode() + str(source.resolve()).encode()
+    return f"lae_fused_mlp_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
 @functools.cache
 def extension():
     """The compiled kernels (built on the first call in a process where no cached build fits)."""
@@ -86,10 +98,9 @@ def extension():
     ninja = _ninja()
     if ninja is not None and shutil.which("ninja") is None:  # torch runs `ninja` from PATH
         os.environ["PATH"] = os.pathsep.join([str(Path(ninja).parent), os.environ.get("PATH", "")])
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
     start = time.perf_counter()
     module = load(
-        name=f"lae_fused_mlp_{digest}",
+        name=build_name(SOURCE),
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-march=native"],
         verbose=False,

@@ -173,3 +173,15 @@ def test_a_fused_run_is_the_same_run_as_a_torch_one_to_rounding(compose, tmp_pat
     }
     for key in ("train_policy_raw_loss_mean", "train_value_raw_loss_mean", "envelope_policy_threshold"):
         assert rows["fused"][0][key] == pytest.approx(rows["torch"][0][key], rel=1e-4, abs=1e-6), key
+
+
+def test_each_checkout_and_each_source_has_its_own_build(tmp_path):
+    # torch rebuilds a name whose source path changed: two checkouts must not share one
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        (tmp_path / folder / "fused_mlp.cpp").write_bytes(fused_mlp.SOURCE.read_bytes())
+    a, b = (fused_mlp.build_name(tmp_path / folder / "fused_mlp.cpp") for folder in ("a", "b"))
+    assert a != b and a == fused_mlp.build_name(tmp_path / "a" / "fused_mlp.cpp")
+    (tmp_path / "a" / "fused_mlp.cpp").write_text("// changed")
+    assert fused_mlp.build_name(tmp_path / "a" / "fused_mlp.cpp") != a
