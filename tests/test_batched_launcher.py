@@ -210,19 +210,15 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
-def test_a_killed_worker_loses_its_own_group_only_and_resume_redoes_just_it(tmp_path):
-    import os
-    import signal
-    import time
-
-    # two groups (1 and 800 epochs), each in its own worker process; the slow one's process is killed
-    args = (
+def two_groups(tmp_path, slow_epochs: int) -> tuple[str, ...]:
+    """A sweep of two groups on digits, each in its own worker process: 1 epoch (jobs 0 and 2) and ``slow_epochs``."""
+    return (
         sys.executable,
         str(ROOT / "run_ablation.py"),
         "-m",
         "task=digits",
         "envelope@envelopes.classification=identity,step",
-        "task.epochs=1,800",
+        f"task.epochs=1,{slow_epochs}",
         "task.train_size=100",
         "task.batch_size=100",
         "tensorboard=false",
@@ -230,11 +226,27 @@ def test_a_killed_worker_loses_its_own_group_only_and_resume_redoes_just_it(tmp_
         "hydra.launcher.workers=2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_the_fast_group(proc, tmp_path) -> list[Path]:
+    """Wait (up to 2 min, while the sweep runs) for the fast group's results; return their paths."""
+    import time
+
     fast = [tmp_path / "sweep" / str(job) / "result.json" for job in (0, 2)]
     deadline = time.time() + 120
     while not all(path.exists() for path in fast) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    return fast
+
+
+def test_a_killed_worker_loses_its_own_group_only_and_resume_redoes_just_it(tmp_path):
+    import os
+    import signal
+
+    # two groups (1 and 800 epochs), each in its own worker process; the slow one's process is killed
+    args = two_groups(tmp_path, 800)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fast = wait_for_the_fast_group(proc, tmp_path)
     workers = children(proc.pid)
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
@@ -263,25 +275,9 @@ def test_workers_end_when_their_launcher_is_killed(tmp_path):
 
     # one long group in a worker process; the launcher is killed outright (no clean-up): the worker must not
     # train on as an orphan
-    args = (
-        sys.executable,
-        str(ROOT / "run_ablation.py"),
-        "-m",
-        "task=digits",
-        "envelope@envelopes.classification=identity,step",
-        "task.epochs=1,100000",  # the second group trains for minutes
-        "task.train_size=100",
-        "task.batch_size=100",
-        "tensorboard=false",
-        "hydra/launcher=batched",
-        "hydra.launcher.workers=2",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    )
+    args = two_groups(tmp_path, 100000)  # the second group trains for minutes
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    fast = [tmp_path / "sweep" / str(job) / "result.json" for job in (0, 2)]
-    deadline = time.time() + 120
-    while not all(path.exists() for path in fast) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_the_fast_group(proc, tmp_path)
     workers = [pid for pid in children(proc.pid) if "spawn_main" in command_line(pid)]
     assert workers and proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
