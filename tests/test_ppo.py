@@ -34,6 +34,19 @@ def test_gae_known_values():
     torch.testing.assert_close(returns, advantages + values)
 
 
+def test_log_probabilities_are_log_softmax_over_the_actions_with_its_gradient():
+    from tasks.ppo import log_probabilities
+
+    logits = (torch.randn(7, 50, 3, dtype=torch.float64) * 5).requires_grad_()
+    ours, theirs = log_probabilities(logits), torch.log_softmax(logits, -1)
+    assert ours.shape == theirs.shape == (7, 50, 3)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(theirs)
+    (got,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    (expected,) = torch.autograd.grad((theirs * upstream).sum(), logits)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
 def test_the_cpu_tanh_layer_is_tanh_within_its_stated_error_with_autograds_gradients():
     # tanh(bias + x @ weight) as 2 sigmoid(2z) - 1: within 1.8e-7 of the exact tanh (float64) of z over the range
     # pre-activations take, and saturating to exactly +-1; gradients those autograd gives torch's tanh
