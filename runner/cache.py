@@ -53,11 +53,22 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# what the runs execute: Python, and the C++ of the fused kernels (tasks/fused_mlp.py builds it)
+CODE_SUFFIXES = (".py", ".cpp", ".h")
+
+
+def code_files(root: Path = ROOT) -> list[Path]:
+    """``run_ablation.py`` and every file of :data:`CODE_SUFFIXES` in the packages of :data:`SOURCES`."""
+    return [root / "run_ablation.py"] + sorted(
+        p for package in SOURCES for p in (root / package).rglob("*") if p.suffix in CODE_SUFFIXES
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A short hash of every ``.py`` file the runs execute and of the libraries' versions."""
+    """A short hash of every source file the runs execute (:func:`code_files`) and of the libraries' versions."""
     digest = hashlib.sha256(json.dumps(library_versions(), sort_keys=True).encode())
-    paths = [ROOT / "run_ablation.py"] + sorted(p for package in SOURCES for p in (ROOT / package).rglob("*.py"))
+    paths = code_files()
     for path in paths:
         digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())

@@ -40,6 +40,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_mlp.cpp")
+# the extension's sources: the kernels, their shared building blocks, and the Acrobot rollout built on them
+SOURCES = (SOURCE, SOURCE.with_name("acrobot_rollout.cpp"))
+HEADER = SOURCE.with_name("fused_mlp.h")
 VECTOR = 16  # floats per vector in the kernel: hidden widths must be multiples of it
 
 
@@ -80,13 +83,16 @@ def _cpu_flags() -> str:
 
 
 def build_name(source: Path) -> str:
-    """The build's name in torch's cache: a digest of the source, this CPU's flags and the source's path.
+    """The build's name in torch's cache: a digest of the sources, this CPU's flags and ``source``'s path.
 
-    Torch rebuilds a named extension whenever its source path changes, so
-    two checkouts sharing one name would rebuild it in turn (20-70 s each);
-    with the path in the name each keeps its own build.
+    The sources are ``source`` and the files of :data:`SOURCES` and
+    :data:`HEADER` beside it. Torch rebuilds a named extension whenever its
+    source path changes, so two checkouts sharing one name would rebuild it
+    in turn (20-70 s each); with the path in the name each keeps its own build.
     """
-    key = source.read_bytes() + _cpu_flags().encode() + str(source.resolve()).encode()
+    files = [source] + [source.with_name(p.name) for p in (*SOURCES[1:], HEADER)]
+    key = b"".join(p.read_bytes() for p in files if p.exists()) + _cpu_flags().encode()
+    key += str(source.resolve()).encode()
     return f"lae_fused_mlp_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -101,7 +107,7 @@ def extension():
     start = time.perf_counter()
     module = load(
         name=build_name(SOURCE),
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=["-O3", "-march=native"],
         verbose=False,
     )

@@ -343,9 +343,11 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
     policy_bank = EnvelopeBank([envelopes["policy"] for envelopes in per_run]).to(device)
     value_bank = EnvelopeBank([envelopes["value"] for envelopes in per_run]).to(device)
 
-    envs = Environments(task_cfg.backend, task_cfg.env_id, seeds, N, task_cfg.max_episode_steps)
-    obs_dim, n_actions = envs.observation_size, envs.actions
     fused = context.kernels == "fused"
+    # Acrobot on the torch back end with fused kernels: each rollout acts and steps in one C++ loop
+    fused_rollout = fused and task_cfg.backend == "torch"
+    envs = Environments(task_cfg.backend, task_cfg.env_id, seeds, N, task_cfg.max_episode_steps, fused_rollout)
+    obs_dim, n_actions = envs.observation_size, envs.actions
     if fused:  # built (or read from torch's cache) before training, so the first update's time is training's
         fused_mlp.extension()
     log.info("%d agents' networks on %s kernels (kernels=%s)", K, context.kernels, cfg.kernels)
@@ -392,19 +394,30 @@ def run(cfg, context) -> list[dict[str, float] | Exception]:
                 [-torch.log(-torch.log(torch.rand(T, N, n_actions, generator=g).clamp_min(1e-20))) for g in generators],
                 dim=1,
             ).to(device)
-            for t in range(T):
-                logits = net.actor(obs)
-                action = (logits + gumbel[t]).argmax(-1)
-                next_obs, reward, terminated, truncated, final, episodes = envs.step(action.reshape(-1).cpu().numpy())
-                obs_buf[t], actions_buf[t], logits_buf[t] = obs, action, logits
-                rewards_host[t], terminated_host[t], truncated_host[t] = reward, terminated, truncated
-                if bootstrap:  # where a time limit cuts an episode, its final observation's value is added after
-                    final_host[t] = final
-                if episodes is not None:  # the episode's own rewards, without the bootstrap term
-                    ended, returns, lengths = episodes
-                    for i in np.flatnonzero(ended):
-                        finished[agent_of_env[i]].append((float(returns[i]), int(lengths[i])))
-                obs = torch.as_tensor(next_obs, device=device).reshape(K, N, obs_dim)
+            if fused_rollout:  # the loop below, in C++
+                obs = obs.contiguous()
+                returns, lengths = envs.rollout(
+                    obs, net.actor_parameters(), gumbel, obs_buf, actions_buf, logits_buf,
+                    rewards_host, terminated_host, truncated_host, final_host,
+                )  # fmt: skip
+                for t, i in zip(*np.nonzero(terminated_host | truncated_host)):
+                    finished[agent_of_env[i]].append((float(returns[t, i]), int(lengths[t, i])))
+            else:
+                for t in range(T):
+                    logits = net.actor(obs)
+                    action = (logits + gumbel[t]).argmax(-1)
+                    next_obs, reward, terminated, truncated, final, episodes = envs.step(
+                        action.reshape(-1).cpu().numpy()
+                    )
+                    obs_buf[t], actions_buf[t], logits_buf[t] = obs, action, logits
+                    rewards_host[t], terminated_host[t], truncated_host[t] = reward, terminated, truncated
+                    if bootstrap:  # where a time limit cuts an episode, its final observation's value is added after
+                        final_host[t] = final
+                    if episodes is not None:  # the episode's own rewards, without the bootstrap term
+                        ended, returns, lengths = episodes
+                        for i in np.flatnonzero(ended):
+                            finished[agent_of_env[i]].append((float(returns[i]), int(lengths[i])))
+                    obs = torch.as_tensor(next_obs, device=device).reshape(K, N, obs_dim)
             global_step += batch
 
         # per agent: (K, T * N, ...)

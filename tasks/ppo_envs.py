@@ -40,7 +40,15 @@ class Environments:
       (:class:`TorchAcrobot`).
     """
 
-    def __init__(self, backend: str, env_id: str, seeds: list[int], num_envs: int, max_episode_steps: int | None):
+    def __init__(
+        self,
+        backend: str,
+        env_id: str,
+        seeds: list[int],
+        num_envs: int,
+        max_episode_steps: int | None,
+        fused_rollout: bool = False,
+    ):
         self.count = len(seeds) * num_envs
         # agent k's environment j seeded seed_k + j, as in a run alone
         env_seeds = [int(seed) + j for seed in seeds for j in range(num_envs)]
@@ -48,7 +56,7 @@ class Environments:
         if backend == "torch":
             if env_id not in TORCH_ENVIRONMENTS:
                 raise ValueError(f"backend=torch steps only {list(TORCH_ENVIRONMENTS)}, not {env_id!r}")
-            self.envs = TorchAcrobot(env_seeds, limit)
+            self.envs = TorchAcrobot(env_seeds, limit, compile_step=not fused_rollout)
             self.observation_size, self.actions = TorchAcrobot.observation_size, TorchAcrobot.actions
             return
         if backend == "envpool":
@@ -87,6 +95,13 @@ class Environments:
         if "_episode" in info:
             episodes = (info["_episode"], info["episode"]["r"], info["episode"]["l"])
         return obs, np.asarray(reward, dtype=np.float32), terminated, truncated, final, episodes
+
+    def rollout(self, *args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """A whole rollout in one C++ loop: :meth:`TorchAcrobot.rollout` (``backend=torch`` made with
+        ``fused_rollout``)."""
+        if not isinstance(self.envs, TorchAcrobot):
+            raise ValueError("a fused rollout steps backend=torch's Acrobot-v1 only")
+        return self.envs.rollout(*args, **kwargs)
 
     def close(self) -> None:
         self.envs.close()
@@ -241,16 +256,21 @@ class TorchAcrobot:
     first ``reset``, before any timing, with one graph for every batch size.
     Compilation needs a C++ compiler, as ``compile=true`` does. The state
     lives on the CPU, as EnvPool's does.
+
+    :meth:`rollout` runs whole rollouts instead, acting and stepping in one
+    C++ loop (``tasks/acrobot_rollout.cpp``, the same dynamics in double);
+    made with ``compile_step=False``, the environments skip compiling the step.
     """
 
     observation_size, actions = 6, 3
     _compiled = None
 
-    def __init__(self, seeds: list[int], limit: int):
-        self.num_envs, self.limit = len(seeds), int(limit)
+    def __init__(self, seeds: list[int], limit: int, compile_step: bool = True):
+        self.num_envs, self.limit, self.compile_step = len(seeds), int(limit), compile_step
         self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         self.state = torch.zeros(self.num_envs, 4, dtype=torch.float64)
         self.fresh = torch.zeros_like(self.state)
+        self.used = torch.zeros(self.num_envs, dtype=torch.bool)  # fresh states a rollout has taken
         self.elapsed = torch.zeros(self.num_envs, dtype=torch.int64)
         self.episode_return = torch.zeros(self.num_envs, dtype=torch.float32)
 
@@ -259,6 +279,17 @@ class TorchAcrobot:
         return (-0.1 + 0.2 * uniform).float().double()
 
     def reset(self) -> np.ndarray:
+        if self.compile_step:
+            self._compile()
+        for i in range(self.num_envs):
+            self.state[i] = self._draw(i)
+            self.fresh[i] = self._draw(i)  # each environment's next initial state, drawn ahead
+        self.used.zero_()
+        self.elapsed.zero_()
+        self.episode_return.zero_()
+        return acrobot_observation(self.state).numpy()
+
+    def _compile(self) -> None:
         if TorchAcrobot._compiled is None:
             TorchAcrobot._compiled = torch.compile(acrobot_step, dynamic=True)
         # one step on a copy, so that a batch size not yet compiled (one environment is compiled apart) is
@@ -275,12 +306,6 @@ class TorchAcrobot:
             TorchAcrobot._compiled(out[0], actions, out[1], out[2], fresh, self.limit)
         if time.perf_counter() - start > 1.0:
             log.info("compiled the torch Acrobot step in %.1f s", time.perf_counter() - start)
-        for i in range(self.num_envs):
-            self.state[i] = self._draw(i)
-            self.fresh[i] = self._draw(i)  # each environment's next initial state, drawn ahead
-        self.elapsed.zero_()
-        self.episode_return.zero_()
-        return acrobot_observation(self.state).numpy()
 
     def step(self, actions: np.ndarray):
         actions = torch.as_tensor(actions)
@@ -304,6 +329,53 @@ class TorchAcrobot:
                 self.fresh[i] = self._draw(i)
             episodes = (done, returns.numpy(), lengths.numpy())
         return obs.numpy(), reward.numpy(), terminated.numpy(), truncated.numpy(), final.numpy(), episodes
+
+    def rollout(
+        self,
+        obs: torch.Tensor,
+        actor: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor],
+        gumbel: torch.Tensor,
+        obs_buf: torch.Tensor,
+        actions_buf: torch.Tensor,
+        logits_buf: torch.Tensor,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        final: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """T = ``len(gumbel)`` steps of acting and stepping in one C++ loop, as T calls of :meth:`step` would.
+
+        Each step agent k's actor (``actor``: the K actors' stacked weights,
+        biases, head and head bias, as ``tasks.fused_mlp`` takes them) acts on
+        ``obs`` (K, N, 6) with action ``argmax(logits + gumbel[t])``, and every
+        environment steps. Step t's observations, actions and logits go to
+        ``obs_buf``, ``actions_buf`` and ``logits_buf`` (T, K, N, ...), its
+        rewards, flags and final observations to the host arrays (T, K * N,
+        ...); ``obs`` is left holding the observations to act on next. Returns
+        each ended episode's return and length (T, K * N; 0 where none ended).
+
+        An environment restarts from its next initial state, drawn here
+        from its own generator as :meth:`step` draws it; the loop returns
+        early where one would need a second within a call, and goes on once
+        it is drawn.
+        """
+        from tasks import fused_mlp
+
+        steps = gumbel.shape[0]
+        ended_returns = np.zeros((steps, self.num_envs), dtype=np.float32)
+        ended_lengths = np.zeros((steps, self.num_envs), dtype=np.int64)
+        host = [torch.from_numpy(a) for a in (rewards, terminated, truncated, final, ended_returns, ended_lengths)]
+        weights, biases, head, head_bias = actor
+        t = 0
+        while t < steps:
+            t = fused_mlp.extension().acrobot_rollout(
+                t, obs, weights, biases, head, head_bias, gumbel, self.state, self.elapsed, self.episode_return,
+                self.fresh, self.used, self.limit, obs_buf, actions_buf, logits_buf, *host,
+            )  # fmt: skip
+            for i in np.flatnonzero(self.used.numpy()):
+                self.fresh[i] = self._draw(i)
+            self.used.zero_()
+        return ended_returns, ended_lengths
 
     def close(self) -> None:
         pass

@@ -138,11 +138,17 @@ class ActorCritic:
         only the actors' weights; the critics' values of a whole rollout are
         one product afterwards (:meth:`critic`).
         """
-        head_weight, head_bias = self.head_weight[: self.agents], self.head_bias[: self.agents]
         if self.fused:
-            return self._fused(x, slice(None, self.agents), head_weight, head_bias).transpose(1, 2)
+            return fused_mlp.forward(x.contiguous(), *self.actor_parameters()).transpose(1, 2)
+        head_weight, head_bias = self.head_weight[: self.agents], self.head_bias[: self.agents]
         h = self._hidden(self._pad(x), slice(None, self.agents))
         return torch.baddbmm(head_bias, head_weight, h.transpose(1, 2)).transpose(1, 2)
+
+    def actor_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The K actors' weights, biases, head and head bias (views of the stacks), as ``tasks.fused_mlp`` takes
+        them: what a rollout in C++ acts with (``TorchAcrobot.rollout``)."""
+        K = self.agents
+        return [w[:K] for w in self.weights], [b[:K] for b in self.biases], self.head_weight[:K], self.head_bias[:K]
 
     def critic(self, x: torch.Tensor) -> torch.Tensor:
         """Observations (K, B, obs) to values (K, B): the critics alone (the last K networks of each stack)."""

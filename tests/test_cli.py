@@ -360,6 +360,15 @@ def test_results_cache_serves_a_second_sweep_and_follows_the_code_version(compos
     assert (cache / first["run_id"] / "edited" / "result.json").exists()
 
 
+def test_the_code_version_covers_the_kernels_cpp_sources():
+    # the fused kernels' C++ changes what a run computes as much as its Python does
+    from runner.cache import ROOT, code_files
+
+    files = {p.relative_to(ROOT).as_posix() for p in code_files()}
+    assert {"tasks/fused_mlp.cpp", "tasks/fused_mlp.h", "tasks/acrobot_rollout.cpp", "tasks/ppo.py"} <= files
+    assert "run_ablation.py" in files and not any(name.endswith((".md", ".yaml")) for name in files)
+
+
 @pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_tensorboard_hparams_show_every_swept_parameter_of_every_run(tmp_path):
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer

@@ -12,6 +12,7 @@ from runner.config import ConfigError, validate
 from runner.job import run_job
 from tasks.common import make_optimizer
 from tasks.ppo import bootstrap_time_limits, critic_values, gae
+from tasks.ppo_envs import acrobot_observation
 from tasks.ppo_networks import ActorCritic, agent_networks, tanh_layer
 
 pytest.importorskip("gymnasium")
@@ -655,6 +656,110 @@ def test_the_torch_acrobot_backend_follows_gymnasium_resets_and_limits_and_keeps
     envs = Environments("torch", "Acrobot-v1", [3, 4], 1, 5)
     paired = [envs.reset()[1]] + [envs.step(np.array([2, 0]))[0][1] for _ in range(7)]
     np.testing.assert_array_equal(np.stack(single), np.stack(paired))
+
+
+def fused_rollout_or_loop(fused, seeds, num_envs, steps, limit, start=None, gumbel=None):
+    """One rollout of ``steps`` on the torch Acrobot back end: the C++ loop (``fused``) or the Python loop of
+    tasks/ppo.py, the same actors acting; ``start`` (E, 4) replaces the first states. All it records."""
+    from tasks.ppo_envs import Environments
+
+    K, N = len(seeds), num_envs
+    envs = Environments("torch", "Acrobot-v1", seeds, N, limit, fused_rollout=fused)
+    net = ActorCritic(*agent_networks(seeds, 6, [64, 64], 3, "torch"), torch.device("cpu"), fused=True)
+    obs = torch.as_tensor(envs.reset()).reshape(K, N, 6)
+    if start is not None:
+        envs.envs.state = torch.as_tensor(start, dtype=torch.float64).clone()
+        obs = acrobot_observation(envs.envs.state).reshape(K, N, 6)
+    if gumbel is None:
+        uniform = torch.rand(steps, K, N, 3, generator=torch.Generator().manual_seed(1))
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+    E = K * N
+    out = {
+        "obs": torch.zeros(steps, K, N, 6),
+        "actions": torch.zeros(steps, K, N, dtype=torch.long),
+        "logits": torch.zeros(steps, K, N, 3),
+        "rewards": np.zeros((steps, E), np.float32),
+        "terminated": np.zeros((steps, E), bool),
+        "truncated": np.zeros((steps, E), bool),
+        "final": np.zeros((steps, E, 6), np.float32),
+        "returns": np.zeros((steps, E), np.float32),
+        "lengths": np.zeros((steps, E), np.int64),
+    }
+    with torch.inference_mode():
+        if fused:
+            obs = obs.contiguous()
+            buffers = [out[k] for k in ("obs", "actions", "logits", "rewards", "terminated", "truncated", "final")]
+            out["returns"], out["lengths"] = envs.rollout(obs, net.actor_parameters(), gumbel, *buffers)
+        else:
+            for t in range(steps):
+                logits = net.actor(obs)
+                action = (logits + gumbel[t]).argmax(-1)
+                next_obs, reward, terminated, truncated, final, episodes = envs.step(action.reshape(-1).numpy())
+                out["obs"][t], out["actions"][t], out["logits"][t] = obs, action, logits
+                out["rewards"][t], out["terminated"][t], out["truncated"][t], out["final"][t] = (
+                    reward, terminated, truncated, final,
+                )  # fmt: skip
+                if episodes is not None:
+                    out["returns"][t], out["lengths"][t] = episodes[1], episodes[2]
+                obs = torch.as_tensor(next_obs).reshape(K, N, 6)
+    out["next"] = obs
+    return out, envs.envs
+
+
+@pytest.mark.skipif(
+    __import__("tasks.fused_mlp").fused_mlp.missing_tools() is not None,
+    reason="the fused rollout needs a C++ compiler and ninja",
+)
+def test_the_fused_acrobot_rollout_records_what_the_python_loop_records():
+    # 3 agents x 2 environments, a limit of 25 steps over 80: every environment restarts three times, so the C++
+    # loop stops where one would need a second initial state and goes on once it is drawn; two environments
+    # start near the top and terminate. Rounding of sin and cos alone may differ (glibc's against the compiled
+    # program's): observations to 1e-6, all else exactly
+    start = np.zeros((6, 4))
+    start[1] = [2.9, 0.3, 0.0, 0.0]
+    start[4] = [-2.8, -0.4, 1.0, 0.0]
+    loop, _ = fused_rollout_or_loop(False, [5, 6, 7], 2, 80, 25, start)
+    fused, envs = fused_rollout_or_loop(True, [5, 6, 7], 2, 80, 25, start)
+    assert loop["terminated"][:, [1, 4]].any(axis=0).all() and loop["truncated"].sum(0).min() >= 3
+    for key in ("actions", "rewards", "terminated", "truncated", "returns", "lengths"):
+        np.testing.assert_array_equal(np.asarray(fused[key]), np.asarray(loop[key]), err_msg=key)
+    for key in ("obs", "logits", "final", "next"):
+        np.testing.assert_allclose(np.asarray(fused[key]), np.asarray(loop[key]), rtol=0, atol=1e-6, err_msg=key)
+    assert not envs.used.any()  # every taken initial state replaced by the environment's next draw
+
+
+@pytest.mark.skipif(
+    __import__("tasks.fused_mlp").fused_mlp.missing_tools() is not None,
+    reason="the fused rollout needs a C++ compiler and ninja",
+)
+def test_the_fused_acrobot_step_is_gymnasiums_from_any_state():
+    # one step from states over the whole range (angles wrap, velocities reach their bounds), each action forced
+    # by its Gumbel noise, against gymnasium's own step
+    import gymnasium as gym
+
+    rng = np.random.default_rng(0)
+    count = 256
+    state = np.column_stack(
+        [rng.uniform(-np.pi, np.pi, (count, 2)), rng.uniform(-4, 4, count) * np.pi, rng.uniform(-9, 9, count) * np.pi]
+    )
+    action = rng.integers(0, 3, count)
+    gumbel = torch.zeros(1, count, 1, 3)
+    gumbel[0, torch.arange(count), 0, torch.as_tensor(action)] = 1e6
+    out, envs = fused_rollout_or_loop(True, list(range(count)), 1, 1, 500, state, gumbel)
+    assert np.array_equal(out["actions"].reshape(-1).numpy(), action)
+    env = gym.make("Acrobot-v1").unwrapped
+    env.reset(seed=0)
+    wrapped = bounded = 0
+    for i in range(count):
+        env.state = state[i].copy()
+        obs, r, term, _, _ = env.step(int(action[i]))
+        assert (float(out["rewards"][0, i]), bool(out["terminated"][0, i])) == (r, term), i
+        np.testing.assert_allclose(out["final"][0, i], obs, rtol=0, atol=1e-6)
+        if not term:  # a terminated environment's state is already the next episode's
+            np.testing.assert_allclose(envs.state[i].numpy(), env.state, rtol=1e-12, atol=1e-12)
+        wrapped += abs(state[i, 0] + 0.2 * state[i, 2]) > np.pi
+        bounded += abs(env.state[3]) == 9 * np.pi
+    assert wrapped > 25 and bounded > 2 and 0 < out["terminated"].sum() < count
 
 
 def test_the_torch_backend_is_refused_for_other_environments_and_without_a_cpp_compiler(compose, monkeypatch):
