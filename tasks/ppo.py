@@ -203,14 +203,19 @@ def bootstrap_time_limits(
 
 
 def gae(rewards, values, dones, next_value, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns for (T, ...) tensors; ``dones[t]`` ends the trace after step t."""
-    advantages = torch.zeros_like(rewards)
+    """Advantages and returns for (T, ...) tensors; ``dones[t]`` ends the trace after step t.
+
+    The TD errors and decays of all steps are computed at once; only the
+    running sum goes step by step (two operations a step).
+    """
+    not_done = 1.0 - dones
+    following = torch.cat([values[1:], next_value[None]])
+    deltas = rewards + gamma * following * not_done - values
+    decays = gamma * lam * not_done
+    advantages = torch.empty_like(rewards)
     running = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
-        following = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * following * not_done - values[t]
-        running = delta + gamma * lam * not_done * running
+        running = deltas[t] + decays[t] * running
         advantages[t] = running
     return advantages, advantages + values
 
