@@ -91,6 +91,31 @@ def _label(row) -> str:
     return readable(str(row["label"] if "label" in row and isinstance(row["label"], str) else row["envelopes"]))
 
 
+# points a curve is drawn with at most: a panel a few inches wide shows no more, and the per-update
+# statistics of long runs (2,000 updates of PPO) drawn point by point are a band of noise
+MAX_POINTS = 400
+
+
+def _bin_size(curves) -> int:
+    """The least number of consecutive logged steps per bin that draws each curve with at most :data:`MAX_POINTS`."""
+    return max(1, -(-max((len(c) for c in curves), default=0) // MAX_POINTS))
+
+
+def _binned(curve, k: int):
+    """A curve (a Series or DataFrame indexed by step) as the means of bins of ``k`` consecutive logged steps,
+    each at its bin's mean step; ``k = 1`` leaves it as it is."""
+    if k <= 1:
+        return curve
+    bins = np.arange(len(curve)) // k
+    binned = curve.groupby(bins).mean()
+    binned.index = curve.index.to_series().groupby(bins).mean().to_numpy()
+    return binned
+
+
+def _bins_note(k: int) -> str:
+    return f", means over bins of {k} logged steps" if k > 1 else ""
+
+
 def _x_axis(ax, x: str) -> None:
     ax.set_xlabel(x)
     if x == "epoch":  # whole epochs: no ticks at 1.2, 1.4, ...
@@ -113,6 +138,9 @@ def learning_curves(
         .agg(["mean", "std", "count"])
         for _, row in table.iterrows()
     }
+    counts = {config: int(curve["count"].max()) for config, curve in curves.items()}
+    k = _bin_size(curves.values())
+    curves = {config: _binned(curve, k) for config, curve in curves.items()}
     baseline = table[table["verdict"] == "baseline"] if "verdict" in table.columns else table.iloc[:0]
     base = curves[baseline["config_id"].iloc[0]] if not baseline.empty else None
     panels = 1 if base is None or len(table) < 2 else 2
@@ -122,7 +150,7 @@ def learning_curves(
     axes = axes[0]
     for colour, (_, row) in zip(_row_colours(table), table.iterrows()):
         curve = curves[row["config_id"]]
-        label = f"{_label(row)} (n={int(curve['count'].max())})"
+        label = f"{_label(row)} (n={counts[row['config_id']]})"
         axes[0].plot(curve.index, curve["mean"], label=label, color=colour, lw=1.4)
         spread = curve["std"].fillna(0)
         axes[0].fill_between(
@@ -132,7 +160,9 @@ def learning_curves(
             difference = (curve["mean"] - base["mean"]).dropna()
             axes[1].plot(difference.index, difference.values, color=colour, lw=1.4)
     axes[0].set_ylabel(metric)
-    axes[0].set_title(f"{metric}: mean ± std over seeds{' (' + suffix.strip('_') + ')' if suffix else ''}")
+    axes[0].set_title(
+        f"{metric}: mean ± std over seeds{_bins_note(k)}{' (' + suffix.strip('_') + ')' if suffix else ''}", wrap=True
+    )
     if panels == 2:
         axes[1].axhline(0.0, color="0.3", lw=0.8)
         # the baseline is identity where only envelopes vary; with other factors, it is named in the title
@@ -233,11 +263,17 @@ def envelope_dynamics(
     if rows.empty:
         return []
     fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.7 + 0.18 * len(rows)), layout="constrained")
-    for colour, (_, row) in zip(_row_colours(rows), rows.iterrows()):
+    curves = {}  # (row, column): the mean over seeds at each logged step
+    for i, (_, row) in enumerate(rows.iterrows()):
         data = metrics[metrics["config_id"] == row["config_id"]]
-        for ax, (column, _) in zip(axes, columns):
+        for column, _ in columns:
             if column in data.columns and data[column].notna().any():
-                curve = data.groupby(x)[column].mean()
+                curves[i, column] = data.groupby(x)[column].mean()
+    k = _bin_size(curves.values())
+    for i, (colour, (_, row)) in enumerate(zip(_row_colours(rows), rows.iterrows())):
+        for ax, (column, _) in zip(axes, columns):
+            if (i, column) in curves:
+                curve = _binned(curves[i, column], k)
                 ax.plot(curve.index, curve.values, color=colour, lw=1.3, label=_label(row))
     for ax, (_, label) in zip(axes, columns):
         _x_axis(ax, x)
@@ -246,5 +282,7 @@ def envelope_dynamics(
     axes[0].set_ylim(0, 1.02)
     axes[1].set_ylim(0, 1.02)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", frameon=False)
-    fig.suptitle(f"Envelope dynamics ({loss}{', ' + suffix.strip('_') if suffix else ''}), mean over seeds")
+    fig.suptitle(
+        f"Envelope dynamics ({loss}{', ' + suffix.strip('_') if suffix else ''}), mean over seeds{_bins_note(k)}"
+    )
     return save(fig, out_dir, f"envelope_dynamics_{loss}{suffix}")

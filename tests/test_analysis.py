@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from scipy import stats
@@ -523,6 +524,42 @@ def test_learning_curves_show_differences_from_identity_with_spelled_out_legends
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "classification: step, threshold quantile 0.1, step size 0.1 (n=4)" in labels
     assert not any(" q=" in label for label in labels)
+
+
+def test_long_curves_are_drawn_as_means_of_bins_of_logged_steps_and_say_so(monkeypatch):
+    # 2,000 logged steps (a PPO run's updates): at most MAX_POINTS points a line, each the mean of 5 steps at
+    # their mean step; a short curve is drawn as it is
+    from analysis import figures
+
+    steps = np.arange(1, 2001) * 100
+    rows = [
+        {"config_id": c, "step": int(step), "charts_return_ma100": float(step) / 1000 + seed + offset}
+        for c, offset in (("a", 0.0), ("b", 2.0))
+        for seed in (0, 1)
+        for step in steps
+    ]
+    metrics = pd.DataFrame(rows)
+    table = pd.DataFrame(
+        {"config_id": ["a", "b"], "shapes": ["identity", "step"], "envelopes": ["identity", "step"],
+         "verdict": ["baseline", "n.s."], "label": ["identity", "step"]}
+    )  # fmt: skip
+    captured = []
+    monkeypatch.setattr(figures, "save", lambda fig, out_dir, name: captured.append(fig) or [])
+    figures.learning_curves(metrics, table, "charts_return_ma100", Path("."))
+    (fig,) = captured
+    absolute, difference = fig.axes
+    (line_a, line_b) = absolute.get_lines()
+    assert len(line_a.get_xdata()) == figures.MAX_POINTS == 2000 // 5
+    np.testing.assert_allclose(line_a.get_xdata()[:2], [300.0, 800.0])  # steps 100-500, 600-1000
+    np.testing.assert_allclose(line_a.get_ydata()[:2], [0.3 + 0.5, 0.8 + 0.5])  # the mean over seeds 0 and 1
+    differences = [line.get_ydata() for line in difference.get_lines() if len(line.get_ydata()) > 2]
+    assert len(differences) == 2 and any(np.allclose(d, 2.0) for d in differences)  # b's offset, binned alike
+    assert "means over bins of 5 logged steps" in absolute.get_title()
+    assert "(n=2)" in fig.legends[0].get_texts()[0].get_text()
+    captured.clear()
+    figures.learning_curves(metrics[metrics["step"] <= 30_000], table, "charts_return_ma100", Path("."))
+    assert len(captured[0].axes[0].get_lines()[0].get_xdata()) == 300
+    assert "bins" not in captured[0].axes[0].get_title()
 
 
 def test_step_axes_read_in_thousands_and_epoch_axes_in_whole_epochs():
