@@ -37,7 +37,8 @@ class Environments:
     - ``envpool``: one C++ pool made a gymnasium vector env with same-step
       autoreset (:class:`EnvPoolVector`).
     - ``torch``: Acrobot-v1 as one compiled tensor program a step
-      (:class:`TorchAcrobot`).
+      (:class:`TorchAcrobot`); made with ``fused_rollout``, whole rollouts
+      act and step in one C++ loop instead (:meth:`rollout`).
     """
 
     def __init__(
