@@ -26,6 +26,17 @@ NEEDS = {
 }
 
 
+def smoke(script, *args, timeout=600):
+    """``bench/<script> --smoke`` with ``args``, run from the checkout's root: the finished process."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_every_script_in_bench_is_covered():
     assert sorted(p.name for p in (ROOT / "bench").glob("*.py")) == sorted(SCRIPTS)
 
@@ -38,13 +49,7 @@ def test_benchmark_script_runs(script):
     elif script in NEEDS and not NEEDS[script].exists():
         pytest.skip(f"needs {NEEDS[script]}")
     args, expected = SCRIPTS[script]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = smoke(script, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout, proc.stdout
 
@@ -59,13 +64,8 @@ def test_ppo_grid_against_a_peer_runs_both_in_turn_on_the_same_work_and_prints_t
         "log.write_text(log.read_text() + ' '.join(sys.argv[1:]) + '\\n' if log.exists() else ' '.join(sys.argv[1:]) + '\\n')\n"
         "print('compiling'); print(json.dumps({'median': 1000.0}))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--workers", "2", "--rounds", "2"]
-        + ["--peer", sys.executable, "--peer-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = smoke(
+        "ppo_grid.py", "--workers", "2", "--rounds", "2", "--peer", sys.executable, "--peer-dir", str(tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls = (tmp_path / "calls.txt").read_text().splitlines()
@@ -80,13 +80,7 @@ def test_ppo_grid_against_a_peer_runs_both_in_turn_on_the_same_work_and_prints_t
 @pytest.mark.slow  # one compilation of the smoke slice's update, 20-60 s
 def test_ppo_grid_compares_compiled_with_eager_and_reports_the_compile_time():
     pytest.importorskip("envpool")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--compare-compile", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = smoke("ppo_grid.py", "--compare-compile", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     eager, compiled = [line for line in proc.stdout.splitlines() if line.startswith("acrobot round 1: ")]
     assert " eager " in eager and "compile" not in eager.split("eager", 1)[1]
@@ -97,13 +91,7 @@ def test_ppo_grid_compares_compiled_with_eager_and_reports_the_compile_time():
 def test_ppo_grid_passes_its_overrides_to_the_slice():
     # an override the slice must refuse: the sweep's own check names it, so it reached the command
     pytest.importorskip("envpool")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--override", "task.update_epochs=0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = smoke("ppo_grid.py", "--override", "task.update_epochs=0", timeout=300)
     assert proc.returncode != 0
     assert "task.update_epochs must be a positive integer, got 0" in proc.stderr + proc.stdout
 
@@ -111,13 +99,7 @@ def test_ppo_grid_passes_its_overrides_to_the_slice():
 @pytest.mark.slow  # one smoke slice, its environment step compiled
 def test_ppo_grid_names_the_back_end_an_override_chose():
     pytest.importorskip("envpool")  # the slice alone runs on gymnasium, the batched one on the chosen back end
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ppo_grid.py"), "--smoke", "--override", "task.backend=torch"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = smoke("ppo_grid.py", "--override", "task.backend=torch")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batched (1 worker process(es), torch Acrobot): " in proc.stdout, proc.stdout
 
@@ -125,13 +107,7 @@ def test_ppo_grid_names_the_back_end_an_override_chose():
 @pytest.mark.slow  # a smoke run of about 10 s
 def test_ppo_parts_times_the_fused_kernels_and_the_task_step_on_them():
     pytest.importorskip("envpool")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ppo_parts.py"), "--smoke", "--kernels", "fused"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = smoke("ppo_parts.py", "--kernels", "fused")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 torch thread, fused kernels" in proc.stdout
     assert "task minibatch step with envelopes, eager" in proc.stdout and "compiled" not in proc.stdout
