@@ -576,18 +576,43 @@ def test_init_torch_builds_each_agent_as_the_papers_code_does_and_has_its_own_ru
     assert compose("task=acrobot").task.init == compose("experiment=acrobot_quick").task.init == "orthogonal"
 
 
-def test_the_torch_acrobot_step_is_gymnasiums_from_any_state():
-    # States over the whole range, so that angles wrap and velocities reach their bounds; eager arithmetic
-    import gymnasium as gym
-
-    from tasks.ppo_envs import acrobot_step
-
+def acrobot_states(count):
+    """``count`` random Acrobot states over the whole range and an action each: angles wrap, velocities reach
+    their bounds."""
     rng = np.random.default_rng(0)
-    count = 512
     state = np.column_stack(
         [rng.uniform(-np.pi, np.pi, (count, 2)), rng.uniform(-4, 4, count) * np.pi, rng.uniform(-9, 9, count) * np.pi]
     )
-    action = rng.integers(0, 3, count)
+    return state, rng.integers(0, 3, count)
+
+
+def assert_gymnasiums_step(state, action, reward, terminated, final, stepped):
+    """One step from each of ``state`` taking ``action`` gave gymnasium's reward, termination and observation
+    (to 1e-6), and its next state (to 1e-12) where the episode went on. Returns how many steps wrapped an
+    angle and how many reached a velocity bound."""
+    import gymnasium as gym
+
+    env = gym.make("Acrobot-v1").unwrapped
+    env.reset(seed=0)
+    wrapped = bounded = 0
+    for i in range(len(state)):
+        env.state = state[i].copy()
+        obs, r, term, trunc, _ = env.step(int(action[i]))
+        assert (float(reward[i]), bool(terminated[i])) == (r, term), i
+        np.testing.assert_allclose(final[i], obs, rtol=0, atol=1e-6)
+        if not term:  # a terminated environment's state is already the next episode's
+            np.testing.assert_allclose(stepped[i], env.state, rtol=1e-12, atol=1e-12)
+        wrapped += abs(state[i, 0] + 0.2 * state[i, 2]) > np.pi
+        bounded += abs(env.state[3]) == 9 * np.pi
+    return wrapped, bounded
+
+
+def test_the_torch_acrobot_step_is_gymnasiums_from_any_state():
+    # eager arithmetic
+    from tasks.ppo_envs import acrobot_step
+
+    count = 512
+    state, action = acrobot_states(count)
     out = acrobot_step(
         torch.tensor(state),
         torch.tensor(action),
@@ -597,18 +622,7 @@ def test_the_torch_acrobot_step_is_gymnasiums_from_any_state():
         500,
     )
     stepped, reward, terminated, final = out[0], out[4], out[5], out[7]
-    env = gym.make("Acrobot-v1").unwrapped
-    env.reset(seed=0)
-    wrapped = bounded = 0
-    for i in range(count):
-        env.state = state[i].copy()
-        obs, r, term, trunc, _ = env.step(int(action[i]))
-        assert (float(reward[i]), bool(terminated[i])) == (r, term), i
-        np.testing.assert_allclose(final[i].numpy(), obs, rtol=0, atol=1e-6)
-        if not term:  # a terminated environment's state is already the next episode's
-            np.testing.assert_allclose(stepped[i].numpy(), env.state, rtol=1e-12, atol=1e-12)
-        wrapped += abs(state[i, 0] + 0.2 * state[i, 2]) > np.pi
-        bounded += abs(env.state[3]) == 9 * np.pi
+    wrapped, bounded = assert_gymnasiums_step(state, action, reward, terminated, final.numpy(), stepped.numpy())
     assert wrapped > 50 and bounded > 5 and 0 < terminated.sum() < count
 
 
@@ -733,32 +747,16 @@ def test_the_fused_acrobot_rollout_records_what_the_python_loop_records():
     reason="the fused rollout needs a C++ compiler and ninja",
 )
 def test_the_fused_acrobot_step_is_gymnasiums_from_any_state():
-    # one step from states over the whole range (angles wrap, velocities reach their bounds), each action forced
-    # by its Gumbel noise, against gymnasium's own step
-    import gymnasium as gym
-
-    rng = np.random.default_rng(0)
+    # one step from each state, its action forced by its Gumbel noise
     count = 256
-    state = np.column_stack(
-        [rng.uniform(-np.pi, np.pi, (count, 2)), rng.uniform(-4, 4, count) * np.pi, rng.uniform(-9, 9, count) * np.pi]
-    )
-    action = rng.integers(0, 3, count)
+    state, action = acrobot_states(count)
     gumbel = torch.zeros(1, count, 1, 3)
     gumbel[0, torch.arange(count), 0, torch.as_tensor(action)] = 1e6
     out, envs = fused_rollout_or_loop(True, list(range(count)), 1, 1, 500, state, gumbel)
     assert np.array_equal(out["actions"].reshape(-1).numpy(), action)
-    env = gym.make("Acrobot-v1").unwrapped
-    env.reset(seed=0)
-    wrapped = bounded = 0
-    for i in range(count):
-        env.state = state[i].copy()
-        obs, r, term, _, _ = env.step(int(action[i]))
-        assert (float(out["rewards"][0, i]), bool(out["terminated"][0, i])) == (r, term), i
-        np.testing.assert_allclose(out["final"][0, i], obs, rtol=0, atol=1e-6)
-        if not term:  # a terminated environment's state is already the next episode's
-            np.testing.assert_allclose(envs.state[i].numpy(), env.state, rtol=1e-12, atol=1e-12)
-        wrapped += abs(state[i, 0] + 0.2 * state[i, 2]) > np.pi
-        bounded += abs(env.state[3]) == 9 * np.pi
+    wrapped, bounded = assert_gymnasiums_step(
+        state, action, out["rewards"][0], out["terminated"][0], out["final"][0], envs.state.numpy()
+    )
     assert wrapped > 25 and bounded > 2 and 0 < out["terminated"].sum() < count
 
 
