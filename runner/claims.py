@@ -19,6 +19,14 @@ CLAIMS_DIR = ".claims"
 
 # Claims this process holds: claim file -> (open descriptor holding its lock, owner run directory).
 _held: dict[str, tuple[int, Path]] = {}
+# The same claim files by their owner's resolved directory, so that releasing a run's claims does not resolve the
+# owner of every claim held (a group of 781 jobs released each of its jobs against every claim of the group).
+_by_owner: dict[str, list[str]] = {}
+
+
+def _hold(path: Path, fd: int, run_dir: Path) -> None:
+    _held[str(path)] = (fd, run_dir)
+    _by_owner.setdefault(str(run_dir.resolve()), []).append(str(path))
 
 
 @dataclass
@@ -99,7 +107,7 @@ def claim(sweep_dir: Path, key: str, run_dir: Path, run_id: str | None = None) -
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
         try:
             os.link(tmp, path)
-            _held[str(path)] = (fd, run_dir)
+            _hold(path, fd, run_dir)
             return Claim("mine")
         except FileExistsError:
             os.close(fd)
@@ -129,17 +137,16 @@ def claim(sweep_dir: Path, key: str, run_dir: Path, run_id: str | None = None) -
         # its owner died or failed (or is this directory's interrupted attempt): take it over
         os.ftruncate(fd, 0)
         os.pwrite(fd, content, 0)
-        _held[str(path)] = (fd, run_dir)
+        _hold(path, fd, run_dir)
         return Claim("mine")
     raise RuntimeError(f"could not claim {path}: it kept changing hands")
 
 
 def release(run_dir: Path) -> None:
     """Give up this process's claims on runs trained in ``run_dir`` (after their results are written)."""
-    for path, (fd, owner) in list(_held.items()):
-        if _same(owner, run_dir):
-            os.close(fd)
-            del _held[path]
+    for path in _by_owner.pop(str(run_dir.resolve()), []):
+        fd, _ = _held.pop(path)
+        os.close(fd)
 
 
 def live_claims(sweep_dir: Path) -> list[Path]:

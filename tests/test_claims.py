@@ -153,3 +153,17 @@ def test_a_claim_of_a_process_that_ended_long_ago_is_taken_over(tmp_path):
     assert claim(sweep, "run", run_dir).status == "mine"
     assert time.time() - start < 1
     release(run_dir)
+
+
+def test_releasing_a_run_gives_up_its_claims_only(tmp_path):
+    from runner import claims
+
+    sweep, runs = tmp_path / "sweep", [tmp_path / "sweep" / str(i) for i in range(3)]
+    for number, run in enumerate(runs):
+        assert claim(sweep, f"id{number}", run).status == "mine"
+    assert claim(sweep, "id0b", runs[0]).status == "mine"  # a second claim of the same directory
+    release(tmp_path / "sweep" / "x" / ".." / "0")  # the same directory, spelt otherwise
+    assert sorted(Path(p).name for p in claims._held) == ["id1", "id2"]
+    release(runs[1])
+    release(runs[2])
+    assert not claims._held and not claims._by_owner
