@@ -8,6 +8,7 @@ shape needs) is checked by :func:`validate`, before any data is loaded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -466,3 +467,41 @@ def config_id(effective: dict[str, Any], with_seed: bool = False) -> str:
     payload = dict(effective) if with_seed else {k: v for k, v in effective.items() if k != "seed"}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_yaml(cfg: Any, resolve: bool = False) -> str:
+    """``OmegaConf.to_yaml(cfg, resolve=resolve)``, the same text (a test compares them on every preset's job
+    config and Hydra node), from libyaml's emitter where PyYAML has it: the batching launcher's workers write
+    three of these per job, and the pure-Python emitter took 3.4 ms of the 5.7 a Hydra node took. A dict is
+    dumped as the config it would make (``{"hydra": node}`` for ``hydra.yaml``) without copying its nodes."""
+    import yaml
+
+    if isinstance(cfg, dict):
+        container = {
+            key: OmegaConf.to_container(value, resolve=resolve, enum_to_str=True)
+            if OmegaConf.is_config(value)
+            else value
+            for key, value in cfg.items()
+        }
+    else:
+        container = OmegaConf.to_container(cfg, resolve=resolve, enum_to_str=True)
+    return yaml.dump(container, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=_yaml_dumper())
+
+
+@functools.cache
+def _yaml_dumper() -> type:
+    """OmegaConf's YAML dumper (its representer quotes the strings YAML would read back as another type) on
+    libyaml's emitter; OmegaConf's own where PyYAML was built without libyaml."""
+    import yaml
+    from omegaconf._utils import get_omega_conf_dumper
+
+    dumper = get_omega_conf_dumper()
+    if not hasattr(yaml, "CDumper"):
+        return dumper
+
+    class Dumper(yaml.CDumper):
+        pass
+
+    for kind, representer in dumper.yaml_representers.items():
+        Dumper.add_representer(kind, representer)
+    return Dumper

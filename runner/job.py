@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 import traceback
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from envelopes import Envelope, EnvelopeBank
 from methods.loss_controller import ControllerSettings
@@ -28,6 +29,7 @@ from runner.cache import ResultsCache
 from runner.claims import claim, claim_key, release
 from runner.config import (
     config_id,
+    config_yaml,
     controller_on,
     controller_settings,
     effective_config,
@@ -144,8 +146,11 @@ def prepare(
     cfg: DictConfig, envelopes: dict[str, Envelope], job_dir: Path, overrides: list[str], batched: bool, seed: int
 ) -> SeedRun:
     """A seed's directory and identity; nothing is written yet (see ``write_config``)."""
-    seed_cfg = cfg.copy()
-    seed_cfg.seed, seed_cfg.seed_batch = seed, 1
+    if cfg.seed == seed and cfg.seed_batch == 1:  # the job's one run: its config as it is (no copy, 1.5 ms a job)
+        seed_cfg = cfg
+    else:
+        seed_cfg = cfg.copy()
+        seed_cfg.seed, seed_cfg.seed_batch = seed, 1
     run_dir = job_dir / f"seed_{seed}" if batched else job_dir
     run_overrides = seed_overrides(overrides, seed) if batched else overrides
     effective = effective_config(seed_cfg, envelopes)
@@ -165,16 +170,15 @@ def write_config(run: SeedRun, batched: bool) -> None:
     (run.dir / ".hydra").mkdir(parents=True, exist_ok=True)
     if batched:
         (run.dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in run.overrides))
-    (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(run.config, resolve=True))
+    (run.dir / "config.yaml").write_text(config_yaml(run.config, resolve=True))
 
 
 class GroupLog(logging.FileHandler):
-    """``<job dir>/run_ablation.log``: every log line of this process while the job's group trains, in Hydra's
-    format (a job that Hydra's ``run_job`` starts gets the same file from Hydra)."""
+    """A job's ``run_ablation.log``: every log line of this process while the job's group trains, in Hydra's
+    format (a job that Hydra's ``run_job`` starts gets the same file from Hydra). See :func:`group_logs`."""
 
-    def __init__(self, job_dir: Path) -> None:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(job_dir / "run_ablation.log", mode="a", delay=True)
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", delay=True)
         self.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         self.setLevel(logging.INFO)
         root = logging.getLogger()
@@ -185,6 +189,36 @@ class GroupLog(logging.FileHandler):
     def close(self) -> None:
         logging.getLogger().removeHandler(self)
         super().close()
+
+
+def group_logs(job_dirs: list[Path]) -> list[GroupLog]:
+    """The group's log in each job's ``run_ablation.log``, each line written once for the group.
+
+    The jobs whose log is new share one file: the first one's, hard-linked
+    into the others' directories (a group of 781 jobs with a handler each
+    wrote each of its lines 781 times). A job whose log is already there (a
+    resumed sweep) appends to its own, as does each job where a link cannot
+    be made.
+    """
+    handlers: list[GroupLog] = []
+    shared: Path | None = None
+    for job_dir in job_dirs:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        path = job_dir / "run_ablation.log"
+        if path.exists():
+            handlers.append(GroupLog(path))
+            continue
+        if shared is not None:
+            try:
+                os.link(shared, path)
+                continue
+            except OSError:  # no hard links here, or another process made the file meanwhile
+                handlers.append(GroupLog(path))
+                continue
+        path.touch()
+        shared = path
+        handlers.append(GroupLog(path))
+    return handlers
 
 
 @dataclass
@@ -254,7 +288,7 @@ def run_members(
     pending: list[SeedRun] = []
     recorders: list[Recorder] = []
     claimed: list[Path] = []
-    logs = [GroupLog(member.dir) for member in members if member.write_hydra_files]
+    logs = group_logs([member.dir for member in members if member.write_hydra_files])
     try:
         prepared = prepare_members(members, sweep_dir, pending, claimed, start, reraise)
         if pending and not train_pending(pending, recorders, default_threads, start, reraise):
@@ -362,14 +396,14 @@ def prepare_member(
     if member.write_hydra_files:
         (job_dir / ".hydra").mkdir(exist_ok=True)
         (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in member.overrides))
-        (job_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (job_dir / ".hydra" / "config.yaml").write_text(config_yaml(cfg))
         if member.hydra is not None:
-            (job_dir / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": member.hydra})))
+            (job_dir / ".hydra" / "hydra.yaml").write_text(config_yaml({"hydra": member.hydra}))
     batched = cfg.seed_batch > 1
     envelopes = member.validated()
     cache = None if cfg.cache_dir is None else ResultsCache(resolve_path(cfg.cache_dir))
     if batched:
-        (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (job_dir / "config.yaml").write_text(config_yaml(cfg, resolve=True))
     runs = []
     for seed in range(cfg.seed, cfg.seed + cfg.seed_batch):
         run = prepare(cfg, envelopes, job_dir, member.overrides, batched, seed)

@@ -425,3 +425,48 @@ def test_the_garbage_collector_runs_again_after_a_sweep_is_composed_even_on_an_e
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_paused_gc_with_freeze_keeps_what_was_made_out_of_the_collectors_reach():
+    import gc
+
+    from runner.callbacks import paused_gc
+
+    before = gc.get_freeze_count()
+    try:
+        with paused_gc(freeze=True):
+            kept = [{"node": i} for i in range(1000)]
+        assert gc.isenabled() and gc.get_freeze_count() >= before + len(kept)
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("experiment", [e for e in options("experiment") if not e.startswith("optuna")])
+def test_config_yaml_writes_what_omegaconf_writes(compose, experiment):
+    """The launcher's workers write a job's config.yaml and hydra.yaml with libyaml's emitter: the same text as
+    OmegaConf.to_yaml, on every preset's config and hydra node, resolved or not, and on strings YAML would read
+    as another type, long and multi-line strings and unicode."""
+    from omegaconf import OmegaConf, open_dict
+
+    from runner.config import config_yaml
+
+    cfg = compose(f"experiment={experiment}", return_hydra_config=True)
+    assert config_yaml({"hydra": cfg.hydra}) == OmegaConf.to_yaml(OmegaConf.create({"hydra": cfg.hydra}))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    assert config_yaml(cfg) == OmegaConf.to_yaml(cfg)
+    assert config_yaml(cfg, resolve=True) == OmegaConf.to_yaml(cfg, resolve=True)
+    tricky = OmegaConf.create(
+        {
+            "strings": ["1.0", "true", "null", "~", "a: b", "- x", "", " padded ", "0x1F", "1e3", "yes", "#"],
+            "long": "word " * 40,
+            "lines": "first\nsecond\n  indented\n",
+            "unicode": "λ ≥ 0 — naïve",
+            "nested": [{"a": [1, 2.5, None, True]}, []],
+            "interpolated": "${long}",
+            "empty": {},
+        }
+    )
+    for resolve in (False, True):
+        assert config_yaml(tricky, resolve=resolve) == OmegaConf.to_yaml(tricky, resolve=resolve)
