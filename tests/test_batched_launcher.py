@@ -79,6 +79,27 @@ def test_a_mixed_sweep_gives_the_runs_of_the_basic_launcher(tmp_path):
     assert load_jobs(tmp_path / "batched")["status"].value_counts().to_dict() == {"completed": 10, "duplicate": 2}
 
 
+def test_a_groups_log_is_written_once_and_is_in_every_jobs_directory(tmp_path):
+    import logging
+
+    from runner.job import group_logs
+
+    dirs = [tmp_path / str(job) for job in range(4)]
+    dirs[2].mkdir()
+    (dirs[2] / "run_ablation.log").write_text("an earlier attempt\n")  # a resumed job appends to its own
+    handlers = group_logs(dirs)
+    try:
+        logging.getLogger("tests.group").info("seed 0 completed")
+    finally:
+        for handler in handlers:
+            handler.close()
+    assert len(handlers) == 2 and not set(handlers) & set(logging.getLogger().handlers)
+    texts = [(d / "run_ablation.log").read_text() for d in dirs]
+    assert all(text.count("seed 0 completed") == 1 for text in texts), texts
+    assert texts[2].startswith("an earlier attempt\n") and texts[0] == texts[1] == texts[3]
+    assert (dirs[0] / "run_ablation.log").stat().st_nlink == 3  # one file for the three new jobs
+
+
 def test_max_batch_splits_a_group_counting_runs_to_train(tmp_path):
     # 12 jobs, 10 runs to train (identity's two quantiles are one configuration): 5, 5
     proc = sweep(tmp_path, "split", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
@@ -114,14 +135,20 @@ def test_groups_run_as_submitit_jobs_and_match_the_groups_run_here(tmp_path):
 
 @pytest.mark.slow  # a multi-process end-to-end check of 9-25 s: CI runs it with the slow tests
 def test_worker_processes_train_groups_at_once_and_match_the_groups_run_in_one_process(tmp_path):
-    # workers=2: the two groups train at once in two spawned processes of one torch thread each; every run's id, status and final metrics are those of the groups trained one after another
-    here = sweep(tmp_path, "here", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5")
+    # workers=2: three groups (4, 4 and 2 runs) train two at a time in two spawned processes of one torch thread
+    # each, the third in whichever process is free first; every run's id, status and final metrics are those of the
+    # groups trained one after another
+    here = sweep(tmp_path, "here", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=4")
     workers = sweep(
-        tmp_path, "workers", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=5", "hydra.launcher.workers=2"
+        tmp_path, "workers", *MIXED, "hydra/launcher=batched", "hydra.launcher.max_batch=4", "hydra.launcher.workers=2"
     )
     assert here.returncode == 0 and workers.returncode == 0, workers.stderr[-2000:]
-    assert "2 worker processes" in workers.stderr + workers.stdout
+    log = workers.stderr + workers.stdout
+    assert "2 worker processes" in log and "Launching 12 jobs in 3 batched groups" in log
     assert_same_runs(tmp_path / "workers", tmp_path / "here")
+    # a claim names the process that trained its run: two processes trained the three groups
+    trainers = {path.read_text().splitlines()[1] for path in (tmp_path / "workers" / ".claims").glob("[!.]*")}
+    assert len(trainers) == 2, trainers
     bad = sweep(
         tmp_path, "bad", *MIXED, "hydra/launcher=batched", "hydra.launcher.workers=2", "hydra.launcher.executor=local"
     )
