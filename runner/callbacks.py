@@ -468,11 +468,17 @@ class SweepCallback(Callback):
         Hydra would turn an exception here into a warning; ``SystemExit`` is
         not an ``Exception`` and ends the process with its status.
         """
+        sweep_dir = Path(config.hydra.sweep.dir)
+        wait_for_other_processes(sweep_dir)
+        try:
+            self._report(config, sweep_dir)
+        finally:
+            gc.unfreeze()  # what the batching launcher froze (paused_gc) is the collector's again
+
+    def _report(self, config: DictConfig, sweep_dir: Path) -> None:
         from analysis.load import load_jobs
         from analysis.report import INCOMPLETE, write_report
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        wait_for_other_processes(sweep_dir)
         try:
             jobs = load_jobs(sweep_dir)
             report = write_report([sweep_dir], sweep_dir, config.report.metric, config.report.mode, jobs=jobs)

@@ -31,7 +31,6 @@ unfinished (the sweep then exits 1, and re-running it resumes them).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -110,13 +109,12 @@ class BatchedLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         from runner.callbacks import paused_gc
 
-        with paused_gc(freeze=True):  # thousands of configs, all kept until the launch ends
+        # thousands of configs, kept to the sweep's end (Hydra holds the jobs' returns through the report): out of
+        # the garbage collector's reach until then (SweepCallback.on_multirun_end gives them back)
+        with paused_gc(freeze=True):
             jobs = self._compose(job_overrides, initial_job_idx, sweep_dir)
-        try:
-            batches = self._group(jobs)
-            returns = self._dispatch(batches, jobs, sweep_dir)
-        finally:
-            gc.unfreeze()
+        batches = self._group(jobs)
+        returns = self._dispatch(batches, jobs, sweep_dir)
         out = []
         for position, (_, cfg, member) in enumerate(jobs):
             ret = JobReturn(
