@@ -197,16 +197,22 @@ def group_logs(job_dirs: list[Path]) -> list[GroupLog]:
     The jobs whose log is new share one file: the first one's, hard-linked
     into the others' directories (a group of 781 jobs with a handler each
     wrote each of its lines 781 times). A job whose log is already there (a
-    resumed sweep) appends to its own, as does each job where a link cannot
-    be made.
+    resumed sweep) appends to it, once per file: the jobs of an earlier
+    attempt's group share theirs, which then gets this group's lines (the
+    jobs of that group that are not in this one too). Where a link cannot be
+    made, a job gets a file of its own.
     """
     handlers: list[GroupLog] = []
     shared: Path | None = None
+    existing: set[tuple[int, int]] = set()  # the files (device, inode) of logs already there
     for job_dir in job_dirs:
         job_dir.mkdir(parents=True, exist_ok=True)
         path = job_dir / "run_ablation.log"
         if path.exists():
-            handlers.append(GroupLog(path))
+            stat = path.stat()
+            if (stat.st_dev, stat.st_ino) not in existing:
+                existing.add((stat.st_dev, stat.st_ino))
+                handlers.append(GroupLog(path))
             continue
         if shared is not None:
             try:

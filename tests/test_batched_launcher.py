@@ -98,6 +98,14 @@ def test_a_groups_log_is_written_once_and_is_in_every_jobs_directory(tmp_path):
     assert all(text.count("seed 0 completed") == 1 for text in texts), texts
     assert texts[2].startswith("an earlier attempt\n") and texts[0] == texts[1] == texts[3]
     assert (dirs[0] / "run_ablation.log").stat().st_nlink == 3  # one file for the three new jobs
+    handlers = group_logs(dirs)  # the group again (a resumed sweep): each file gets each line once
+    try:
+        logging.getLogger("tests.group").info("seed 1 completed")
+    finally:
+        for handler in handlers:
+            handler.close()
+    assert len(handlers) == 2
+    assert all((d / "run_ablation.log").read_text().count("seed 1 completed") == 1 for d in dirs)
 
 
 def test_max_batch_splits_a_group_counting_runs_to_train(tmp_path):
